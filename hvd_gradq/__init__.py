@@ -1,0 +1,2 @@
+"""hvd_gradq: gradient compression for Horovod + PyTorch."""
+__version__ = "0.1.0"
