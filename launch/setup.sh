@@ -119,7 +119,8 @@ else
 fi
 
 # ---- 5. hvd_gradq ------------------------------------------------------------------------------
-if "$VENV/bin/python" -c "import hvd_gradq, sys; sys.exit(0 if hvd_gradq.__file__.startswith('$ROOT/') else 1)" 2>/dev/null; then
+# (checked from / so that the checkout itself is not on sys.path)
+if (cd / && "$VENV/bin/python" -c "import importlib.util as u, sys; s = u.find_spec('hvd_gradq'); sys.exit(0 if s and s.origin.startswith('$ROOT/') else 1)") 2>/dev/null; then
   say "hvd_gradq (editable): present"
 else
   say "pip install -e . (hvd_gradq, editable)"

@@ -1,0 +1,50 @@
+"""Error feedback (residual memory): what a codec dropped is added back before the next step.
+
+For each layer, the compressor sends C(g + r) and keeps r <- (g + r) - D(C(g + r)), so nothing a
+lossy codec (clipping, rounding, sparsification) drops is lost for good. Works with any codec.
+The residuals are the only state; ``state_dict`` exposes them for checkpointing.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ErrorFeedback:
+    """Per-layer residual memory keyed by layer name."""
+
+    def __init__(self) -> None:
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def compensate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """``grad + residual`` as a new float32 tensor (``grad`` is not modified)."""
+        x = grad.detach().to(torch.float32, copy=True)
+        r = self.residuals.get(name)
+        if r is not None:
+            if r.shape != x.shape:
+                raise ValueError(
+                    f"error-feedback residual of layer {name!r} has shape {tuple(r.shape)}, "
+                    f"gradient has {tuple(x.shape)}"
+                )
+            x.add_(r)
+        return x
+
+    def update(self, name: str, x: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Keep ``x - decoded`` as the residual of ``name`` (reusing its buffer)."""
+        r = self.residuals.get(name)
+        if r is None or r.shape != x.shape:
+            self.residuals[name] = x - decoded
+        else:
+            torch.sub(x, decoded, out=r)
+
+    def reset(self, name: str | None = None) -> None:
+        """Forget the residual of ``name``, or all residuals."""
+        if name is None:
+            self.residuals.clear()
+        else:
+            self.residuals.pop(name, None)
+
+    def state_dict(self) -> dict:
+        return {"residuals": {k: v.clone() for k, v in self.residuals.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.residuals = {k: v.clone() for k, v in state["residuals"].items()}

@@ -1,0 +1,249 @@
+"""Horovod ``Compressor`` classes users pass to ``hvd.DistributedOptimizer(compression=...)``.
+
+This is glue: it asks Horovod for rank and size, names the gradient it is given, and calls the
+codec (``codecs``), the packing (``packing``) and the header checks (``wire``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from hvd_gradq import wire
+from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
+from hvd_gradq.codecs import ErrorFeedback, dequantize, dequantize_sum, quantize_stochastic
+from hvd_gradq.packing import lane_layout, pack_lanes, unpack_lanes, words_to_int64
+
+try:
+    import horovod.torch as hvd
+    from horovod.torch.compression import Compressor as _HorovodCompressor
+except ImportError as exc:  # pragma: no cover - exercised only without Horovod
+    raise ImportError(
+        "hvd_gradq needs Horovod with PyTorch support. Run `make setup` (launch/setup.sh) from the "
+        "hvd_gradq checkout: it builds Horovod 0.28.1 against torch 2.13.0."
+    ) from exc
+
+#: fixed-point unit of the per-rank scale statistic in packed payloads (max|x| / scale)
+_STAT_ONE = 1 << 16
+_STAT_CAP = 1 << 30
+
+
+@dataclass(frozen=True)
+class WireStats:
+    """Bytes handed to Horovod for the latest payload of every layer, against float32."""
+
+    payload_bytes: int
+    fp32_bytes: int
+    elements: int
+    packed_layers: int
+    float_layers: int
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.payload_bytes / max(1, self.elements)
+
+    @property
+    def ratio(self) -> float:
+        """payload bytes / float32 bytes (smaller is better)."""
+        return self.payload_bytes / max(1, self.fp32_bytes)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.bits_per_element:.2f} bits/element on the wire, {self.payload_bytes} B vs "
+            f"{self.fp32_bytes} B fp32 ({1 / max(self.ratio, 1e-12):.1f}x smaller; "
+            f"{self.packed_layers} packed, {self.float_layers} float32 layers)"
+        )
+
+
+def _op_name(op) -> str:
+    if op is None or op == hvd.Average:
+        return wire.AVERAGE
+    if op == hvd.Sum:
+        return wire.SUM
+    raise ValueError(
+        f"op must be hvd.Average (the DistributedOptimizer default) or hvd.Sum, got {op!r}; "
+        "pass the same op to hvd.DistributedOptimizer"
+    )
+
+
+class UniformCompressor(_HorovodCompressor):
+    """Uniform stochastic ``bits``-bit quantization of every gradient, packed into summable lanes.
+
+    Usage (pass the same ``op`` to both, ``hvd.Sum`` gives the smallest payload)::
+
+        comp = hvd_gradq.UniformCompressor(bits=2, named_parameters=model.named_parameters(),
+                                           op=hvd.Sum)
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                       compression=comp, op=hvd.Sum)
+
+    What is communicated, per layer and step: a short header (see ``wire``) and the layer's codes
+    packed into int64 lanes (``op=hvd.Sum``) or into exact integers of float64 words
+    (``op=hvd.Average``), with headroom for the sum over all ranks. All ranks quantize against
+    the same scale (the codebook), set from the mean over ranks of max|g + residual| of the
+    previous step; what clipping and rounding drop is kept by error feedback. A layer's first
+    step, and any layer with fewer than ``min_elements`` elements, is sent as float32.
+
+    Args:
+        bits: bit width 1..8 of every quantized layer.
+        named_parameters: the model's ``named_parameters()``; the compressor uses them to know
+            which layer a gradient belongs to (Horovod hands it the gradient only).
+        op: ``hvd.Average`` (default, as in ``hvd.DistributedOptimizer``) or ``hvd.Sum``.
+        min_elements: layers smaller than this are sent as float32 (header included).
+        seed: seed of the stochastic rounding; each rank draws from its own stream.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        named_parameters: Iterable[tuple[str, torch.Tensor]],
+        *,
+        op=None,
+        min_elements: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+        if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
+            raise ValueError(f"min_elements must be a non-negative integer, got {min_elements!r}")
+        if named_parameters is None:
+            raise ValueError("pass named_parameters=model.named_parameters()")
+        params = list(named_parameters)
+        if not params or not all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], torch.Tensor)
+            for p in params
+        ):
+            raise ValueError(
+                "named_parameters must be a non-empty iterable of (name, tensor) pairs, "
+                "e.g. model.named_parameters()"
+            )
+        names = [n for n, _ in params]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"named_parameters has duplicate names: {dups}")
+        self.bits = bits
+        self.op = _op_name(op)
+        self.min_elements = min_elements
+        self.seed = int(seed)
+        self.codebook = Codebook()
+        self.error_feedback = ErrorFeedback()
+        self._params = params
+        self._index = {n: i for i, n in enumerate(names)}
+        self._cursor = 0  # where the last gradient was found; backward visits layers in order
+        self._grad_names: dict[int, str] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._last_bytes: dict[str, tuple[int, int, bool]] = {}  # name -> (payload B, numel, packed)
+
+    # ---- naming ---------------------------------------------------------------------------------
+    def _name_of(self, grad: torch.Tensor) -> str:
+        name = self._grad_names.get(id(grad))
+        if name is not None and self._params[self._index[name]][1].grad is grad:
+            return name
+        count = len(self._params)
+        for k in range(count):  # search backwards from the last hit: gradients arrive in reverse
+            i = (self._cursor - 1 - k) % count
+            pname, p = self._params[i]
+            if p.grad is grad:
+                self._cursor = i
+                self._grad_names[id(grad)] = pname
+                return pname
+        raise ValueError(
+            f"{type(self).__name__} was given a tensor of shape {tuple(grad.shape)} that is not the "
+            "gradient of any parameter in its named_parameters. Pass the same model's "
+            "named_parameters() to the compressor and to hvd.DistributedOptimizer; the compressor "
+            "cannot be used with hvd.allreduce on arbitrary tensors."
+        )
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed * 1_000_003 + hvd.rank() + 1)
+            self._generators[device] = gen
+        return gen
+
+    def _code(self, name: str, numel: int, size: int) -> LayerCode:
+        if name in self.codebook:
+            code = self.codebook[name]
+            if code.numel != numel:
+                raise ValueError(f"layer {name!r} changed size from {code.numel} to {numel} elements")
+            return code
+        if numel < self.min_elements:
+            return self.codebook.add(LayerCode(name, numel, FLOAT_BITS, None))
+        container = torch.int64 if self.op == wire.SUM else torch.float64
+        return self.codebook.add(LayerCode(name, numel, self.bits, lane_layout(self.bits, size, container)))
+
+    # ---- Horovod Compressor interface -----------------------------------------------------------
+    def compress(self, tensor: torch.Tensor):
+        name = self._name_of(tensor)
+        rank, size = hvd.rank(), hvd.size()
+        code = self._code(name, tensor.numel(), size)
+        quantized = code.bits != FLOAT_BITS
+        x = self.error_feedback.compensate(name, tensor) if quantized else tensor.detach().to(torch.float32)
+        x = x.view(-1)
+        nonfinite = not bool(torch.isfinite(x).all())
+        digest = code.digest(size)
+        if code.packed:
+            container = code.layout.container
+            if nonfinite:  # every rank will decode NaN; keep the residual of the last finite step
+                codes, stat = torch.zeros_like(x, dtype=torch.int64), 0
+            else:
+                codes = quantize_stochastic(x, code.scale, code.bits, self._generator(x.device))
+                self.error_feedback.update(name, x, dequantize(codes, code.scale, code.bits))
+                amax = x.abs().max().item() if x.numel() else 0.0
+                stat = min(round(amax / code.scale * _STAT_ONE), _STAT_CAP)
+            body = pack_lanes(codes, code.layout)
+        else:  # float32: small layers always, quantized layers until a scale is calibrated
+            container = torch.float32
+            stat = x.abs().max().item() if (quantized and x.numel() and not nonfinite) else 0.0
+            if quantized and not nonfinite:
+                self.error_feedback.reset(name)  # sent exactly: nothing left over
+            body = x
+        head = wire.header(rank=rank, size=size, digest=digest, nonfinite=nonfinite, stat=stat,
+                           container=container)
+        payload = torch.cat([head, body.to(container)])
+        self._last_bytes[name] = (payload.numel() * payload.element_size(), tensor.numel(), code.packed)
+        return payload, (name, tensor.shape, tensor.dtype, code.packed)
+
+    def decompress(self, payload: torch.Tensor, ctx):
+        name, shape, dtype, packed = ctx
+        size = hvd.size()
+        code = self.codebook[name]
+        hlen = wire.header_len(payload.dtype, size)
+        head = wire.read_header(payload[:hlen], size=size, op=self.op, layer=name,
+                                compressor=type(self).__name__)
+        code.version += 1
+        if head.nonfinite:
+            return torch.full(shape, float("nan"), dtype=dtype, device=payload.device)
+        if packed:
+            sums = unpack_lanes(words_to_int64(payload[hlen:], head.multiplier), code.layout, code.numel)
+            out = dequantize_sum(sums, code.scale, code.bits, size)
+            ratio = head.stat_sum / (size * _STAT_ONE)
+            code.scale = code.scale * ratio if ratio > 0 else None
+        else:
+            out = payload[hlen:] * (head.multiplier / size)
+            if code.bits != FLOAT_BITS:
+                mean_max = head.stat_sum / size
+                code.scale = mean_max if mean_max > 0 else None
+        return out.view(shape).to(dtype)
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def wire_stats(self) -> WireStats:
+        """Payload bytes of the latest step of every layer seen so far, against float32."""
+        vals = self._last_bytes.values()
+        return WireStats(
+            payload_bytes=sum(b for b, _, _ in vals),
+            fp32_bytes=sum(4 * n for _, n, _ in vals),
+            elements=sum(n for _, n, _ in vals),
+            packed_layers=sum(1 for _, _, p in vals if p),
+            float_layers=sum(1 for _, _, p in vals if not p),
+        )
+
+    def payload_bytes(self, numel: int, packed: bool = True) -> int:
+        """Predicted payload bytes of a layer of ``numel`` elements (packed, or sent as float32)."""
+        size = hvd.size()
+        if packed and numel >= self.min_elements:
+            container = torch.int64 if self.op == wire.SUM else torch.float64
+            layout = lane_layout(self.bits, size, container)
+            return wire.header_len(container, size) * layout.word_bytes + layout.nbytes(numel)
+        return (wire.header_len(torch.float32, size) + numel) * 4

@@ -1,0 +1,52 @@
+"""Reference models used by the examples, the benchmark and the tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+def _down(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FashionCNN(nn.Module):
+    """Small ResNet-style CNN for 1x28x28 images, 10 classes (about 116k parameters).
+
+    28x28x16 -> 14x14x32 (+ residual block) -> 7x7x64 (+ residual block) -> pool -> linear.
+    """
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _down(1, w, 1),
+            _down(w, 2 * w, 2),
+            _Residual(2 * w),
+            _down(2 * w, 4 * w, 2),
+            _Residual(4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(4 * w, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
