@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     for epoch in range(args.epochs):
         order = torch.randperm(len(x_train), generator=gen)[rank::size]
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=2.0)
         for step in bar:
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])

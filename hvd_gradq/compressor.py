@@ -30,6 +30,16 @@ _STAT_CAP = 1 << 30
 
 
 @dataclass(frozen=True)
+class PayloadInfo:
+    """What the latest ``compress`` of one layer handed to Horovod."""
+
+    dtype: torch.dtype
+    nbytes: int
+    numel: int  # elements of the gradient (not of the payload)
+    packed: bool  # True: quantized codes in lanes; False: float32
+
+
+@dataclass(frozen=True)
 class WireStats:
     """Bytes handed to Horovod for the latest payload of every layer, against float32."""
 
@@ -132,7 +142,8 @@ class UniformCompressor(_HorovodCompressor):
         self._cursor = 0  # where the last gradient was found; backward visits layers in order
         self._grad_names: dict[int, str] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._last_bytes: dict[str, tuple[int, int, bool]] = {}  # name -> (payload B, numel, packed)
+        #: per layer, what its latest compress handed to Horovod
+        self.payloads: dict[str, PayloadInfo] = {}
 
     # ---- naming ---------------------------------------------------------------------------------
     def _name_of(self, grad: torch.Tensor) -> str:
@@ -179,8 +190,10 @@ class UniformCompressor(_HorovodCompressor):
         rank, size = hvd.rank(), hvd.size()
         code = self._code(name, tensor.numel(), size)
         quantized = code.bits != FLOAT_BITS
-        x = self.error_feedback.compensate(name, tensor) if quantized else tensor.detach().to(torch.float32)
-        x = x.view(-1)
+        if quantized:
+            x = self.error_feedback.compensate(name, tensor)
+        else:
+            x = tensor.detach().reshape(-1).to(torch.float32)
         nonfinite = not bool(torch.isfinite(x).all())
         digest = code.digest(size)
         if code.packed:
@@ -202,7 +215,8 @@ class UniformCompressor(_HorovodCompressor):
         head = wire.header(rank=rank, size=size, digest=digest, nonfinite=nonfinite, stat=stat,
                            container=container)
         payload = torch.cat([head, body.to(container)])
-        self._last_bytes[name] = (payload.numel() * payload.element_size(), tensor.numel(), code.packed)
+        self.payloads[name] = PayloadInfo(payload.dtype, payload.numel() * payload.element_size(),
+                                          tensor.numel(), code.packed)
         return payload, (name, tensor.shape, tensor.dtype, code.packed)
 
     def decompress(self, payload: torch.Tensor, ctx):
@@ -210,8 +224,15 @@ class UniformCompressor(_HorovodCompressor):
         size = hvd.size()
         code = self.codebook[name]
         hlen = wire.header_len(payload.dtype, size)
-        head = wire.read_header(payload[:hlen], size=size, op=self.op, layer=name,
-                                compressor=type(self).__name__)
+        try:
+            head = wire.read_header(payload[:hlen], size=size, op=self.op, layer=name,
+                                    compressor=type(self).__name__)
+        except (wire.ReductionMismatchError, wire.CodebookMismatchError):
+            # Every rank reaches this verdict from the same reduced words, but a fast rank must not
+            # exit (shutting Horovod down) while a slow one is still submitting this step's
+            # gradients: meet in a barrier first, so that every rank raises this error.
+            hvd.barrier()
+            raise
         code.version += 1
         if head.nonfinite:
             return torch.full(shape, float("nan"), dtype=dtype, device=payload.device)
@@ -230,13 +251,13 @@ class UniformCompressor(_HorovodCompressor):
     # ---- reporting ------------------------------------------------------------------------------
     def wire_stats(self) -> WireStats:
         """Payload bytes of the latest step of every layer seen so far, against float32."""
-        vals = self._last_bytes.values()
+        vals = self.payloads.values()
         return WireStats(
-            payload_bytes=sum(b for b, _, _ in vals),
-            fp32_bytes=sum(4 * n for _, n, _ in vals),
-            elements=sum(n for _, n, _ in vals),
-            packed_layers=sum(1 for _, _, p in vals if p),
-            float_layers=sum(1 for _, _, p in vals if not p),
+            payload_bytes=sum(v.nbytes for v in vals),
+            fp32_bytes=sum(4 * v.numel for v in vals),
+            elements=sum(v.numel for v in vals),
+            packed_layers=sum(1 for v in vals if v.packed),
+            float_layers=sum(1 for v in vals if not v.packed),
         )
 
     def payload_bytes(self, numel: int, packed: bool = True) -> int:

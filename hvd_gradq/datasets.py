@@ -29,20 +29,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvd_gradq"
 
 
-def fashion_mnist_dir() -> Path:
-    """Directory holding the Fashion-MNIST IDX files; raises with the install command if absent."""
-    candidates = [
-        Path(os.environ["HVD_GRADQ_FASHION_MNIST"]) if os.environ.get("HVD_GRADQ_FASHION_MNIST") else None,
-        Path("/usr/share/datasets/fashion-mnist"),
-        cache_dir() / "debroot/usr/share/datasets/fashion-mnist",
-    ]
-    for d in candidates:
-        if d is not None and all((d / f).is_file() for pair in _FILES.values() for f in pair):
+def fashion_mnist_dir(search: list[Path] | None = None) -> Path:
+    """Directory holding the Fashion-MNIST IDX files; raises with the install command if absent.
+
+    Looks in ``search`` if given, else in $HVD_GRADQ_FASHION_MNIST, Debian's install location and
+    the cache directory that ``launch/setup.sh`` unpacks into when not root.
+    """
+    if search is None:
+        env = os.environ.get("HVD_GRADQ_FASHION_MNIST")
+        search = ([Path(env)] if env else []) + [
+            Path("/usr/share/datasets/fashion-mnist"),
+            cache_dir() / "debroot/usr/share/datasets/fashion-mnist",
+        ]
+    for d in search:
+        if all((d / f).is_file() for pair in _FILES.values() for f in pair):
             return d
     raise FileNotFoundError(
-        "Fashion-MNIST not found (looked in "
-        + ", ".join(str(d) for d in candidates if d is not None)
-        + "). Install it with: " + FASHION_MNIST_INSTALL
+        f"Fashion-MNIST not found (looked in {', '.join(map(str, search))}). "
+        f"Install it with: {FASHION_MNIST_INSTALL}"
     )
 
 

@@ -16,20 +16,21 @@ class ErrorFeedback:
         self.residuals: dict[str, torch.Tensor] = {}
 
     def compensate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """``grad + residual`` as a new float32 tensor (``grad`` is not modified)."""
-        x = grad.detach().to(torch.float32, copy=True)
+        """``grad + residual``, flattened, as a new float32 tensor (``grad`` is not modified)."""
+        x = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)
+        x.copy_(grad.detach().reshape(-1))
         r = self.residuals.get(name)
         if r is not None:
             if r.shape != x.shape:
                 raise ValueError(
-                    f"error-feedback residual of layer {name!r} has shape {tuple(r.shape)}, "
-                    f"gradient has {tuple(x.shape)}"
+                    f"error-feedback residual of layer {name!r} has {r.numel()} elements, "
+                    f"its gradient {x.numel()}"
                 )
             x.add_(r)
         return x
 
     def update(self, name: str, x: torch.Tensor, decoded: torch.Tensor) -> None:
-        """Keep ``x - decoded`` as the residual of ``name`` (reusing its buffer)."""
+        """Keep ``x - decoded`` (flat tensors) as the residual of ``name``, reusing its buffer."""
         r = self.residuals.get(name)
         if r is None or r.shape != x.shape:
             self.residuals[name] = x - decoded

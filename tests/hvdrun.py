@@ -1,0 +1,51 @@
+"""Launch real ``horovodrun`` jobs from pytest, with a hard timeout so a hang fails fast."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = ROOT / "tests" / "workers"
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def horovodrun(script: str | Path, *args: str, np: int = 2, mode: str = "mpi", timeout: float = 180) -> Run:
+    """Run ``horovodrun -np N -H localhost:N --<mode> python script args`` and return its result.
+
+    Uses the horovodrun and python of the running interpreter's environment. As root, sets the
+    two variables Open MPI needs. On timeout the whole process group is killed and the test fails.
+    """
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ)
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [str(bindir / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", f"--{mode}",
+           sys.executable, str(script), *map(str, args)]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"horovodrun did not finish within {timeout}s (killed):\n{out[-6000:]}")
+    finally:
+        try:  # leave no stray workers behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return Run(proc.returncode, out, time.monotonic() - start)

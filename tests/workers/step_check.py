@@ -1,0 +1,122 @@
+"""Worker for tests/test_horovodrun.py: runs under horovodrun, writes one JSON file per rank.
+
+Cases:
+  equivalence   two steps of plain SGD (lr=1) with and without the compressor from the same
+                weights and data; records, per layer, the decoded update against the true mean
+                gradient and the quantization error bound, and what was handed to Horovod.
+  op_mismatch   compressor built for op=Sum, optimizer left at its default op=Average.
+  bits_mismatch rank 0 uses 2 bits, the others 4.
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+import torch.nn.functional as F
+
+import hvd_gradq
+from hvd_gradq.datasets import fashion_mnist
+from hvd_gradq.models import FashionCNN
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--case", required=True)
+ap.add_argument("--bits", type=int, default=2)
+ap.add_argument("--op", choices=["sum", "average"], default="sum")
+ap.add_argument("--out", required=True)
+args = ap.parse_args()
+
+hvd.init()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+rank, size = hvd.rank(), hvd.size()
+out = Path(args.out) / f"rank{rank}.json"
+x_all, y_all = fashion_mnist("test")
+
+
+def batch(step):
+    i = (step * size + rank) * 32
+    return x_all[i:i + 32], y_all[i:i + 32]
+
+
+def backward(model, opt, step):
+    xb, yb = batch(step)
+    opt.zero_grad()
+    F.cross_entropy(model(xb), yb).backward()
+
+
+op = hvd.Sum if args.op == "sum" else hvd.Average
+model_c = FashionCNN(width=8)
+named_c = [("c." + n, p) for n, p in model_c.named_parameters()]
+
+if args.case in ("op_mismatch", "bits_mismatch"):
+    if args.case == "op_mismatch":
+        comp = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named_c, op=hvd.Sum)
+        opt_op = hvd.Average
+    else:
+        comp = hvd_gradq.UniformCompressor(bits=2 if rank == 0 else 4, named_parameters=named_c, op=op)
+        opt_op = op
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model_c.parameters(), lr=0.1),
+                                   named_parameters=named_c, compression=comp, op=opt_op)
+    try:
+        for step in range(3):
+            backward(model_c, opt, step)
+            opt.step()
+    except Exception as e:  # record what this rank saw, then let it end the job
+        out.write_text(json.dumps({"rank": rank, "error": type(e).__name__, "message": str(e), "step": step}))
+        raise
+    out.write_text(json.dumps({"rank": rank, "error": None}))
+    sys.exit(0)
+
+assert args.case == "equivalence", args.case
+model_u = copy.deepcopy(model_c)
+named_u = [("u." + n, p) for n, p in model_u.named_parameters()]
+opt_u = hvd.DistributedOptimizer(torch.optim.SGD(model_u.parameters(), lr=1.0), named_parameters=named_u)
+comp = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named_c, op=op)
+opt_c = hvd.DistributedOptimizer(torch.optim.SGD(model_c.parameters(), lr=1.0),
+                                 named_parameters=named_c, compression=comp, op=op)
+
+# step 0: every layer's first step is sent as float32 (it calibrates the shared scale)
+for model, opt in ((model_u, opt_u), (model_c, opt_c)):
+    backward(model, opt, 0)
+    opt.step()
+step0_diff = max((pu - pc).abs().max().item() for pu, pc in zip(model_u.parameters(), model_c.parameters()))
+step0_float = all(not info.packed for info in comp.payloads.values())
+
+# step 1: packed codes for every layer with >= min_elements elements
+backward(model_u, opt_u, 1)
+opt_u.step()
+backward(model_c, opt_c, 1)
+local = {n: p.grad.detach().clone().view(-1) for n, p in named_c}
+scales = {n: comp.codebook[n].scale for n, _ in named_c}
+before = {n: p.detach().clone().view(-1) for n, p in named_c}
+opt_c.step()
+
+layers = {}
+for (n, p), pu in zip(named_c, model_u.parameters()):
+    info = comp.payloads[n]
+    gathered = hvd.allgather(local[n].view(1, -1), name=f"check.{n}")  # (N, numel), uncompressed
+    mean = gathered.mean(0)
+    decoded = before[n] - p.detach().view(-1)
+    tol = 1e-5 + 1e-6 * before[n].abs()
+    if info.packed:
+        s = scales[n]
+        delta = 2 * s / ((1 << args.bits) - 1)
+        bound = (delta + (gathered.abs() - s).clamp(min=0)).mean(0)
+    else:
+        bound = torch.zeros_like(mean)
+    err = (decoded - mean).abs()
+    layers[n] = {
+        "numel": p.numel(), "packed": info.packed, "dtype": str(info.dtype), "nbytes": info.nbytes,
+        "predicted": comp.payload_bytes(p.numel(), info.packed),
+        "err": err.max().item(), "bound_max": bound.max().item(),
+        "violation": (err - bound - tol).max().item(),
+        # the compressed run against the uncompressed one, after both took step 1
+        "vs_uncompressed": ((p.detach().view(-1) - pu.detach().view(-1)).abs() - bound - 1e-4).max().item(),
+    }
+digest = torch.tensor([sum(p.double().sum().item() for p in model_c.parameters())], dtype=torch.float64)
+digests = hvd.allgather(digest, name="check.digest").tolist()
+out.write_text(json.dumps({"rank": rank, "size": size, "step0_diff": step0_diff, "step0_float": step0_float,
+                           "layers": layers, "digests": digests, "wire_ratio": comp.wire_stats().ratio}))
