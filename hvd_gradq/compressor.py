@@ -5,8 +5,8 @@ codec (``codecs``), the packing (``packing``) and the header checks (``wire``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 

@@ -1,6 +1,7 @@
 """Launch real ``horovodrun`` jobs from pytest, with a hard timeout so a hang fails fast."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,13 +40,11 @@ def horovodrun(script: str | Path, *args: str, np: int = 2, mode: str = "mpi", t
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"horovodrun did not finish within {timeout}s (killed):\n{out[-6000:]}")
+        raise AssertionError(f"horovodrun did not finish within {timeout}s (killed):\n{out[-6000:]}") from exc
     finally:
-        try:  # leave no stray workers behind
+        with contextlib.suppress(ProcessLookupError):  # leave no stray workers behind
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return Run(proc.returncode, out, time.monotonic() - start)

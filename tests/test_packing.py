@@ -68,9 +68,9 @@ def test_layout_uses_the_usable_bits(container):
 def test_pack_empty_and_bad_arguments():
     layout = lane_layout(3, 2, torch.int64)
     assert pack_lanes(torch.zeros(0, dtype=torch.int64), layout).numel() == 0
-    with pytest.raises(ValueError, match="bits must be in 1..8"):
+    with pytest.raises(ValueError, match=r"bits must be in 1\.\.8"):
         lane_layout(0, 2, torch.int64)
-    with pytest.raises(ValueError, match="bits must be in 1..8"):
+    with pytest.raises(ValueError, match=r"bits must be in 1\.\.8"):
         lane_layout(9, 2, torch.int64)
     with pytest.raises(ValueError, match="container"):
         lane_layout(2, 2, torch.int32)

@@ -2,4 +2,4 @@
 from hvd_gradq.codecs.error_feedback import ErrorFeedback
 from hvd_gradq.codecs.uniform import dequantize, dequantize_sum, quantize_stochastic, step_size
 
-__all__ = ["ErrorFeedback", "quantize_stochastic", "dequantize", "dequantize_sum", "step_size"]
+__all__ = ["ErrorFeedback", "dequantize", "dequantize_sum", "quantize_stochastic", "step_size"]
