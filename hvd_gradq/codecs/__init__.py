@@ -1,5 +1,26 @@
-"""Codecs: pure tensor math (quantizers, error feedback). No Horovod, no MPI here."""
+"""Codecs: pure tensor math (quantizers, level fitting, error feedback). No Horovod, no MPI here.
+
+``make_codec(name, bits, bucket_size=..., norm=...)`` builds a per-rank codec behind the
+``Codec`` interface (encode / decode / exact payload bytes / uint8 stream); ``uniform`` holds the
+shared-scale quantizer whose codes are summable in an allreduce.
+"""
+from hvd_gradq.codecs.base import Codec, Encoded
 from hvd_gradq.codecs.error_feedback import ErrorFeedback
+from hvd_gradq.codecs.levels import LEVEL_CODECS, AdaptiveLevelCodec, LevelCodec, make_codec
+from hvd_gradq.codecs.random import DitherSource
 from hvd_gradq.codecs.uniform import dequantize, dequantize_sum, quantize_stochastic, step_size
 
-__all__ = ["ErrorFeedback", "dequantize", "dequantize_sum", "quantize_stochastic", "step_size"]
+__all__ = [
+    "LEVEL_CODECS",
+    "AdaptiveLevelCodec",
+    "Codec",
+    "DitherSource",
+    "Encoded",
+    "ErrorFeedback",
+    "LevelCodec",
+    "dequantize",
+    "dequantize_sum",
+    "make_codec",
+    "quantize_stochastic",
+    "step_size",
+]

@@ -1,0 +1,206 @@
+"""Bucketed level-set quantizers: QSGD, QSGDinf, NUQSGD, natural compression, TernGrad, ALQ, AMQ.
+
+Every one of them is the same machine with a different set of magnitude levels:
+
+* split the layer into buckets of ``bucket_size`` elements; each bucket sends its norm (L2 or
+  L-infinity) as float32;
+* each element's normalised magnitude r = |x| / norm in [0, 1] is stochastically rounded to one
+  of the two neighbouring levels of 0 = l_0 < ... < l_(m-1) = 1 (unbiased: E[level] = r);
+* the code is (level index << 1) | sign, ``bits`` bits per element with m = 2**(bits-1)
+  magnitude levels, packed into a byte stream.
+
+Decoding is norm * l_k * sign. ``bits=0`` sends nothing and decodes to zeros (the layer's
+gradient then lives in error feedback). NaN/Inf anywhere in the input make every decoded value
+NaN, so an AMP GradScaler still sees the overflow.
+
+Level sets (m magnitude levels):
+  uniform      l_k = k / (m-1)                       QSGD (L2), QSGDinf (L-inf)
+  exponential  (0, p^(m-2), ..., p, 1), p = 1/2      NUQSGD (L2), natural compression (L-inf:
+                                                     powers of two of the bucket maximum)
+  ternary      (0, 1) at 2 bits                      TernGrad (L-inf)
+  ALQ / AMQ    fitted to sampled coordinates (``fit``), shared by all ranks via the codebook
+"""
+from __future__ import annotations
+
+import torch
+
+from hvd_gradq.codecs.adaptive import (
+    exponential_levels,
+    fit_alq,
+    fit_amq,
+    normalized_coordinates,
+)
+from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
+from hvd_gradq.codecs.random import DitherSource
+from hvd_gradq.packing import pack_bits, packed_nbytes, unpack_bits
+
+NORMS = ("l2", "linf")
+
+
+def uniform_levels(count: int) -> torch.Tensor:
+    return torch.linspace(0.0, 1.0, count, dtype=torch.float32)
+
+
+class LevelCodec(Codec):
+    """Bucketed stochastic quantization onto a fixed set of magnitude levels (see module doc)."""
+
+    def __init__(self, bits: int, levels: torch.Tensor | None, *, norm: str = "l2", bucket_size: int = 1024,
+                 name: str = "levels") -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (bits == 0 or 2 <= bits <= 8):
+            raise ValueError(f"{name}: bits must be 0 or in 2..8 (1 sign bit + level bits), got {bits!r}")
+        if norm not in NORMS:
+            raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
+        if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+            raise ValueError(f"{name}: bucket_size must be an integer >= 1, got {bucket_size!r}")
+        super().__init__(bits)
+        self.name = name
+        self.norm = norm
+        self.bucket_size = bucket_size
+        self.levels = torch.zeros(1) if bits == 0 else self._check_levels(levels)
+
+    @property
+    def level_count(self) -> int:
+        return 1 << (self.bits - 1) if self.bits else 0
+
+    def _check_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        lv = torch.as_tensor(levels, dtype=torch.float32).reshape(-1)
+        if lv.numel() != self.level_count:
+            raise ValueError(
+                f"{self.name}: {self.bits} bits carry {self.level_count} magnitude levels, got {lv.numel()}"
+            )
+        if lv[0] != 0 or lv[-1] != 1 or bool((lv[1:] <= lv[:-1]).any()):
+            raise ValueError(f"{self.name}: levels must rise strictly from 0 to 1, got {lv.tolist()}")
+        return lv
+
+    def set_levels(self, levels: torch.Tensor) -> None:
+        """Replace the level set (all ranks must use the same: it belongs in the codebook)."""
+        self.levels = self._check_levels(levels)
+
+    # ---- layout -------------------------------------------------------------------------------
+    def buckets(self, numel: int) -> int:
+        return -(-numel // self.bucket_size) if self.bits else 0
+
+    def layout(self, numel: int) -> list[tuple[str, torch.dtype, int]]:
+        if self.bits == 0:
+            return []
+        return [("norms", torch.float32, self.buckets(numel)), ("codes", torch.uint8, packed_nbytes(numel, self.bits))]
+
+    # ---- encode / decode ----------------------------------------------------------------------
+    def _bucketed(self, x: torch.Tensor) -> torch.Tensor:
+        n, nb = x.numel(), self.buckets(x.numel())
+        if n == nb * self.bucket_size:
+            return x.view(nb, self.bucket_size)
+        xb = torch.zeros(nb * self.bucket_size, dtype=x.dtype, device=x.device)
+        xb[:n] = x
+        return xb.view(nb, self.bucket_size)
+
+    def encode(self, x: torch.Tensor, rng: DitherSource) -> Encoded:
+        x = flat_float32(x)
+        n = x.numel()
+        if self.bits == 0:
+            return Encoded(n, {})
+        xb = self._bucketed(x)
+        norms = torch.linalg.vector_norm(xb, ord=2 if self.norm == "l2" else float("inf"), dim=1)
+        if not bool(torch.isfinite(norms).all()):  # NaN/Inf (or an L2 overflow): decode to NaN everywhere
+            return Encoded(n, {"norms": torch.full_like(norms, float("nan")),
+                               "codes": torch.zeros(packed_nbytes(n, self.bits), dtype=torch.uint8)})
+        inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+        r = (xb.abs() * inv.unsqueeze(1)).view(-1)[:n].clamp_(max=1.0)
+        u = rng.uniform(n, r.device)
+        m = self.level_count
+        lv = self.levels.to(r.device)
+        if self.name in ("qsgd", "qsgdinf"):  # uniform levels: the interval index is a floor
+            k = r.mul_(m - 1).add_(u).floor_().clamp_(max=m - 1)
+        else:
+            idx = (torch.searchsorted(lv, r, right=True) - 1).clamp_(0, m - 2)
+            lo = lv[idx]
+            up = (r - lo) > u * (lv[idx + 1] - lo)  # round up with probability (r - lo) / (hi - lo)
+            k = idx.add_(up)
+        codes = k.to(torch.uint8).bitwise_left_shift_(1).bitwise_or_(torch.signbit(x).to(torch.uint8))
+        return Encoded(n, {"norms": norms, "codes": pack_bits(codes, self.bits)})
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        n = enc.numel
+        if self.bits == 0:
+            return torch.zeros(n)
+        codes = unpack_bits(enc.parts["codes"], self.bits, n)
+        norms = enc.parts["norms"]
+        mag = self.levels.to(codes.device)[(codes >> 1).long()]
+        scale = norms.repeat_interleave(self.bucket_size)[:n]
+        out = mag.mul_(scale)
+        return torch.where((codes & 1).bool(), -out, out)
+
+    def state_dict(self) -> dict:
+        return {"levels": self.levels.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.bits:
+            self.set_levels(state["levels"])
+
+
+class AdaptiveLevelCodec(LevelCodec):
+    """ALQ or AMQ: a ``LevelCodec`` whose levels are fitted to sampled gradients with ``fit``."""
+
+    def __init__(self, bits: int, *, method: str, norm: str = "l2", bucket_size: int = 1024, sweeps: int = 10) -> None:
+        if method not in ("alq", "amq"):
+            raise ValueError(f"method must be 'alq' or 'amq', got {method!r}")
+        count = 1 << (bits - 1) if isinstance(bits, int) and bits >= 2 else 2
+        super().__init__(bits, exponential_levels(0.5, count), norm=norm, bucket_size=bucket_size, name=method)
+        self.method = method
+        self.sweeps = sweeps
+        self.multiplier = 0.5  # AMQ's p
+
+    def fit(self, samples: torch.Tensor, max_samples: int = 200_000) -> torch.Tensor:
+        """Fit the levels to gradient ``samples`` (any shape); returns the new levels."""
+        if self.bits <= 2:  # 2 bits: levels are (0, 1), nothing to fit
+            return self.levels
+        r = normalized_coordinates(samples, self.norm, self.bucket_size)
+        if r.numel() > max_samples:  # a fixed-stride subsample keeps the fit deterministic
+            r = r[:: -(-r.numel() // max_samples)]
+        if self.method == "alq":
+            self.set_levels(fit_alq(r, self.levels, self.sweeps))
+        else:
+            self.multiplier = fit_amq(r, self.level_count, p0=self.multiplier)
+            self.set_levels(exponential_levels(self.multiplier, self.level_count))
+        return self.levels
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "multiplier": self.multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.multiplier = state.get("multiplier", self.multiplier)
+
+
+def _level_factory(name: str, norm: str, levels):
+    def make(bits: int, bucket_size: int = 1024, norm_: str | None = None) -> LevelCodec:
+        count = 1 << (bits - 1) if isinstance(bits, int) and not isinstance(bits, bool) and bits >= 2 else 2
+        return LevelCodec(bits, levels(count), norm=norm_ or norm, bucket_size=bucket_size, name=name)
+    return make
+
+
+def _terngrad(bits: int, bucket_size: int = 1024, norm_: str | None = None) -> LevelCodec:
+    if bits not in (0, 2):
+        raise ValueError(f"terngrad: ternary levels need bits=2 (or 0 to send nothing), got {bits!r}")
+    return LevelCodec(bits, torch.tensor([0.0, 1.0]), norm=norm_ or "linf", bucket_size=bucket_size, name="terngrad")
+
+
+#: name -> factory(bits, bucket_size, norm)
+LEVEL_CODECS = {
+    "qsgd": _level_factory("qsgd", "l2", uniform_levels),
+    "qsgdinf": _level_factory("qsgdinf", "linf", uniform_levels),
+    "nuqsgd": _level_factory("nuqsgd", "l2", lambda c: exponential_levels(0.5, c)),
+    "natural": _level_factory("natural", "linf", lambda c: exponential_levels(0.5, c)),
+    "terngrad": _terngrad,
+    "alq": lambda bits, bucket_size=1024, norm_=None: AdaptiveLevelCodec(
+        bits, method="alq", norm=norm_ or "l2", bucket_size=bucket_size),
+    "amq": lambda bits, bucket_size=1024, norm_=None: AdaptiveLevelCodec(
+        bits, method="amq", norm=norm_ or "l2", bucket_size=bucket_size),
+}
+
+
+def make_codec(name: str, bits: int, *, bucket_size: int = 1024, norm: str | None = None) -> Codec:
+    """A codec by name: one of ``sorted(LEVEL_CODECS)``."""
+    if name not in LEVEL_CODECS:
+        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(LEVEL_CODECS)}")
+    return LEVEL_CODECS[name](bits, bucket_size, norm)
