@@ -67,16 +67,41 @@ def fit_alq(r: torch.Tensor, levels: torch.Tensor, sweeps: int = 10) -> torch.Te
             mass = (float(prefix[ic] - prefix[ia]) - a * (ic - ia)) / (c - a) / n
             q = ic / n - mass  # F(beta)
             k = min(max(int(torch.ceil(torch.tensor(q * n)).item()) - 1, 0), n - 1)
-            lv[j] = min(max(float(rs[k]), a), c)  # F^-1(q), kept between the neighbours
+            # F^-1(q), kept strictly between the neighbours so the levels stay distinct
+            gap = (c - a) * 1e-3
+            lv[j] = min(max(float(rs[k]), a + gap), c - gap)
         if torch.allclose(lv, old, atol=1e-9):
             break
-    return lv.to(levels.dtype)
+    return _keep_distinct(lv).to(levels.dtype)
+
+
+def _keep_distinct(lv: torch.Tensor, gap: float = 1e-6) -> torch.Tensor:
+    """Levels at least ``gap`` apart (so they stay distinct in float32), 0 and 1 kept in place.
+    Degenerate samples (e.g. every r = 1) would otherwise pile levels onto each other."""
+    lv = lv.clone()
+    for j in range(lv.numel() - 2, 0, -1):
+        lv[j] = min(float(lv[j]), float(lv[j + 1]) - gap)
+    for j in range(1, lv.numel() - 1):
+        lv[j] = max(float(lv[j]), float(lv[j - 1]) + gap)
+    return lv
+
+
+#: smallest nonzero level an exponential level set may reach: float32's smallest normal number,
+#: so that all levels stay distinct (8-bit NUQSGD, p = 1/2 with 128 levels, reaches exactly this)
+SMALLEST_LEVEL = 2.0**-126
+
+
+def min_multiplier(count: int) -> float:
+    """Smallest p whose levels p^(count-2) stay >= SMALLEST_LEVEL (distinct in float32)."""
+    return SMALLEST_LEVEL ** (1.0 / (count - 2)) if count > 2 else 0.0
 
 
 def exponential_levels(p: float, count: int) -> torch.Tensor:
     """(0, p^(count-2), ..., p, 1): ``count`` magnitude levels with multiplier ``p``."""
     if count < 2:
         raise ValueError("need at least 2 levels (0 and 1)")
+    if not min_multiplier(count) * (1 - 1e-12) <= p < 1:
+        raise ValueError(f"multiplier p must be in [{min_multiplier(count):.3g}, 1) for {count} levels, got {p}")
     powers = [p ** k for k in range(count - 2, -1, -1)]
     return torch.tensor([0.0, *powers], dtype=torch.float32)
 
@@ -103,9 +128,10 @@ def fit_amq(r: torch.Tensor, count: int, p0: float = 0.5, steps: int = 100) -> f
     if count <= 2 or r.numel() == 0:
         return p0
     p, lr = p0, 0.5
+    low = max(1e-3, min_multiplier(count))
     psi, grad = _amq_objective_and_grad(p, r, count)
     for _ in range(steps):
-        cand = min(max(p - lr * grad, 1e-3), 1 - 1e-3)
+        cand = min(max(p - lr * grad, low), 1 - 1e-3)
         psi_c, grad_c = _amq_objective_and_grad(cand, r, count)
         if psi_c <= psi:
             if abs(cand - p) < 1e-7:

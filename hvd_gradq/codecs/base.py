@@ -52,8 +52,8 @@ class Codec(ABC):
         """Encode ``x`` (any float dtype and shape)."""
 
     @abstractmethod
-    def decode(self, enc: Encoded) -> torch.Tensor:
-        """Float32 (numel,) values from ``enc``."""
+    def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 (numel,) values from ``enc`` (into ``out`` if given)."""
 
     # ---- shared machinery ---------------------------------------------------------------------
     def payload_bytes(self, numel: int) -> int:

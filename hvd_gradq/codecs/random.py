@@ -39,9 +39,12 @@ class DitherSource:
                 gen.manual_seed(int(np.random.SeedSequence(self._seed).generate_state(1)[0]))
                 self._torch[device] = gen
             return torch.rand(n, generator=gen, device=device)
-        raw = self._np.bit_generator.random_raw((n + 3) // 4)  # 4 x 16 bits per draw
-        k = torch.from_numpy(raw.view(np.int16)[:n])
+        k = torch.from_numpy(self.raw16(n))
         return k.to(torch.float32).add_(32768.5).mul_(1.0 / 65536.0)
+
+    def raw16(self, n: int) -> np.ndarray:
+        """``n`` raw 16-bit draws as int16 (k - 32768); ``uniform`` maps them to (k + 1/2) / 2**16."""
+        return self._np.bit_generator.random_raw((n + 3) // 4).view(np.int16)[:n]  # 4 x 16 bits per draw
 
     def state_dict(self) -> dict:
         return {"seed": self._seed, "numpy": self._np.bit_generator.state,

@@ -1,0 +1,74 @@
+"""The optional native kernels (``hvd_gradq/csrc/*.c``), compiled on first use with the system C
+compiler into the cache directory and loaded with ctypes.
+
+If no compiler is available, or ``HVD_GRADQ_NATIVE=0`` is set, ``load()`` returns None and the
+codecs use their torch reference path (same results, slower). The library file name carries a
+hash of the source, so an edited kernel is rebuilt; concurrent ranks build to a temporary file
+and rename it into place.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+_SRC = Path(__file__).with_name("csrc") / "levels.c"
+_FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("HVD_GRADQ_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hvd_gradq"
+    return base / "native"
+
+
+def _build() -> Path | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = _SRC.read_bytes()
+    tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"libhvdgq_levels_{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        os.unlink(tmp)
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        warnings.warn(f"hvd_gradq: native codec kernels not built ({detail.strip()[:300]}); "
+                      "using the slower torch path", stacklevel=3)
+        return None
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None when unavailable or disabled (``HVD_GRADQ_NATIVE=0``)."""
+    global _lib, _tried
+    if os.environ.get("HVD_GRADQ_NATIVE", "1") == "0":
+        return None
+    if not _tried:
+        _tried = True
+        path = _build()
+        if path is not None:
+            lib = ctypes.CDLL(str(path))
+            i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+            lib.hvdgq_encode_levels.argtypes = [ptr, i64, i64, ptr, ptr, i32, i32, ptr, i32, ptr, i32, ptr]
+            lib.hvdgq_encode_levels.restype = None
+            lib.hvdgq_decode_levels.argtypes = [ptr, i64, i64, ptr, ptr, i32, ptr]
+            lib.hvdgq_decode_levels.restype = None
+            lib.hvdgq_bucket_absmax.argtypes = [ptr, i64, i64, ptr]
+            lib.hvdgq_bucket_absmax.restype = None
+            _lib = lib
+    return _lib
