@@ -37,6 +37,7 @@ missing=()
 for pkg in libopenmpi-dev openmpi-bin; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+command -v gcc >/dev/null || missing+=(gcc)  # also builds hvd_gradq's C codec kernels
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
 command -v cmake >/dev/null || missing+=(cmake)
@@ -47,7 +48,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     die "missing system packages: ${missing[*]}. Install them with: sudo apt-get install ${missing[*]}"
   fi
 else
-  say "Open MPI, g++, make, cmake: present"
+  say "Open MPI, gcc, g++, make, cmake: present"
 fi
 
 # ---- 2. Fashion-MNIST (offline, from Debian) -------------------------------------------------
@@ -77,11 +78,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 PIP=("$VENV/bin/python" -m pip)
-if ! "$VENV/bin/python" -c "import torch, numpy, mpi4py, pytest, tqdm, cloudpickle, psutil, yaml, packaging, cffi; assert torch.__version__.startswith('$TORCH_VERSION')" 2>/dev/null; then
-  say "pip install -r launch/requirements.txt (torch==$TORCH_VERSION CPU, mpi4py, pytest, tqdm, ...)"
+# requirements are (re)installed whenever launch/requirements.txt differs from the last install
+REQ_STAMP=$VENV/.hvd_gradq-requirements.sha256
+req_hash=$(sha256sum "$ROOT/launch/requirements.txt" | cut -d' ' -f1)
+if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$req_hash" ]; then
+  say "pip install -r launch/requirements.txt (torch==$TORCH_VERSION CPU, mpi4py, pytest, hypothesis, tqdm, ruff, ...)"
   "${PIP[@]}" install -q -r "$ROOT/launch/requirements.txt"
+  echo "$req_hash" > "$REQ_STAMP"
 else
-  say "torch $TORCH_VERSION, mpi4py, pytest, tqdm: present"
+  say "Python requirements (torch $TORCH_VERSION, mpi4py, pytest, ...): present"
 fi
 
 # ---- 4. Horovod ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from hvd_gradq import native
 from hvd_gradq.codecs.adaptive import (
     exponential_levels,
     fit_alq,
@@ -31,7 +32,6 @@ from hvd_gradq.codecs.adaptive import (
     normalized_coordinates,
 )
 from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
-from hvd_gradq import native
 from hvd_gradq.codecs.random import DitherSource
 from hvd_gradq.packing import pack_bits, packed_nbytes, unpack_bits
 

@@ -1,0 +1,1 @@
+"""Benchmarks and study drivers (run as scripts; their outputs are committed under docs/)."""

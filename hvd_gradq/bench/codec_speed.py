@@ -1,0 +1,93 @@
+"""Codec throughput on one CPU thread: encode + decode, in GB/s of float32 input, next to a
+``torch`` copy of the same tensor measured in the same run (this machine is shared and noisy;
+compare ratios within one table).
+
+    python -m hvd_gradq.bench.codec_speed --mb 100 --out docs/CODEC_SPEED.md
+
+Encode includes the bucket norms and the random dither; decode writes into a preallocated
+float32 tensor (as the compressor does into the gradient). Each figure is the best of --reps runs.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from hvd_gradq import native
+from hvd_gradq.codecs import DitherSource, make_codec
+from hvd_gradq.codecs.levels import LEVEL_CODECS
+from hvd_gradq.codecs.uniform import dequantize_sum, quantize_stochastic
+from hvd_gradq.packing import lane_layout, pack_lanes, unpack_lanes
+
+
+def best_of(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=100.0, help="size of the float32 input in MB")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    ap.add_argument("--bucket", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="", help="write the markdown table here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    n = int(args.mb * 1e6 / 4)
+    gbytes = n * 4 / 1e9
+    x = torch.randn(n)
+    y = torch.empty_like(x)
+    copy_s = best_of(lambda: y.copy_(x), args.reps)
+    rows = []
+    for name in sorted(LEVEL_CODECS):
+        for bits in ([2] if name == "terngrad" else args.bits):
+            codec = make_codec(name, bits, bucket_size=args.bucket)
+            rng = DitherSource(0)
+            enc_s = best_of(lambda codec=codec, rng=rng: codec.encode(x, rng), args.reps)
+            enc = codec.encode(x, rng)
+            dec_s = best_of(lambda codec=codec, enc=enc: codec.decode(enc, out=y), args.reps)
+            rows.append((name, bits, enc_s, dec_s))
+    # the shared-scale, lane-packed uniform codec of UniformCompressor (torch path, N = 2 lanes)
+    for bits in args.bits:
+        layout = lane_layout(bits, 2, torch.int64)
+        gen = torch.Generator().manual_seed(0)
+
+        def enc_lanes(bits=bits, layout=layout, gen=gen):
+            return pack_lanes(quantize_stochastic(x, 3.0, bits, gen), layout)
+
+        words = enc_lanes()
+        enc_s = best_of(enc_lanes, args.reps)
+        dec_s = best_of(lambda bits=bits, layout=layout, words=words:
+                        dequantize_sum(unpack_lanes(words, layout, n), 3.0, bits, 1), args.reps)
+        rows.append(("uniform-lanes (UniformCompressor)", bits, enc_s, dec_s))
+
+    lines = [
+        f"Codec throughput, 1 thread, {args.mb:g} MB float32 input, bucket {args.bucket}, best of {args.reps}.",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"native kernels: {'yes' if native.load() is not None else 'no'}.",
+        f"Reference in the same run: torch copy_ of the same tensor: {gbytes / copy_s:.2f} GB/s.",
+        "",
+        "| codec | bits | encode GB/s | decode GB/s | encode+decode GB/s | vs copy_ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, bits, enc_s, dec_s in rows:
+        both = gbytes / (enc_s + dec_s)
+        lines.append(f"| {name} | {bits} | {gbytes / enc_s:.2f} | {gbytes / dec_s:.2f} | {both:.2f} | "
+                     f"{both / (gbytes / copy_s):.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
