@@ -12,7 +12,8 @@ import torch
 
 from hvd_gradq import wire
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
-from hvd_gradq.codecs import ErrorFeedback, dequantize, dequantize_sum, quantize_stochastic
+from hvd_gradq.codecs import DitherSource, ErrorFeedback, dequantize_sum
+from hvd_gradq.codecs.uniform import quantize_to_lanes
 from hvd_gradq.packing import lane_layout, pack_lanes, unpack_lanes, words_to_int64
 
 try:
@@ -141,7 +142,7 @@ class UniformCompressor(_HorovodCompressor):
         self._index = {n: i for i, n in enumerate(names)}
         self._cursor = 0  # where the last gradient was found; backward visits layers in order
         self._grad_names: dict[int, str] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._rng: DitherSource | None = None  # seeded from (seed, rank) at the first step
         #: per layer, what its latest compress handed to Horovod
         self.payloads: dict[str, PayloadInfo] = {}
 
@@ -165,13 +166,11 @@ class UniformCompressor(_HorovodCompressor):
             "cannot be used with hvd.allreduce on arbitrary tensors."
         )
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed * 1_000_003 + hvd.rank() + 1)
-            self._generators[device] = gen
-        return gen
+    @property
+    def rng(self) -> DitherSource:
+        if self._rng is None:
+            self._rng = DitherSource([self.seed, hvd.rank()])
+        return self._rng
 
     def _code(self, name: str, numel: int, size: int) -> LayerCode:
         if name in self.codebook:
@@ -199,13 +198,12 @@ class UniformCompressor(_HorovodCompressor):
         if code.packed:
             container = code.layout.container
             if nonfinite:  # every rank will decode NaN; keep the residual of the last finite step
-                codes, stat = torch.zeros_like(x, dtype=torch.int64), 0
+                body, stat = pack_lanes(torch.zeros_like(x, dtype=torch.int64), code.layout), 0
             else:
-                codes = quantize_stochastic(x, code.scale, code.bits, self._generator(x.device))
-                self.error_feedback.update(name, x, dequantize(codes, code.scale, code.bits))
                 amax = x.abs().max().item() if x.numel() else 0.0
                 stat = min(round(amax / code.scale * _STAT_ONE), _STAT_CAP)
-            body = pack_lanes(codes, code.layout)
+                body = quantize_to_lanes(x, code.scale, code.bits, code.layout, self.rng,
+                                         residual=self.error_feedback.buffer(name, x))
         else:  # float32: small layers always, quantized layers until a scale is calibrated
             container = torch.float32
             stat = x.abs().max().item() if (quantized and x.numel() and not nonfinite) else 0.0

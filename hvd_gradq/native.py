@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-_SRC = Path(__file__).with_name("csrc") / "levels.c"
+_SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -33,16 +33,17 @@ def _build() -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = _SRC.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SOURCES)
     tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"libhvdgq_levels_{tag}.so"
+    out = _cache_dir() / f"libhvdgq_{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], check=True, capture_output=True,
+                       text=True)
         os.replace(tmp, out)
     except (subprocess.CalledProcessError, OSError) as exc:
         os.unlink(tmp)
@@ -70,5 +71,8 @@ def load() -> ctypes.CDLL | None:
             lib.hvdgq_decode_levels.restype = None
             lib.hvdgq_bucket_absmax.argtypes = [ptr, i64, i64, ptr]
             lib.hvdgq_bucket_absmax.restype = None
+            f32 = ctypes.c_float
+            lib.hvdgq_quantize_lanes.argtypes = [ptr, i64, f32, f32, f32, i32, ptr, i32, i32, i32, ptr, ptr]
+            lib.hvdgq_quantize_lanes.restype = None
             _lib = lib
     return _lib

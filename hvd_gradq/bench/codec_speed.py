@@ -18,8 +18,8 @@ import torch
 from hvd_gradq import native
 from hvd_gradq.codecs import DitherSource, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
-from hvd_gradq.codecs.uniform import dequantize_sum, quantize_stochastic
-from hvd_gradq.packing import lane_layout, pack_lanes, unpack_lanes
+from hvd_gradq.codecs.uniform import dequantize_sum, quantize_to_lanes
+from hvd_gradq.packing import lane_layout, unpack_lanes
 
 
 def best_of(fn, reps: int) -> float:
@@ -54,13 +54,15 @@ def main(argv=None) -> str:
             enc = codec.encode(x, rng)
             dec_s = best_of(lambda codec=codec, enc=enc: codec.decode(enc, out=y), args.reps)
             rows.append((name, bits, enc_s, dec_s))
-    # the shared-scale, lane-packed uniform codec of UniformCompressor (torch path, N = 2 lanes)
+    # the shared-scale, lane-packed uniform codec of UniformCompressor (N = 2 lanes; encode
+    # includes the error-feedback residual; decode is still the torch path)
     for bits in args.bits:
         layout = lane_layout(bits, 2, torch.int64)
-        gen = torch.Generator().manual_seed(0)
+        rng = DitherSource(0)
+        residual = torch.empty_like(x)
 
-        def enc_lanes(bits=bits, layout=layout, gen=gen):
-            return pack_lanes(quantize_stochastic(x, 3.0, bits, gen), layout)
+        def enc_lanes(bits=bits, layout=layout, rng=rng, residual=residual):
+            return quantize_to_lanes(x, 3.0, bits, layout, rng, residual)
 
         words = enc_lanes()
         enc_s = best_of(enc_lanes, args.reps)

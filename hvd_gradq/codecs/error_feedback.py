@@ -37,6 +37,14 @@ class ErrorFeedback:
         else:
             torch.sub(x, decoded, out=r)
 
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The tensor that holds ``name``'s residual, for a codec to overwrite with the new one
+        (call after ``compensate``, which has already added the old residual in)."""
+        r = self.residuals.get(name)
+        if r is None or r.shape != like.shape:
+            r = self.residuals[name] = torch.empty_like(like)
+        return r
+
     def reset(self, name: str | None = None) -> None:
         """Forget the residual of ``name``, or all residuals."""
         if name is None:

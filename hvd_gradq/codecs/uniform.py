@@ -13,26 +13,32 @@ from __future__ import annotations
 
 import torch
 
+from hvd_gradq import native
+from hvd_gradq.codecs.random import DitherSource
+from hvd_gradq.packing import LaneLayout, pack_lanes
+
 
 def step_size(scale: float, bits: int) -> float:
     """Spacing ``delta`` between adjacent levels for ``bits``-bit codes over [-scale, scale]."""
     return 2.0 * scale / ((1 << bits) - 1)
 
 
-def quantize_stochastic(
-    x: torch.Tensor, scale: float, bits: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Codes (int64, same shape as ``x``) in ``0 .. 2**bits - 1`` for float ``x``.
-
-    ``scale`` must be positive and finite; ``bits`` in 1..8.
-    """
+def _check(scale: float, bits: int) -> None:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if not (scale > 0.0 and scale < float("inf")):
         raise ValueError(f"scale must be positive and finite, got {scale}")
+
+
+def quantize_stochastic(x: torch.Tensor, scale: float, bits: int, rng: DitherSource) -> torch.Tensor:
+    """Codes (int64, same shape as ``x``) in ``0 .. 2**bits - 1`` for float ``x`` (torch path).
+
+    ``scale`` must be positive and finite; ``bits`` in 1..8.
+    """
+    _check(scale, bits)
     top = (1 << bits) - 1
     t = (x.to(torch.float32).clamp(-scale, scale) + scale).mul_(top / (2.0 * scale))
-    t.add_(torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype))
+    t.add_(rng.uniform(t.numel(), t.device).view(t.shape))
     # t + u can round up to top + 1 only through float error at the very top; clamp guards it
     return t.floor_().clamp_(0, top).to(torch.int64)
 
@@ -45,3 +51,31 @@ def dequantize(codes: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
 def dequantize_sum(code_sum: torch.Tensor, scale: float, bits: int, count: int) -> torch.Tensor:
     """Mean over ``count`` ranks of the levels, given the elementwise sum of their codes."""
     return code_sum.to(torch.float32).mul_(step_size(scale, bits) / count).sub_(scale)
+
+
+def quantize_to_lanes(
+    x: torch.Tensor, scale: float, bits: int, layout: LaneLayout, rng: DitherSource,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize flat float32 ``x`` and pack the codes into ``layout``'s words, in one pass on CPU.
+
+    If ``residual`` (float32, like ``x``) is given, it receives ``x - level`` (error feedback).
+    The C kernel and the torch path give identical words and residuals for the same ``rng`` state.
+    """
+    _check(scale, bits)
+    n = x.numel()
+    lib = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() else None
+    if lib is None:
+        codes = quantize_stochastic(x, scale, bits, rng)
+        if residual is not None:
+            torch.sub(x, dequantize(codes, scale, bits), out=residual)
+        return pack_lanes(codes, layout)
+    top = (1 << bits) - 1
+    words = torch.empty(layout.words(n), dtype=layout.container)
+    dither = rng.raw16(n)
+    lib.hvdgq_quantize_lanes(
+        x.data_ptr(), n, scale, top / (2.0 * scale), step_size(scale, bits), bits, dither.ctypes.data,
+        layout.lane_bits, layout.lanes_per_word, int(layout.container == torch.float64), words.data_ptr(),
+        residual.data_ptr() if residual is not None else None,
+    )
+    return words

@@ -2,18 +2,19 @@
 import pytest
 import torch
 
-from hvd_gradq.codecs import ErrorFeedback, dequantize, quantize_stochastic
+from hvd_gradq.codecs import DitherSource, ErrorFeedback, dequantize, quantize_stochastic
 
 
 def test_residual_carries_what_was_dropped():
     ef = ErrorFeedback()
     gen = torch.Generator().manual_seed(0)
+    rng = DitherSource(0)
     g = torch.randn(4, 8, generator=gen)
     sent_total = torch.zeros(32)
     for step in range(50):
         x = ef.compensate("w", g)
         assert x.shape == (32,) and x.dtype == torch.float32
-        decoded = dequantize(quantize_stochastic(x, 1.0, 2, gen), 1.0, 2)
+        decoded = dequantize(quantize_stochastic(x, 1.0, 2, rng), 1.0, 2)
         ef.update("w", x, decoded)
         sent_total += decoded
         # invariant: everything fed in so far = everything sent + the residual

@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from hvd_gradq import native
 from hvd_gradq.codecs import DitherSource, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
+from hvd_gradq.codecs.uniform import quantize_to_lanes
+from hvd_gradq.packing import lane_layout
 
 
 def test_kernels_build_here():
@@ -38,3 +40,21 @@ def test_native_and_reference_paths_agree_bit_for_bit(name, bits, bucket, n, see
     assert torch.equal(fast.parts["codes"], ref.parts["codes"])
     out = torch.empty(n)
     assert torch.equal(codec.decode(fast, out=out), ref_decoded)
+
+
+@given(st.integers(1, 8), st.integers(1, 16), st.sampled_from([torch.int64, torch.float64]),
+       st.integers(0, 5000), st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_lane_kernel_matches_the_torch_path(bits, ranks, container, n, seed):
+    layout = lane_layout(bits, ranks, container)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2  # some values beyond the scale: clipping is exercised
+    scale = 1.5
+    res_fast, res_ref = torch.empty(n), torch.empty(n)
+    fast = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed), res_fast)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HVD_GRADQ_NATIVE", "0")
+        ref = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed), res_ref)
+    assert fast.dtype == ref.dtype == container
+    assert torch.equal(fast, ref)
+    assert torch.equal(res_fast, res_ref)

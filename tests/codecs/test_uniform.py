@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hvd_gradq.codecs import dequantize, dequantize_sum, quantize_stochastic, step_size
+from hvd_gradq.codecs import DitherSource, dequantize, dequantize_sum, quantize_stochastic, step_size
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -14,15 +14,17 @@ def test_unbiased(bits):
     exceeded with probability < 2000 * 6e-7, and the fixed seed makes the test deterministic.
     """
     gen = torch.Generator().manual_seed(1234 + bits)
+    rng = DitherSource(1234 + bits)
     scale, k = 1.5, 4000
     x = (torch.rand(2000, generator=gen) * 2 - 1) * scale
     x[:4] = torch.tensor([-scale, scale, 0.0, scale / 3])
     acc = torch.zeros_like(x, dtype=torch.float64)
     for _ in range(k):
-        acc += dequantize(quantize_stochastic(x, scale, bits, gen), scale, bits)
+        acc += dequantize(quantize_stochastic(x, scale, bits, rng), scale, bits)
     delta = step_size(scale, bits)
     err = (acc / k - x).abs().max().item()
-    assert err <= 5 * delta / (2 * k**0.5), (err, delta)
+    # + the 16-bit dither's resolution (bias at most 2**-17 of a step, see codecs/random.py)
+    assert err <= 5 * delta / (2 * k**0.5) + delta * 2**-16, (err, delta)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 8])
@@ -30,14 +32,14 @@ def test_error_below_one_step_and_codes_in_range(bits):
     gen = torch.Generator().manual_seed(bits)
     scale = 0.25
     x = (torch.rand(10_000, generator=gen) * 2 - 1) * scale
-    codes = quantize_stochastic(x, scale, bits, gen)
+    codes = quantize_stochastic(x, scale, bits, DitherSource(bits))
     assert codes.dtype == torch.int64
     assert int(codes.min()) >= 0 and int(codes.max()) <= (1 << bits) - 1
     assert (dequantize(codes, scale, bits) - x).abs().max().item() < step_size(scale, bits) + 1e-6
 
 
 def test_values_beyond_the_scale_are_clipped():
-    codes = quantize_stochastic(torch.tensor([-10.0, 10.0]), 1.0, 3)
+    codes = quantize_stochastic(torch.tensor([-10.0, 10.0]), 1.0, 3, DitherSource(0))
     assert codes.tolist() == [0, 7]
 
 
@@ -50,8 +52,8 @@ def test_dequantize_sum_is_mean_of_dequantized():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="bits"):
-        quantize_stochastic(torch.zeros(3), 1.0, 0)
+        quantize_stochastic(torch.zeros(3), 1.0, 0, DitherSource(0))
     with pytest.raises(ValueError, match="scale"):
-        quantize_stochastic(torch.zeros(3), 0.0, 2)
+        quantize_stochastic(torch.zeros(3), 0.0, 2, DitherSource(0))
     with pytest.raises(ValueError, match="scale"):
-        quantize_stochastic(torch.zeros(3), float("nan"), 2)
+        quantize_stochastic(torch.zeros(3), float("nan"), 2, DitherSource(0))

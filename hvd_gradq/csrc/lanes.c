@@ -1,0 +1,40 @@
+/* Fused kernel for the shared-scale uniform quantizer of UniformCompressor
+ * (hvd_gradq/codecs/uniform.py + hvd_gradq/packing.py lanes), one pass:
+ *   clamp to [-s, s] -> stochastic rounding onto 2**bits levels with a 16-bit dither ->
+ *   residual = x - level (error feedback) -> code packed into its lane of an int64 word
+ *   (or of a float64 word holding the same integer, for op=Average).
+ * Arithmetic mirrors the torch reference operation by operation in float32 (-ffp-contract=off).
+ */
+#include <stdint.h>
+#include <string.h>
+
+void hvdgq_quantize_lanes(const float *x, int64_t n, float scale, float to_unit, float step, int bits,
+                          const int16_t *dither, int lane_bits, int lanes, int as_double,
+                          void *out_words, float *residual) {
+    const int top = (1 << bits) - 1;
+    const int64_t words = (n + lanes - 1) / lanes;
+    int64_t i = 0;
+    for (int64_t w = 0; w < words; w++) {
+        int64_t word = 0;
+        for (int j = 0; j < lanes && i < n; j++, i++) {
+            float v = x[i];
+            float c = v < -scale ? -scale : (v > scale ? scale : v);
+            float t = (c + scale) * to_unit;
+            const float u = ((float)dither[i] + 32768.5f) * (1.0f / 65536.0f);
+            t = t + u;
+            int k = (int)t; /* t >= 0: truncation is floor */
+            if (k > top) k = top;
+            if (residual) {
+                const float level = (float)k * step - scale;
+                residual[i] = v - level;
+            }
+            word |= (int64_t)k << (lane_bits * j);
+        }
+        if (as_double) {
+            const double d = (double)word;
+            memcpy((char *)out_words + 8 * w, &d, 8);
+        } else {
+            memcpy((char *)out_words + 8 * w, &word, 8);
+        }
+    }
+}
