@@ -12,9 +12,9 @@ import torch
 
 from hvd_gradq import wire
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
-from hvd_gradq.codecs import DitherSource, ErrorFeedback, dequantize_sum
-from hvd_gradq.codecs.uniform import quantize_to_lanes
-from hvd_gradq.packing import lane_layout, pack_lanes, unpack_lanes, words_to_int64
+from hvd_gradq.codecs import DitherSource, ErrorFeedback
+from hvd_gradq.codecs.uniform import dequantize_lanes, quantize_to_lanes
+from hvd_gradq.packing import lane_layout, pack_lanes
 
 try:
     import horovod.torch as hvd
@@ -235,8 +235,8 @@ class UniformCompressor(_HorovodCompressor):
         if head.nonfinite:
             return torch.full(shape, float("nan"), dtype=dtype, device=payload.device)
         if packed:
-            sums = unpack_lanes(words_to_int64(payload[hlen:], head.multiplier), code.layout, code.numel)
-            out = dequantize_sum(sums, code.scale, code.bits, size)
+            out = dequantize_lanes(payload[hlen:], code.numel, code.scale, code.bits, code.layout, size,
+                                   head.multiplier)
             ratio = head.stat_sum / (size * _STAT_ONE)
             code.scale = code.scale * ratio if ratio > 0 else None
         else:

@@ -74,5 +74,7 @@ def load() -> ctypes.CDLL | None:
             f32 = ctypes.c_float
             lib.hvdgq_quantize_lanes.argtypes = [ptr, i64, f32, f32, f32, i32, ptr, i32, i32, i32, ptr, ptr]
             lib.hvdgq_quantize_lanes.restype = None
+            lib.hvdgq_dequantize_lanes.argtypes = [ptr, i64, i32, ctypes.c_double, i32, i32, f32, f32, ptr]
+            lib.hvdgq_dequantize_lanes.restype = i32
             _lib = lib
     return _lib

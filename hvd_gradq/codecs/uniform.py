@@ -15,7 +15,7 @@ import torch
 
 from hvd_gradq import native
 from hvd_gradq.codecs.random import DitherSource
-from hvd_gradq.packing import LaneLayout, pack_lanes
+from hvd_gradq.packing import LaneLayout, pack_lanes, unpack_lanes, words_to_int64
 
 
 def step_size(scale: float, bits: int) -> float:
@@ -79,3 +79,24 @@ def quantize_to_lanes(
         residual.data_ptr() if residual is not None else None,
     )
     return words
+
+
+def dequantize_lanes(
+    words: torch.Tensor, n: int, scale: float, bits: int, layout: LaneLayout, count: int, multiplier: int = 1
+) -> torch.Tensor:
+    """Mean over ``count`` ranks of the levels, from reduced lane ``words`` (float32 (n,)).
+
+    ``multiplier`` turns the reduced words into sums (N after ``op=Average``). Float words that
+    are not integers raise: the payload was not what ``quantize_to_lanes`` packed.
+    """
+    lib = native.load() if words.device.type == "cpu" and words.is_contiguous() else None
+    if lib is None:
+        return dequantize_sum(unpack_lanes(words_to_int64(words, multiplier), layout, n), scale, bits, count)
+    out = torch.empty(n, dtype=torch.float32)
+    status = lib.hvdgq_dequantize_lanes(
+        words.data_ptr(), n, int(words.dtype == torch.float64), float(multiplier), layout.lane_bits,
+        layout.lanes_per_word, step_size(scale, bits) / count, scale, out.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError("float lane words are not integers after reduction: the payload was altered")
+    return out

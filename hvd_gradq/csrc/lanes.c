@@ -38,3 +38,32 @@ void hvdgq_quantize_lanes(const float *x, int64_t n, float scale, float to_unit,
         }
     }
 }
+
+/* Inverse after the allreduce: reduced words (int64, or float64 times `multiplier` = N after
+ * Average) -> per-element code sums -> mean level  sum * (step / count) - scale.
+ * Returns 0, or -1 if a float64 word is not within 0.25 of an integer (the payload was altered). */
+int hvdgq_dequantize_lanes(const void *in_words, int64_t n, int as_double, double multiplier, int lane_bits,
+                           int lanes, float per_code, float scale, float *out) {
+    const uint64_t mask = (lane_bits >= 64) ? ~0ull : ((1ull << lane_bits) - 1ull);
+    const int64_t words = (n + lanes - 1) / lanes;
+    int64_t i = 0;
+    for (int64_t w = 0; w < words; w++) {
+        int64_t word;
+        if (as_double) {
+            double d;
+            memcpy(&d, (const char *)in_words + 8 * w, 8);
+            const double scaled = d * multiplier;
+            const double r = __builtin_round(scaled);
+            if (!(__builtin_fabs(scaled - r) <= 0.25)) return -1;
+            word = (int64_t)r;
+        } else {
+            memcpy(&word, (const char *)in_words + 8 * w, 8);
+            word *= (int64_t)multiplier;
+        }
+        for (int j = 0; j < lanes && i < n; j++, i++) {
+            const uint64_t sum = ((uint64_t)word >> (lane_bits * j)) & mask;
+            out[i] = (float)sum * per_code - scale;
+        }
+    }
+    return 0;
+}

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hvd_gradq import native
 from hvd_gradq.codecs import DitherSource, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
-from hvd_gradq.codecs.uniform import quantize_to_lanes
+from hvd_gradq.codecs.uniform import dequantize_lanes, quantize_to_lanes
 from hvd_gradq.packing import lane_layout
 
 
@@ -58,3 +58,29 @@ def test_lane_kernel_matches_the_torch_path(bits, ranks, container, n, seed):
     assert fast.dtype == ref.dtype == container
     assert torch.equal(fast, ref)
     assert torch.equal(res_fast, res_ref)
+
+
+@given(st.integers(1, 8), st.integers(1, 16), st.sampled_from([torch.int64, torch.float64]),
+       st.integers(0, 3000), st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_lane_decode_kernel_matches_the_torch_path(bits, ranks, container, n, seed):
+    """Sum the words of `ranks` simulated ranks (as Sum, or Average for float64) and decode."""
+    layout = lane_layout(bits, ranks, container)
+    g = torch.Generator().manual_seed(seed)
+    words = sum(quantize_to_lanes(torch.randn(n, generator=g), 1.0, bits, layout, DitherSource([seed, r]))
+                for r in range(ranks))
+    words = torch.as_tensor(words)
+    mult = 1
+    if container == torch.float64:  # what op=Average hands back
+        words, mult = words * (1.0 / ranks), ranks
+    fast = dequantize_lanes(words, n, 1.0, bits, layout, ranks, mult)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HVD_GRADQ_NATIVE", "0")
+        ref = dequantize_lanes(words, n, 1.0, bits, layout, ranks, mult)
+    assert torch.equal(fast, ref)
+
+
+def test_lane_decode_rejects_altered_float_words():
+    layout = lane_layout(2, 2, torch.float64)
+    with pytest.raises(ValueError, match="not integers"):
+        dequantize_lanes(torch.tensor([3.0, 4.5], dtype=torch.float64), 20, 1.0, 2, layout, 2)
