@@ -12,6 +12,9 @@ Two containers:
     exact integer sum by 1/N, and ``round(value * N)`` recovers the sum exactly because the
     relative error of that product (a few ulp) times 2**48 stays far below 0.5.
 
+int32 words are not offered: floor(63/w) >= 2*floor(31/w) for every lane width w, so int64 never
+carries fewer codes per byte (int32 would only trim the padding of the last word).
+
 Everything here is pure tensor code: no Horovod, no MPI.
 """
 from __future__ import annotations
