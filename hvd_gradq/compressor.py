@@ -5,6 +5,7 @@ codec (``codecs``), the packing (``packing``) and the header checks (``wire``).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import torch
 from hvd_gradq import wire
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
 from hvd_gradq.codecs import DitherSource, ErrorFeedback
-from hvd_gradq.codecs.uniform import dequantize_lanes, quantize_to_lanes
+from hvd_gradq.codecs.uniform import abs_max, dequantize_lanes, quantize_to_lanes
 from hvd_gradq.packing import lane_layout, pack_lanes
 
 try:
@@ -189,27 +190,25 @@ class UniformCompressor(_HorovodCompressor):
         rank, size = hvd.rank(), hvd.size()
         code = self._code(name, tensor.numel(), size)
         quantized = code.bits != FLOAT_BITS
-        if quantized:
-            x = self.error_feedback.compensate(name, tensor)
-        else:
-            x = tensor.detach().reshape(-1).to(torch.float32)
-        nonfinite = not bool(torch.isfinite(x).all())
+        g = tensor.detach().reshape(-1).to(torch.float32)  # a view when the gradient is flat float32
+        # error feedback: the codec quantizes g + r; the new residual is committed in decompress,
+        # once the reduced header says whether the step is finite on every rank
+        r = self.error_feedback.buffer(name, g) if quantized else None
+        amax = abs_max(g, r)  # max |g + r|, NaN/inf if any element is: one pass, no temporary
+        nonfinite = not math.isfinite(amax)
         digest = code.digest(size)
         if code.packed:
             container = code.layout.container
             if nonfinite:  # every rank will decode NaN; keep the residual of the last finite step
-                body, stat = pack_lanes(torch.zeros_like(x, dtype=torch.int64), code.layout), 0
+                body, stat = pack_lanes(torch.zeros_like(g, dtype=torch.int64), code.layout), 0
             else:
-                amax = x.abs().max().item() if x.numel() else 0.0
                 stat = min(round(amax / code.scale * _STAT_ONE), _STAT_CAP)
-                body = quantize_to_lanes(x, code.scale, code.bits, code.layout, self.rng,
-                                         residual=self.error_feedback.buffer(name, x))
+                body = quantize_to_lanes(g, code.scale, code.bits, code.layout, self.rng, residual=r,
+                                         residual_out=self.error_feedback.staging(name, g))
         else:  # float32: small layers always, quantized layers until a scale is calibrated
             container = torch.float32
-            stat = x.abs().max().item() if (quantized and x.numel() and not nonfinite) else 0.0
-            if quantized and not nonfinite:
-                self.error_feedback.reset(name)  # sent exactly: nothing left over
-            body = x
+            body = g if r is None else g + r
+            stat = amax if (quantized and not nonfinite) else 0.0
         head = wire.header(rank=rank, size=size, digest=digest, nonfinite=nonfinite, stat=stat,
                            container=container)
         payload = torch.cat([head, body.to(container)])
@@ -232,8 +231,10 @@ class UniformCompressor(_HorovodCompressor):
             hvd.barrier()
             raise
         code.version += 1
-        if head.nonfinite:
+        if head.nonfinite:  # some rank had NaN/Inf: every rank decodes NaN, residuals stay as they were
             return torch.full(shape, float("nan"), dtype=dtype, device=payload.device)
+        if code.bits != FLOAT_BITS:  # packed: the staged residual; float32: sent exactly, nothing left
+            self.error_feedback.commit(name, zero=not packed)
         if packed:
             out = dequantize_lanes(payload[hlen:], code.numel, code.scale, code.bits, code.layout, size,
                                    head.multiplier)

@@ -72,9 +72,11 @@ def load() -> ctypes.CDLL | None:
             lib.hvdgq_bucket_absmax.argtypes = [ptr, i64, i64, ptr]
             lib.hvdgq_bucket_absmax.restype = None
             f32 = ctypes.c_float
-            lib.hvdgq_quantize_lanes.argtypes = [ptr, i64, f32, f32, f32, i32, ptr, i32, i32, i32, ptr, ptr]
+            lib.hvdgq_quantize_lanes.argtypes = [ptr, i64, f32, f32, f32, i32, ptr, i32, i32, i32, ptr, ptr, ptr]
             lib.hvdgq_quantize_lanes.restype = None
             lib.hvdgq_dequantize_lanes.argtypes = [ptr, i64, i32, ctypes.c_double, i32, i32, f32, f32, ptr]
             lib.hvdgq_dequantize_lanes.restype = i32
+            lib.hvdgq_abs_max.argtypes = [ptr, ptr, i64]
+            lib.hvdgq_abs_max.restype = f32
             _lib = lib
     return _lib

@@ -59,6 +59,18 @@ def test_ranks_disagreeing_on_bits_raise_on_every_rank(tmp_path, mode):
         assert "same arguments on every rank" in res["message"]
 
 
+def test_nan_on_one_rank_gives_nan_gradients_on_all_and_training_goes_on(tmp_path):
+    run = horovodrun(WORKERS / "step_check.py", "--case", "nonfinite", "--out", tmp_path, timeout=120)
+    assert run.returncode == 0, run.output[-6000:]
+    results = rank_files(tmp_path)
+    for res in results:
+        assert res["all_nan"], "an AMP GradScaler must see the overflow on every rank"
+        assert res["n_residuals"] == 6 and res["residuals_kept"], res
+        assert res["finite_after"], res
+        assert len(set(res["digests"])) == 1
+    assert results[0]["digests"] == results[1]["digests"]
+
+
 def test_demo_sends_at_most_a_sixth_of_fp32_bytes_at_2_bits(tmp_path):
     summary = tmp_path / "summary.json"
     run = horovodrun(ROOT / "examples" / "fashion_mnist_cnn.py", "--bits", "2", "--epochs", "1",

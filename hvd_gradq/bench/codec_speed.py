@@ -59,10 +59,10 @@ def main(argv=None) -> str:
     for bits in args.bits:
         layout = lane_layout(bits, 2, torch.int64)
         rng = DitherSource(0)
-        residual = torch.empty_like(x)
+        residual = torch.zeros_like(x)  # read and rewritten in place, as error feedback does
 
         def enc_lanes(bits=bits, layout=layout, rng=rng, residual=residual):
-            return quantize_to_lanes(x, 3.0, bits, layout, rng, residual)
+            return quantize_to_lanes(x, 3.0, bits, layout, rng, residual, residual)
 
         words = enc_lanes()
         enc_s = best_of(enc_lanes, args.reps)

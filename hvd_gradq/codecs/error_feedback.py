@@ -14,6 +14,7 @@ class ErrorFeedback:
 
     def __init__(self) -> None:
         self.residuals: dict[str, torch.Tensor] = {}
+        self._staging: dict[str, torch.Tensor] = {}
 
     def compensate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """``grad + residual``, flattened, as a new float32 tensor (``grad`` is not modified)."""
@@ -38,12 +39,29 @@ class ErrorFeedback:
             torch.sub(x, decoded, out=r)
 
     def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The tensor that holds ``name``'s residual, for a codec to overwrite with the new one
-        (call after ``compensate``, which has already added the old residual in)."""
+        """The float32 tensor holding ``name``'s residual (zeros if new), for a codec to read."""
         r = self.residuals.get(name)
         if r is None or r.shape != like.shape:
-            r = self.residuals[name] = torch.empty_like(like)
+            r = self.residuals[name] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
         return r
+
+    def staging(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A second buffer for a codec to write the *next* residual into; it becomes the residual
+        only at ``commit`` (after the step's outcome is known), so a step whose aggregate turns
+        out non-finite, and is skipped, leaves every rank's residual as it was."""
+        s = self._staging.get(name)
+        if s is None or s.shape != like.shape:
+            s = self._staging[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return s
+
+    def commit(self, name: str, zero: bool = False) -> None:
+        """Make the staged residual current (swapping buffers, no copy); ``zero=True`` instead
+        sets the residual to zero (the layer was sent exactly)."""
+        if zero:
+            if name in self.residuals:
+                self.residuals[name].zero_()
+            return
+        self.residuals[name], self._staging[name] = self._staging[name], self.residuals[name]
 
     def reset(self, name: str | None = None) -> None:
         """Forget the residual of ``name``, or all residuals."""

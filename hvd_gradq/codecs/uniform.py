@@ -53,30 +53,56 @@ def dequantize_sum(code_sum: torch.Tensor, scale: float, bits: int, count: int) 
     return code_sum.to(torch.float32).mul_(step_size(scale, bits) / count).sub_(scale)
 
 
+def _native_ok(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+               for t in tensors)
+
+
+def abs_max(x: torch.Tensor, addend: torch.Tensor | None = None) -> float:
+    """max |x + addend| over flat float32 tensors (NaN if any element is NaN, inf if infinite);
+    0.0 for empty input. One pass without a temporary on CPU."""
+    if x.numel() == 0:
+        return 0.0
+    lib = native.load() if _native_ok(x, addend) else None
+    if lib is not None:
+        return float(lib.hvdgq_abs_max(x.data_ptr(), None if addend is None else addend.data_ptr(), x.numel()))
+    v = x if addend is None else x + addend
+    if bool(torch.isnan(v).any()):
+        return float("nan")
+    return float(v.abs().max())
+
+
 def quantize_to_lanes(
     x: torch.Tensor, scale: float, bits: int, layout: LaneLayout, rng: DitherSource,
-    residual: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantize flat float32 ``x`` and pack the codes into ``layout``'s words, in one pass on CPU.
+    """Quantize v = x + residual (flat float32; v = x without ``residual``) and pack the codes into
+    ``layout``'s words, in one pass on CPU.
 
-    If ``residual`` (float32, like ``x``) is given, it receives ``x - level`` (error feedback).
-    The C kernel and the torch path give identical words and residuals for the same ``rng`` state.
+    Error feedback: ``residual_out`` (float32, like ``x``; may be ``residual`` itself) receives
+    ``v - level``. The C kernel and the torch path give identical words and residuals for the same
+    ``rng`` state.
     """
     _check(scale, bits)
     n = x.numel()
-    lib = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() else None
+    lib = native.load() if _native_ok(x, residual, residual_out) else None
     if lib is None:
-        codes = quantize_stochastic(x, scale, bits, rng)
-        if residual is not None:
-            torch.sub(x, dequantize(codes, scale, bits), out=residual)
+        v = x.to(torch.float32) if residual is None else x + residual
+        codes = quantize_stochastic(v, scale, bits, rng)
+        if residual_out is not None:
+            torch.sub(v, dequantize(codes, scale, bits), out=residual_out)
         return pack_lanes(codes, layout)
     top = (1 << bits) - 1
     words = torch.empty(layout.words(n), dtype=layout.container)
     dither = rng.raw16(n)
+
+    def ptr(t: torch.Tensor | None):
+        return None if t is None else t.data_ptr()
+
     lib.hvdgq_quantize_lanes(
         x.data_ptr(), n, scale, top / (2.0 * scale), step_size(scale, bits), bits, dither.ctypes.data,
         layout.lane_bits, layout.lanes_per_word, int(layout.container == torch.float64), words.data_ptr(),
-        residual.data_ptr() if residual is not None else None,
+        ptr(residual), ptr(residual_out),
     )
     return words
 

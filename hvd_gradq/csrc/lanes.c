@@ -5,28 +5,46 @@
  *   (or of a float64 word holding the same integer, for op=Average).
  * Arithmetic mirrors the torch reference operation by operation in float32 (-ffp-contract=off).
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+/* max |x + addend| over n elements (addend may be NULL); NaN if any sum is NaN, inf if infinite.
+ * One read pass and no temporary: the compressor's non-finite check and scale statistic. */
+float hvdgq_abs_max(const float *x, const float *addend, int64_t n) {
+    float mx = 0.0f;
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = addend ? x[i] + addend[i] : x[i];
+        const float a = v < 0 ? -v : v;
+        mx = a > mx ? a : mx;
+        nan |= (a != a);
+    }
+    return nan ? NAN : mx;
+}
+
+/* Quantizes v = x + residual (residual may be NULL: v = x) and, if residual_out is given, writes
+ * v - level there: error feedback without a temporary copy of x + residual. residual_out may be
+ * residual itself (element i is read before it is written). */
 void hvdgq_quantize_lanes(const float *x, int64_t n, float scale, float to_unit, float step, int bits,
                           const int16_t *dither, int lane_bits, int lanes, int as_double,
-                          void *out_words, float *residual) {
+                          void *out_words, const float *residual, float *residual_out) {
     const int top = (1 << bits) - 1;
     const int64_t words = (n + lanes - 1) / lanes;
     int64_t i = 0;
     for (int64_t w = 0; w < words; w++) {
         int64_t word = 0;
         for (int j = 0; j < lanes && i < n; j++, i++) {
-            float v = x[i];
+            const float v = residual ? x[i] + residual[i] : x[i];
             float c = v < -scale ? -scale : (v > scale ? scale : v);
             float t = (c + scale) * to_unit;
             const float u = ((float)dither[i] + 32768.5f) * (1.0f / 65536.0f);
             t = t + u;
             int k = (int)t; /* t >= 0: truncation is floor */
             if (k > top) k = top;
-            if (residual) {
+            if (residual_out) {
                 const float level = (float)k * step - scale;
-                residual[i] = v - level;
+                residual_out[i] = v - level;
             }
             word |= (int64_t)k << (lane_bits * j);
         }

@@ -32,3 +32,16 @@ def test_compensate_leaves_the_gradient_alone_and_state_round_trips():
     assert torch.equal(other.compensate("b", g), torch.full((5,), 2.0))
     with pytest.raises(ValueError, match="elements"):
         other.compensate("b", torch.ones(6))
+
+
+def test_staged_residual_becomes_current_only_at_commit():
+    ef = ErrorFeedback()
+    like = torch.zeros(4)
+    assert torch.equal(ef.buffer("w", like), torch.zeros(4))  # new layers start from zero
+    ef.buffer("w", like).fill_(1.0)
+    ef.staging("w", like).fill_(2.0)
+    assert torch.equal(ef.residuals["w"], torch.ones(4))  # a skipped step leaves it as it was
+    ef.commit("w")
+    assert torch.equal(ef.residuals["w"], torch.full((4,), 2.0))
+    ef.commit("w", zero=True)
+    assert torch.equal(ef.residuals["w"], torch.zeros(4))

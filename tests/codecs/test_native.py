@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hvd_gradq import native
 from hvd_gradq.codecs import DitherSource, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
-from hvd_gradq.codecs.uniform import dequantize_lanes, quantize_to_lanes
+from hvd_gradq.codecs.uniform import abs_max, dequantize_lanes, quantize_to_lanes
 from hvd_gradq.packing import lane_layout
 
 
@@ -50,14 +50,41 @@ def test_lane_kernel_matches_the_torch_path(bits, ranks, container, n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * 2  # some values beyond the scale: clipping is exercised
     scale = 1.5
-    res_fast, res_ref = torch.empty(n), torch.empty(n)
-    fast = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed), res_fast)
+    res_fast = torch.randn(n, generator=g) * 0.1  # the residual is read (v = x + r), then rewritten
+    res_ref = res_fast.clone()
+    fast = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed), res_fast, res_fast)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HVD_GRADQ_NATIVE", "0")
-        ref = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed), res_ref)
+        ref = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed), res_ref, res_ref)
     assert fast.dtype == ref.dtype == container
     assert torch.equal(fast, ref)
     assert torch.equal(res_fast, res_ref)
+    # and into a separate output buffer (as the compressor stages it), leaving the input alone
+    before = res_ref.clone()
+    staged = torch.empty(n)
+    again = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed + 1), res_ref, staged)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HVD_GRADQ_NATIVE", "0")
+        staged_ref = torch.empty(n)
+        again_ref = quantize_to_lanes(x, scale, bits, layout, DitherSource(seed + 1), res_ref, staged_ref)
+    assert torch.equal(res_ref, before) and torch.equal(again, again_ref) and torch.equal(staged, staged_ref)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_abs_max_matches_torch_and_flags_nonfinite(bad):
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    assert abs_max(x, r) == float((x + r).abs().max())
+    assert abs_max(x) == float(x.abs().max())
+    assert abs_max(torch.zeros(0)) == 0.0
+    x[500] = bad
+    for addend in (None, r):
+        m = abs_max(x, addend)
+        assert (m != m) if bad != bad else m == float("inf")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HVD_GRADQ_NATIVE", "0")
+            ref = abs_max(x, addend)
+        assert (ref != ref) if bad != bad else ref == float("inf")
 
 
 @given(st.integers(1, 8), st.integers(1, 16), st.sampled_from([torch.int64, torch.float64]),

@@ -6,6 +6,9 @@ Cases:
                 gradient and the quantization error bound, and what was handed to Horovod.
   op_mismatch   compressor built for op=Sum, optimizer left at its default op=Average.
   bits_mismatch rank 0 uses 2 bits, the others 4.
+  nonfinite     rank 1's loss is NaN at step 2 (after the float32 calibration step and one packed
+                step): every rank must see NaN gradients, and the next finite step must go on
+                normally from the residuals of the last finite step.
 """
 import argparse
 import copy
@@ -68,6 +71,31 @@ if args.case in ("op_mismatch", "bits_mismatch"):
         out.write_text(json.dumps({"rank": rank, "error": type(e).__name__, "message": str(e), "step": step}))
         raise
     out.write_text(json.dumps({"rank": rank, "error": None}))
+    sys.exit(0)
+
+if args.case == "nonfinite":
+    comp = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named_c, op=op)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model_c.parameters(), lr=0.1),
+                                   named_parameters=named_c, compression=comp, op=op)
+    for step in range(2):
+        backward(model_c, opt, step)
+        opt.step()
+    residuals = {n: r.clone() for n, r in comp.error_feedback.residuals.items()}
+    xb, yb = batch(2)
+    opt.zero_grad()
+    loss = F.cross_entropy(model_c(xb), yb)
+    (loss * float("nan") if rank == 1 else loss).backward()
+    opt.synchronize()  # the aggregated gradients, without applying them
+    all_nan = all(bool(torch.isnan(p.grad).all()) for _, p in named_c)
+    kept = all(torch.equal(residuals[n], comp.error_feedback.residuals[n]) for n in residuals)
+    opt.zero_grad()
+    backward(model_c, opt, 3)
+    opt.step()
+    finite = all(bool(torch.isfinite(p).all()) for p in model_c.parameters())
+    digest = torch.tensor([sum(p.double().sum().item() for p in model_c.parameters())], dtype=torch.float64)
+    out.write_text(json.dumps({"rank": rank, "all_nan": all_nan, "residuals_kept": kept, "n_residuals": len(residuals),
+                               "finite_after": finite,
+                               "digests": hvd.allgather(digest, name="check.digest").tolist()}))
     sys.exit(0)
 
 assert args.case == "equivalence", args.case
