@@ -6,6 +6,7 @@ shared-scale quantizer whose codes are summable in an allreduce.
 """
 from hvd_gradq.codecs.base import Codec, Encoded
 from hvd_gradq.codecs.error_feedback import ErrorFeedback
+from hvd_gradq.codecs.jointsq import JointSQCodec, JointSQState
 from hvd_gradq.codecs.levels import LEVEL_CODECS, AdaptiveLevelCodec, LevelCodec, make_codec
 from hvd_gradq.codecs.random import DitherSource
 from hvd_gradq.codecs.uniform import dequantize, dequantize_sum, quantize_stochastic, step_size
@@ -17,6 +18,8 @@ __all__ = [
     "DitherSource",
     "Encoded",
     "ErrorFeedback",
+    "JointSQCodec",
+    "JointSQState",
     "LevelCodec",
     "dequantize",
     "dequantize_sum",

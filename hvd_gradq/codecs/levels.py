@@ -246,8 +246,17 @@ LEVEL_CODECS = {
 }
 
 
-def make_codec(name: str, bits: int, *, bucket_size: int = 1024, norm: str | None = None) -> Codec:
-    """A codec by name: one of ``sorted(LEVEL_CODECS)``."""
+def make_codec(name: str, bits: int | None = None, *, bucket_size: int = 1024, norm: str | None = None,
+               ratio: float | None = None) -> Codec:
+    """A codec by name: one of ``sorted(LEVEL_CODECS)`` (with ``bits``), or "jointsq" (with ``ratio``)."""
+    if name == "jointsq":
+        from hvd_gradq.codecs.jointsq import JointSQCodec
+
+        if ratio is None:
+            raise ValueError("jointsq takes a compression ratio, e.g. make_codec('jointsq', ratio=20)")
+        return JointSQCodec(ratio)
     if name not in LEVEL_CODECS:
-        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(LEVEL_CODECS)}")
+        raise ValueError(f"unknown codec {name!r}; choose one of {[*sorted(LEVEL_CODECS), 'jointsq']}")
+    if bits is None:
+        raise ValueError(f"{name} needs bits=, e.g. make_codec({name!r}, bits=4)")
     return LEVEL_CODECS[name](bits, bucket_size, norm)

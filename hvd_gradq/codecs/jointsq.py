@@ -1,0 +1,403 @@
+"""JointSQ: per-element mixed precision where 0 bits means "not sent" (sparsification).
+Paper: ../shared/papers/jointsq-sparse-as-zero-bit.txt.
+
+Within one layer, every element gets 8, 4, 2 or 0 bits under a value budget of ``c`` bits. Per
+element, the noise model is g^2 / 4^b (Eq. 11; b = 0 leaves the whole g^2), so the profit of b bits
+over 0 is p(b) = (1 - 4^-b) g^2 / ||g||^2 (Eq. 13), and the upgrades 0->2, 2->4, 4->8 have the
+incremental profit densities (Eq. 14)
+
+    0.469 g^2,   0.0293 g^2,   0.00097 g^2     (per bit, up to the common 1/||g||^2).
+
+**Greedy Allocation** (MCKP greedy, Sec. 3.3.1) takes upgrades in order of density while they fit
+the budget. Since an element's densities fall with each upgrade, the chosen upgrades are prefixes
+of the magnitude order: the largest k8 elements get 8 bits, the next k4 get 4, the next k2 get 2.
+**Reallocation** (Sec. 3.3.2) then moves k = k8 + k4 + k2 one element at a time towards
+k_bar = R c / 8 with budget-neutral swaps at the class boundaries (8->4 + 2->4 + 0->2, or
+4->2 + 0->2, and their inverses), kept only when they lower the noise; each move is O(1).
+**Adaptive R** (Sec. 3.3.3, Eq. 15-16): R starts from the greedy result and is updated per layer
+from the change of the noise between consecutive allocations (``JointSQState``).
+
+Payload: a 32-byte header (k8, k4, k2, the position encoding and its width, three float32 class
+scales), the positions of the k sent elements as the smaller of a bitmap (n bits) and fixed-width
+delta-coded indices (k * w bits), a 2-bit class per sent element, and each class's values as
+QSGDinf-style sign + magnitude codes of its width against its class maximum (unbiased stochastic
+rounding). Unsent elements decode to 0: use with ``ErrorFeedback`` (error accumulation), as the
+paper's experiments do.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
+from hvd_gradq.codecs.random import DitherSource
+from hvd_gradq.packing import pack_bits, packed_nbytes, unpack_bits
+
+WIDTHS = (8, 4, 2)  # the non-zero classes, largest first
+# incremental profit densities (Eq. 14) of the upgrades 0->2, 2->4, 4->8, with p(b) = 1 - 4^-b (Eq. 13)
+_DENSITY = {0: (1 - 4.0**-2) / 2, 1: (4.0**-2 - 4.0**-4) / 2, 2: (4.0**-4 - 4.0**-8) / 4}
+_COST = {0: 2, 1: 2, 2: 4}
+HEADER_BYTES = 4 * 5 + 4 * 3  # int32 k8 k4 k2 mode width | float32 scale of each class
+_SLACK_BYTES = 8  # byte rounding of the packed parts
+_BITMAP, _DELTA = 0, 1
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How many of the largest elements get 8, 4 and 2 bits (in that order of magnitude)."""
+
+    k8: int
+    k4: int
+    k2: int
+
+    @property
+    def k(self) -> int:
+        return self.k8 + self.k4 + self.k2
+
+    @property
+    def value_bits(self) -> int:
+        return 8 * self.k8 + 4 * self.k4 + 2 * self.k2
+
+
+def noise(sq_desc: torch.Tensor, alloc: Allocation) -> float:
+    """h' (Eq. 6 with the per-element model of Eq. 11): sum g^2 4^-b / ||g||^2, ``sq_desc`` = g^2
+    sorted in descending order."""
+    total = float(sq_desc.sum())
+    if total == 0:
+        return 0.0
+    a, b, c = alloc.k8, alloc.k8 + alloc.k4, alloc.k
+    s = sq_desc.double()
+    h = s[:a].sum() / 4**8 + s[a:b].sum() / 4**4 + s[b:c].sum() / 4**2 + s[c:].sum()
+    return float(h) / total
+
+
+def greedy_allocation(sq_desc: torch.Tensor, budget: int) -> Allocation:
+    """MCKP greedy (Sec. 3.3.1): upgrades in descending incremental profit density while they fit,
+    then the next upgrades that still fit (cost-2 ones: 0->2 or 2->4).
+
+    Upgrade j of an element with square g^2 has density D_j g^2, so the upgrades taken down to a
+    density t are counts of the sorted squares: n_j(t) = #{g^2 >= t / D_j}. The greedy's stopping
+    density is found by bisection on t, O(log n) per step after the one sort."""
+    sq = sq_desc.double()
+    pos = int((sq > 0).sum())
+    if pos == 0 or budget < 2:
+        return Allocation(0, 0, 0)
+    neg = -sq[:pos]  # ascending, for searchsorted
+
+    def counts(t: float) -> tuple[int, int, int]:
+        return tuple(int(torch.searchsorted(neg, torch.tensor([-t / _DENSITY[j]], dtype=torch.float64),
+                                            right=True)) for j in range(3))
+
+    def cost(c: tuple[int, int, int]) -> int:
+        return 2 * c[0] + 2 * c[1] + 4 * c[2]
+
+    lo, hi = 0.0, float(sq[0]) * _DENSITY[0]  # at hi one item is taken at most
+    if cost(counts(hi)) > budget:
+        return Allocation(0, 0, 0) if budget < 2 else Allocation(0, 0, 1)
+    for _ in range(200):  # smallest density threshold whose prefix fits
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if cost(counts(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    n_ge2, n_ge4, n8 = counts(hi)
+    left = budget - cost((n_ge2, n_ge4, n8))
+    # The first item below the threshold did not fit, so fewer than 4 bits are left: at most one
+    # more cost-2 item fits, the denser of the next 0->2 and the next 2->4 upgrade.
+    if left >= 2:
+        up02 = _DENSITY[0] * float(sq[n_ge2]) if n_ge2 < pos else -1.0
+        up24 = _DENSITY[1] * float(sq[n_ge4]) if n_ge4 < n_ge2 else -1.0
+        if up02 >= up24 and up02 > 0:
+            n_ge2 += 1
+        elif up24 > 0:
+            n_ge4 += 1
+    return Allocation(n8, n_ge4 - n8, n_ge2 - n_ge4)
+
+
+def _moves(alloc: Allocation, up: bool):
+    """Budget-neutral moves changing k by +1 (up) or -1, as (new allocation, [(index, old, new)])."""
+    k8, k4, k2 = alloc.k8, alloc.k4, alloc.k2
+    b4, b2 = k8 + k4, k8 + k4 + k2  # first index of the 2-bit and of the 0-bit class
+    out = []
+    if up:
+        if k8 >= 1 and k2 >= 1:  # min 8 -> 4, max 2 -> 4, max 0 -> 2
+            out.append((Allocation(k8 - 1, k4 + 2, k2), [(k8 - 1, 8, 4), (b4, 2, 4), (b2, 0, 2)]))
+        if k4 >= 1:  # min 4 -> 2, max 0 -> 2
+            out.append((Allocation(k8, k4 - 1, k2 + 2), [(b4 - 1, 4, 2), (b2, 0, 2)]))
+    else:
+        if k4 >= 2 and k2 >= 1:  # max 4 -> 8, min 4 -> 2, min 2 -> 0
+            out.append((Allocation(k8 + 1, k4 - 2, k2), [(k8, 4, 8), (b4 - 1, 4, 2), (b2 - 1, 2, 0)]))
+        if k2 >= 2:  # max 2 -> 4, min 2 -> 0
+            out.append((Allocation(k8, k4 + 1, k2 - 2), [(b4, 2, 4), (b2 - 1, 2, 0)]))
+    return out
+
+
+def reallocate(sq_desc: torch.Tensor, alloc: Allocation, k_target: int, max_moves: int = 4096) -> Allocation:
+    """Reallocation (Sec. 3.3.2): step k towards ``k_target``, taking the first noise-reducing move."""
+    n = sq_desc.numel()
+    s = sq_desc.tolist() if max_moves else []
+    for _ in range(min(max_moves, abs(k_target - alloc.k))):
+        up = alloc.k < k_target
+        best = None
+        for new, changes in _moves(alloc, up):
+            if any(i < 0 or i >= n for i, _, _ in changes):
+                continue
+            delta = sum(s[i] * (4.0**-b_new - 4.0**-b_old) for i, b_old, b_new in changes)
+            if delta < 0:
+                best = new
+                break
+        if best is None:
+            break
+        alloc = best
+    return alloc
+
+
+@dataclass
+class JointSQState:
+    """Per-layer state of the adaptive Reallocation: R and the previous noise h'."""
+
+    R: float | None = None
+    last_noise: float | None = None
+
+
+class JointSQCodec(Codec):
+    """JointSQ at a target compression ``ratio`` against float32 (positions and scales included).
+
+    ``lr`` scales Eq. 16: R <- R - lr * (h'_i - h'_(i-1)) / h'_(i-1), clipped to [1, 4] (k_bar between
+    c/8 and c/2); a rise of the noise pulls R back. ``reallocation=False`` keeps the greedy result.
+    """
+
+    name = "jointsq"
+
+    def __init__(self, ratio: float, *, reallocation: bool = True, lr: float = 0.5, max_moves: int = 4096) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1 or math.isinf(ratio):
+            raise ValueError(f"jointsq: ratio must be a finite number > 1 (e.g. 20 or 1000), got {ratio!r}")
+        super().__init__(bits=0)
+        self.ratio = float(ratio)
+        self.reallocation = reallocation
+        self.lr = lr
+        self.max_moves = max_moves
+
+    # ---- budget -------------------------------------------------------------------------------
+    def target_bytes(self, numel: int) -> int:
+        return int(4 * numel / self.ratio)
+
+    def value_budget(self, numel: int) -> int:
+        """Value bits c such that header + positions + classes + values fit ``target_bytes``.
+
+        Positions cost at most min(n, k*32) bits and classes 2 bits per sent element; with k <= c/2,
+        reserving those for k = c/2 keeps the whole payload within the target."""
+        avail = 8 * (self.target_bytes(numel) - HEADER_BYTES - _SLACK_BYTES)
+        best = 0
+        lo, hi = 0, max(0, avail)
+        while lo <= hi:  # largest c whose worst case fits
+            c = (lo + hi) // 2
+            k = c // 2
+            need = c + 2 * k + min(numel, 32 * k)
+            if need <= avail:
+                best, lo = c, c + 1
+            else:
+                hi = c - 1
+        return best
+
+    def layout(self, numel: int):  # data-dependent: see encoded_bytes / payload_bytes
+        raise NotImplementedError("jointsq payloads are data dependent; use encoded_bytes(enc)")
+
+    def payload_bytes(self, numel: int) -> int:
+        """Upper bound of the payload for ``numel`` elements (the target size)."""
+        return self.target_bytes(numel)
+
+    @staticmethod
+    def size_of(alloc: Allocation, order: torch.Tensor, n: int) -> int:
+        """Exact payload bytes that ``alloc`` produces (``order``: indices by magnitude, desc)."""
+        k = alloc.k
+        if k == 0:
+            pos = 0
+        else:
+            sent = torch.sort(order[:k]).values
+            w = max(1, int(torch.diff(sent, prepend=torch.zeros(1, dtype=sent.dtype)).max()).bit_length())
+            pos = _wide_nbytes(k, w) if w <= 32 and _wide_nbytes(k, w) < packed_nbytes(n, 1) else packed_nbytes(n, 1)
+        return (HEADER_BYTES + pos + packed_nbytes(k, 2) + alloc.k8 + packed_nbytes(alloc.k4, 4)
+                + packed_nbytes(alloc.k2, 2))
+
+    # ---- encode / decode ------------------------------------------------------------------------
+    def allocate(self, x: torch.Tensor, state: JointSQState | None = None) -> tuple[Allocation, torch.Tensor]:
+        """The allocation for flat float32 ``x`` and the element order (indices by magnitude, desc).
+
+        The value budget c starts from the worst case of the position cost (``value_budget``) and
+        is raised while the payload the allocation really produces stays within the target."""
+        n = x.numel()
+        sq = x.double() ** 2
+        order = torch.argsort(sq, descending=True, stable=True)
+        sq_desc = sq[order]
+        target = self.target_bytes(n)
+        R = state.R if (self.reallocation and state is not None) else None
+
+        def solve(c: int) -> tuple[Allocation, float | None]:
+            a = greedy_allocation(sq_desc, c)
+            r = R
+            if self.reallocation and state is not None and c > 0:
+                r = R if R is not None else min(4.0, max(1.0, 8 * a.k / c))
+                a = reallocate(sq_desc, a, round(r * c / 8), self.max_moves)
+            return a, r
+
+        c = self.value_budget(n)
+        alloc, r0 = solve(c)
+        for _ in range(4):  # spend what the worst-case reservation left unused
+            size = self.size_of(alloc, order, n)
+            spare = target - _SLACK_BYTES - size
+            if spare < 8 or alloc.value_bits == 0:
+                break
+            c_new = c + 8 * spare * alloc.value_bits // max(1, 8 * (size - HEADER_BYTES))
+            cand, r_new = solve(c_new)
+            if self.size_of(cand, order, n) > target - _SLACK_BYTES:
+                break
+            c, alloc, r0 = c_new, cand, r_new
+        if self.reallocation and state is not None and c > 0:
+            state.R = r0
+            h = noise(sq_desc, alloc)
+            if state.last_noise is not None and state.last_noise > 0:  # Eq. 15-16
+                state.R = min(4.0, max(1.0, state.R - self.lr * (h - state.last_noise) / state.last_noise))
+            state.last_noise = h
+        return alloc, order
+
+    def encode(self, x: torch.Tensor, rng: DitherSource, state: JointSQState | None = None) -> Encoded:
+        x = flat_float32(x).contiguous()
+        n = x.numel()
+        if not bool(torch.isfinite(x).all()):
+            alloc, order = Allocation(0, 0, 0), torch.zeros(0, dtype=torch.long)
+            scales = torch.full((3,), float("nan"))
+        else:
+            alloc, order = self.allocate(x, state)
+            scales = torch.zeros(3)
+        bounds = [0, alloc.k8, alloc.k8 + alloc.k4, alloc.k]
+        cls = torch.empty(n, dtype=torch.uint8)
+        cls.fill_(3)  # 3 = not sent
+        for j in range(3):
+            cls[order[bounds[j]:bounds[j + 1]]] = j
+        sent = (cls != 3).nonzero().view(-1)  # index order
+        classes = cls[sent]
+        parts = {}
+        for j, width in enumerate(WIDTHS):
+            vals = x[sent[classes == j]]
+            if vals.numel() and bool(torch.isfinite(scales[j])):
+                scales[j] = vals.abs().max()
+            parts[f"v{width}"] = self._quantize(vals, float(scales[j]), width, rng)
+        mode, w, pos = self._positions(sent, n)
+        header = torch.tensor([alloc.k8, alloc.k4, alloc.k2, mode, w], dtype=torch.int32)
+        return Encoded(n, {"header": header, "scales": scales.float(), "positions": pos,
+                           "classes": pack_bits(classes, 2) if classes.numel() else torch.zeros(0, dtype=torch.uint8),
+                           **parts})
+
+    @staticmethod
+    def _quantize(vals: torch.Tensor, scale: float, width: int, rng: DitherSource) -> torch.Tensor:
+        """Sign + (width-1)-bit magnitude, uniform levels over [0, scale], stochastic rounding."""
+        if vals.numel() == 0:
+            return torch.zeros(0, dtype=torch.uint8)
+        m = 1 << (width - 1)
+        r = vals.abs() / scale if scale > 0 else torch.zeros_like(vals)
+        k = r.clamp_(max=1.0).mul_(m - 1).add_(rng.uniform(vals.numel())).floor_().clamp_(max=m - 1)
+        codes = k.to(torch.uint8).bitwise_left_shift_(1).bitwise_or_(torch.signbit(vals).to(torch.uint8))
+        return pack_bits(codes, width)
+
+    @staticmethod
+    def _positions(sent: torch.Tensor, n: int) -> tuple[int, int, torch.Tensor]:
+        k = sent.numel()
+        if k == 0:
+            return _DELTA, 0, torch.zeros(0, dtype=torch.uint8)
+        gaps = torch.diff(sent, prepend=torch.zeros(1, dtype=sent.dtype))
+        w = max(1, int(gaps.max()).bit_length())
+        if w <= 32 and _wide_nbytes(k, w) < packed_nbytes(n, 1):
+            return _DELTA, w, _pack_wide(gaps, w)
+        bitmap = torch.zeros(n, dtype=torch.uint8)
+        bitmap[sent] = 1
+        return _BITMAP, 1, pack_bits(bitmap, 1)
+
+    def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        n = enc.numel
+        result = torch.zeros(n) if out is None else out.zero_()
+        k8, k4, k2, mode, w = (int(v) for v in enc.parts["header"])
+        scales = enc.parts["scales"]
+        if not bool(torch.isfinite(scales).all()):
+            return result.fill_(float("nan"))
+        k = k8 + k4 + k2
+        if k == 0:
+            return result
+        if mode == _DELTA:
+            sent = torch.cumsum(_unpack_wide(enc.parts["positions"], w, k), 0)
+        else:
+            sent = unpack_bits(enc.parts["positions"], 1, n).nonzero().view(-1)
+        classes = unpack_bits(enc.parts["classes"], 2, k)
+        for j, (width, count) in enumerate(zip(WIDTHS, (k8, k4, k2))):
+            if count == 0:
+                continue
+            codes = unpack_bits(enc.parts[f"v{width}"], width, count)
+            m = 1 << (width - 1)
+            mag = (codes >> 1).float() * (float(scales[j]) / (m - 1))
+            result[sent[classes == j]] = torch.where((codes & 1).bool(), -mag, mag)
+        return result
+
+    # ---- wire ---------------------------------------------------------------------------------
+    _ORDER = ("header", "scales", "positions", "classes", "v8", "v4", "v2")
+
+    def encoded_bytes(self, enc: Encoded) -> int:
+        """Exact bytes of ``to_bytes(enc)``."""
+        return sum(enc.parts[key].numel() * enc.parts[key].element_size() for key in self._ORDER)
+
+    def to_bytes(self, enc: Encoded) -> torch.Tensor:
+        return torch.cat([enc.parts[key].contiguous().view(-1).view(torch.uint8) for key in self._ORDER])
+
+    def from_bytes(self, stream: torch.Tensor, numel: int) -> Encoded:
+        if stream.dtype != torch.uint8 or stream.numel() < HEADER_BYTES:
+            raise ValueError(
+                f"jointsq: expected a uint8 stream of at least {HEADER_BYTES} bytes, "
+                f"got {stream.dtype}[{stream.numel()}]"
+            )
+        header = stream[:20].clone().view(torch.int32)
+        k8, k4, k2, mode, w = (int(v) for v in header)
+        k = k8 + k4 + k2
+        sizes = {
+            "header": (torch.int32, 5), "scales": (torch.float32, 3),
+            "positions": (torch.uint8, _wide_nbytes(k, w) if mode == _DELTA else packed_nbytes(numel, 1) if k else 0),
+            "classes": (torch.uint8, packed_nbytes(k, 2)),
+            "v8": (torch.uint8, k8),
+            "v4": (torch.uint8, packed_nbytes(k4, 4)),
+            "v2": (torch.uint8, packed_nbytes(k2, 2)),
+        }
+        parts, offset = {}, 0
+        for key in self._ORDER:
+            dtype, count = sizes[key]
+            nbytes = count * torch.empty((), dtype=dtype).element_size()
+            parts[key] = stream[offset:offset + nbytes].clone().view(dtype)
+            offset += nbytes
+        if offset != stream.numel():
+            raise ValueError(f"jointsq: stream has {stream.numel()} bytes, its header describes {offset}")
+        return Encoded(numel, parts)
+
+
+def _wide_nbytes(count: int, width: int) -> int:
+    return sum(packed_nbytes(count, min(8, width - shift)) for shift in range(0, width, 8))
+
+
+def _pack_wide(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack non-negative ints below 2**width (width <= 32) LSB-first: as 4 byte-planes of <= 8 bits."""
+    out = []
+    for shift in range(0, width, 8):
+        w = min(8, width - shift)
+        out.append(pack_bits(((values >> shift) & ((1 << w) - 1)).to(torch.uint8), w))
+    return torch.cat(out)
+
+
+def _unpack_wide(stream: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    vals = torch.zeros(count, dtype=torch.int64)
+    offset = 0
+    for shift in range(0, width, 8):
+        w = min(8, width - shift)
+        nbytes = packed_nbytes(count, w)
+        vals |= unpack_bits(stream[offset:offset + nbytes], w, count).long() << shift
+        offset += nbytes
+    return vals
