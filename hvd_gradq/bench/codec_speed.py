@@ -16,7 +16,7 @@ import time
 import torch
 
 from hvd_gradq import native
-from hvd_gradq.codecs import DitherSource, make_codec
+from hvd_gradq.codecs import DitherSource, JointSQState, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
 from hvd_gradq.codecs.uniform import dequantize_lanes, quantize_to_lanes
 from hvd_gradq.packing import lane_layout
@@ -54,6 +54,14 @@ def main(argv=None) -> str:
             enc = codec.encode(x, rng)
             dec_s = best_of(lambda codec=codec, enc=enc: codec.decode(enc, out=y), args.reps)
             rows.append((name, bits, enc_s, dec_s))
+    for ratio in (20, 1000):  # JointSQ: sorting by magnitude dominates; fewer repetitions
+        codec = make_codec("jointsq", ratio=ratio)
+        rng, state = DitherSource(0), JointSQState()
+        reps = min(args.reps, 2)
+        enc_s = best_of(lambda codec=codec, rng=rng, state=state: codec.encode(x, rng, state), reps)
+        enc = codec.encode(x, rng, state)
+        dec_s = best_of(lambda codec=codec, enc=enc: codec.decode(enc, out=y), reps)
+        rows.append((f"jointsq {ratio}x", "8/4/2/0", enc_s, dec_s))
     # the shared-scale, lane-packed uniform codec of UniformCompressor (N = 2 lanes; encode
     # includes the error-feedback residual; decode allocates its output)
     for bits in args.bits:
