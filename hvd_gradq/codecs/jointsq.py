@@ -61,16 +61,16 @@ class Allocation:
         return 8 * self.k8 + 4 * self.k4 + 2 * self.k2
 
 
-def noise(sq_desc: torch.Tensor, alloc: Allocation) -> float:
-    """h' (Eq. 6 with the per-element model of Eq. 11): sum g^2 4^-b / ||g||^2, ``sq_desc`` = g^2
-    sorted in descending order."""
-    total = float(sq_desc.sum())
+def noise(sq_desc: torch.Tensor, alloc: Allocation, total: float | None = None) -> float:
+    """h' (Eq. 6 with the per-element model of Eq. 11): sum g^2 4^-b / ||g||^2. ``sq_desc``: the
+    largest g^2 in descending order (all of them, or a prefix with ``total`` the sum of all)."""
+    s = sq_desc.double()
+    total = float(s.sum()) if total is None else total
     if total == 0:
         return 0.0
     a, b, c = alloc.k8, alloc.k8 + alloc.k4, alloc.k
-    s = sq_desc.double()
-    h = s[:a].sum() / 4**8 + s[a:b].sum() / 4**4 + s[b:c].sum() / 4**2 + s[c:].sum()
-    return float(h) / total
+    sent = s[:a].sum() / 4**8 + s[a:b].sum() / 4**4 + s[b:c].sum() / 4**2
+    return (float(sent) + total - float(s[:c].sum())) / total
 
 
 def greedy_allocation(sq_desc: torch.Tensor, budget: int) -> Allocation:
@@ -139,14 +139,14 @@ def _moves(alloc: Allocation, up: bool):
 def reallocate(sq_desc: torch.Tensor, alloc: Allocation, k_target: int, max_moves: int = 4096) -> Allocation:
     """Reallocation (Sec. 3.3.2): step k towards ``k_target``, taking the first noise-reducing move."""
     n = sq_desc.numel()
-    s = sq_desc.tolist() if max_moves else []
+    s = sq_desc.detach().cpu().double().numpy()  # a view: each move reads only a few entries
     for _ in range(min(max_moves, abs(k_target - alloc.k))):
         up = alloc.k < k_target
         best = None
         for new, changes in _moves(alloc, up):
             if any(i < 0 or i >= n for i, _, _ in changes):
                 continue
-            delta = sum(s[i] * (4.0**-b_new - 4.0**-b_old) for i, b_old, b_new in changes)
+            delta = sum(float(s[i]) * (4.0**-b_new - 4.0**-b_old) for i, b_old, b_new in changes)
             if delta < 0:
                 best = new
                 break
@@ -218,7 +218,9 @@ class JointSQCodec(Codec):
         if k == 0:
             pos = 0
         else:
-            sent = torch.sort(order[:k]).values
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[order[:k]] = True
+            sent = mask.nonzero().view(-1)  # ascending, in O(n) rather than a sort
             w = max(1, int(torch.diff(sent, prepend=torch.zeros(1, dtype=sent.dtype)).max()).bit_length())
             pos = _wide_nbytes(k, w) if w <= 32 and _wide_nbytes(k, w) < packed_nbytes(n, 1) else packed_nbytes(n, 1)
         return (HEADER_BYTES + pos + packed_nbytes(k, 2) + alloc.k8 + packed_nbytes(alloc.k4, 4)
@@ -231,12 +233,46 @@ class JointSQCodec(Codec):
         The value budget c starts from the worst case of the position cost (``value_budget``) and
         is raised while the payload the allocation really produces stays within the target."""
         n = x.numel()
-        sq = x.double() ** 2
-        order = torch.argsort(sq, descending=True, stable=True)
-        sq_desc = sq[order]
+        sq = x * x
+        total = float(sq.sum(dtype=torch.float64))
         target = self.target_bytes(n)
         R = state.R if (self.reallocation and state is not None) else None
+        # Only the largest elements can be sent: select (top-k) enough candidates instead of
+        # sorting the whole layer, sized from a strided sample; if the allocation reaches the end
+        # of the candidates, take twice as many and redo it.
+        K = self._candidate_count(sq, target, R)
+        while True:
+            if n <= K:
+                vals, order = torch.sort(sq, descending=True, stable=True)
+            else:
+                vals, order = torch.topk(sq, K)
+            sq_desc = vals.double()
+            alloc, r0, c = self._fit_budget(sq_desc, order, n, target, R, state)
+            if n <= K or alloc.k + 1 < K:
+                break
+            K = min(n, 2 * K)
+        if self.reallocation and state is not None and c > 0:
+            state.R = r0
+            h = noise(sq_desc, alloc, total)
+            if state.last_noise is not None and state.last_noise > 0:  # Eq. 15-16
+                state.R = min(4.0, max(1.0, state.R - self.lr * (h - state.last_noise) / state.last_noise))
+            state.last_noise = h
+        return alloc, order
 
+    def _candidate_count(self, sq: torch.Tensor, target: int, R: float | None) -> int:
+        n = sq.numel()
+        stride = max(1, n // 65536)
+        if stride == 1:
+            return n
+        sample = torch.sort(sq[::stride], descending=True).values.double()
+        c_s = self.value_budget(n) * sample.numel() // n  # the starting value budget, scaled
+        k_s = greedy_allocation(sample, c_s).k
+        if R is not None:
+            k_s = max(k_s, round(R * c_s / 8))
+        return min(n, 2 * k_s * stride + 1024)  # the budget refinement raises c by tens of percent
+
+    def _fit_budget(self, sq_desc, order, n, target, R, state):
+        """(allocation, R used, value budget c) with the payload within ``target`` bytes."""
         def solve(c: int) -> tuple[Allocation, float | None]:
             a = greedy_allocation(sq_desc, c)
             r = R
@@ -257,13 +293,7 @@ class JointSQCodec(Codec):
             if self.size_of(cand, order, n) > target - _SLACK_BYTES:
                 break
             c, alloc, r0 = c_new, cand, r_new
-        if self.reallocation and state is not None and c > 0:
-            state.R = r0
-            h = noise(sq_desc, alloc)
-            if state.last_noise is not None and state.last_noise > 0:  # Eq. 15-16
-                state.R = min(4.0, max(1.0, state.R - self.lr * (h - state.last_noise) / state.last_noise))
-            state.last_noise = h
-        return alloc, order
+        return alloc, r0, c
 
     def encode(self, x: torch.Tensor, rng: DitherSource, state: JointSQState | None = None) -> Encoded:
         x = flat_float32(x).contiguous()

@@ -156,3 +156,16 @@ def test_adaptive_R_follows_the_noise_and_stays_in_range():
         seen.append(state.R)
         assert 1.0 <= state.R <= 4.0 and state.last_noise is not None
     assert len(set(seen)) > 1, "R never moved (Eq. 16)"
+
+
+@pytest.mark.parametrize("ratio", [20, 1000])
+def test_topk_candidates_give_the_same_allocation_as_a_full_sort(ratio):
+    """Large layers select candidates with top-k instead of sorting; the result must not change."""
+    codec = JointSQCodec(ratio, reallocation=False)
+    g = torch.Generator().manual_seed(ratio)
+    x = torch.randn(300_000, generator=g) * torch.exp(torch.randn(300_000, generator=g))
+    alloc, order = codec.allocate(x)
+    vals, full_order = torch.sort(x * x, descending=True, stable=True)
+    ref, _, _ = codec._fit_budget(vals.double(), full_order, x.numel(), codec.target_bytes(x.numel()), None, None)
+    assert alloc == ref
+    assert set(order[: alloc.k].tolist()) == set(full_order[: ref.k].tolist())
