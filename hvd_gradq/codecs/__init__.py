@@ -5,7 +5,7 @@
 shared-scale quantizer whose codes are summable in an allreduce.
 """
 from hvd_gradq.codecs.base import Codec, Encoded
-from hvd_gradq.codecs.error_feedback import ErrorFeedback
+from hvd_gradq.codecs.error_feedback import ErrorFeedback, MomentumCorrection
 from hvd_gradq.codecs.jointsq import JointSQCodec, JointSQState
 from hvd_gradq.codecs.levels import LEVEL_CODECS, AdaptiveLevelCodec, LevelCodec, make_codec
 from hvd_gradq.codecs.random import DitherSource
@@ -21,6 +21,7 @@ __all__ = [
     "JointSQCodec",
     "JointSQState",
     "LevelCodec",
+    "MomentumCorrection",
     "dequantize",
     "dequantize_sum",
     "make_codec",

@@ -75,3 +75,49 @@ class ErrorFeedback:
 
     def load_state_dict(self, state: dict) -> None:
         self.residuals = {k: v.clone() for k, v in state["residuals"].items()}
+
+
+class MomentumCorrection(ErrorFeedback):
+    """DGC-style momentum correction with momentum factor masking, for sparsifying codecs
+    (Lin et al., Deep Gradient Compression, 2018; used in the JointSQ paper's experiments).
+
+    Per layer: u <- m u + g (local velocity); the codec is given v + u (v: the accumulated,
+    not yet sent part, i.e. the residual); afterwards v <- (v + u) - decoded, and u is zeroed
+    where anything was sent (masking stale momentum). Pair it with a momentum-free optimizer:
+    the momentum is applied here, before compression. Same interface as ``ErrorFeedback``.
+    """
+
+    def __init__(self, momentum: float) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        super().__init__()
+        self.momentum = momentum
+        self.velocities: dict[str, torch.Tensor] = {}
+
+    def compensate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.detach().reshape(-1).to(torch.float32)
+        u = self.velocities.get(name)
+        if u is None or u.shape != g.shape:
+            u = self.velocities[name] = torch.zeros_like(g)
+        u.mul_(self.momentum).add_(g)
+        return super().compensate(name, u)
+
+    def update(self, name: str, x: torch.Tensor, decoded: torch.Tensor) -> None:
+        super().update(name, x, decoded)
+        self.velocities[name].masked_fill_(decoded != 0, 0.0)
+
+    def reset(self, name: str | None = None) -> None:
+        super().reset(name)
+        if name is None:
+            self.velocities.clear()
+        else:
+            self.velocities.pop(name, None)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "momentum": self.momentum,
+                "velocities": {k: v.clone() for k, v in self.velocities.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.momentum = state["momentum"]
+        self.velocities = {k: v.clone() for k, v in state["velocities"].items()}

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvd_gradq.codecs import DitherSource, ErrorFeedback, JointSQCodec, JointSQState, make_codec
+from hvd_gradq.codecs import DitherSource, ErrorFeedback, JointSQCodec, JointSQState, MomentumCorrection, make_codec
 from hvd_gradq.codecs.jointsq import WIDTHS, Allocation, greedy_allocation, noise, reallocate
 
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
@@ -169,3 +169,37 @@ def test_topk_candidates_give_the_same_allocation_as_a_full_sort(ratio):
     ref, _, _ = codec._fit_budget(vals.double(), full_order, x.numel(), codec.target_bytes(x.numel()), None, None)
     assert alloc == ref
     assert set(order[: alloc.k].tolist()) == set(full_order[: ref.k].tolist())
+
+
+def test_momentum_correction_with_jointsq():
+    """DGC momentum correction: everything accumulated is either sent or still held, velocities are
+    masked where sent, momentum 0 is plain error feedback, and the state round-trips."""
+    codec, rng = JointSQCodec(100), DitherSource(0)
+    mc, ef = MomentumCorrection(0.9), MomentumCorrection(0.0)
+    plain = ErrorFeedback()
+    g = torch.Generator().manual_seed(7)
+    fed, sent = torch.zeros(3000), torch.zeros(3000)
+    for _ in range(15):
+        grad = torch.randn(3000, generator=g)
+        u_before = mc.velocities.get("w", torch.zeros(3000)).clone()  # masked velocity
+        v_before = mc.residuals.get("w", torch.zeros(3000)).clone()
+        x = mc.compensate("w", grad)
+        u = x - v_before
+        assert torch.allclose(u, 0.9 * u_before + grad, atol=1e-5)  # momentum applied before compression
+        fed += u
+        dec = codec.decode(codec.encode(x, rng))
+        mc.update("w", x, dec)
+        sent += dec
+        assert bool((mc.velocities["w"][dec != 0] == 0).all())
+        # momentum 0 is plain error feedback
+        a, b = ef.compensate("e", grad), plain.compensate("e", grad)
+        assert torch.equal(a, b)
+        d = codec.decode(codec.encode(a, DitherSource(1)))
+        ef.update("e", a, d)
+        plain.update("e", b, d)
+    assert torch.allclose(sent + mc.residuals["w"], fed, atol=1e-3)  # nothing lost: sent or still held
+    twin = MomentumCorrection(0.5)
+    twin.load_state_dict(mc.state_dict())
+    assert twin.momentum == 0.9 and torch.equal(twin.velocities["w"], mc.velocities["w"])
+    with pytest.raises(ValueError, match="momentum must be in"):
+        MomentumCorrection(1.0)
