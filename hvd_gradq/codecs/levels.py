@@ -115,11 +115,10 @@ class LevelCodec(Codec):
         lib = native.load() if x.device.type == "cpu" else None
         if lib is not None:
             out = torch.empty(packed_nbytes(n, self.bits), dtype=torch.uint8)
-            dither = rng.raw16(n)
             lv, table = self.levels.contiguous(), self._interval_table()
             lib.hvdgq_encode_levels(x.data_ptr(), n, self.bucket_size, inv.data_ptr(), lv.data_ptr(),
                                     self.level_count, int(self._uniform), table.data_ptr(), table.numel() - 1,
-                                    dither.ctypes.data, self.bits, out.data_ptr())
+                                    rng.key(), self.bits, out.data_ptr())
             return Encoded(n, {"norms": norms, "codes": out})
         return Encoded(n, {"norms": norms, "codes": pack_bits(self._reference_codes(x, inv, rng), self.bits)})
 

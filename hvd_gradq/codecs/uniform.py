@@ -94,13 +94,12 @@ def quantize_to_lanes(
         return pack_lanes(codes, layout)
     top = (1 << bits) - 1
     words = torch.empty(layout.words(n), dtype=layout.container)
-    dither = rng.raw16(n)
 
     def ptr(t: torch.Tensor | None):
         return None if t is None else t.data_ptr()
 
     lib.hvdgq_quantize_lanes(
-        x.data_ptr(), n, scale, top / (2.0 * scale), step_size(scale, bits), bits, dither.ctypes.data,
+        x.data_ptr(), n, scale, top / (2.0 * scale), step_size(scale, bits), bits, rng.key(),
         layout.lane_bits, layout.lanes_per_word, int(layout.container == torch.float64), words.data_ptr(),
         ptr(residual), ptr(residual_out),
     )

@@ -9,6 +9,15 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The dither: element i takes 16 bits of SplitMix64(key + (i/4 + 1) * golden), as
+ * hvd_gradq/codecs/random.py's counter_uniform does in torch. */
+static inline uint64_t splitmix64(uint64_t key, uint64_t counter) {
+    uint64_t z = key + (counter + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 /* max |x + addend| over n elements (addend may be NULL); NaN if any sum is NaN, inf if infinite.
  * One read pass and no temporary: the compressor's non-finite check and scale statistic. */
 float hvdgq_abs_max(const float *x, const float *addend, int64_t n) {
@@ -27,18 +36,20 @@ float hvdgq_abs_max(const float *x, const float *addend, int64_t n) {
  * v - level there: error feedback without a temporary copy of x + residual. residual_out may be
  * residual itself (element i is read before it is written). */
 void hvdgq_quantize_lanes(const float *x, int64_t n, float scale, float to_unit, float step, int bits,
-                          const int16_t *dither, int lane_bits, int lanes, int as_double,
+                          uint64_t key, int lane_bits, int lanes, int as_double,
                           void *out_words, const float *residual, float *residual_out) {
     const int top = (1 << bits) - 1;
     const int64_t words = (n + lanes - 1) / lanes;
     int64_t i = 0;
+    uint64_t rnd = 0;
     for (int64_t w = 0; w < words; w++) {
         int64_t word = 0;
         for (int j = 0; j < lanes && i < n; j++, i++) {
+            if ((i & 3) == 0) rnd = splitmix64(key, (uint64_t)i >> 2);
             const float v = residual ? x[i] + residual[i] : x[i];
             float c = v < -scale ? -scale : (v > scale ? scale : v);
             float t = (c + scale) * to_unit;
-            const float u = ((float)dither[i] + 32768.5f) * (1.0f / 65536.0f);
+            const float u = ((float)((uint32_t)(rnd >> (16 * (i & 3))) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
             t = t + u;
             int k = (int)t; /* t >= 0: truncation is floor */
             if (k > top) k = top;

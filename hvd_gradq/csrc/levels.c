@@ -5,13 +5,22 @@
  *           (k << 1 | sign) -> an LSB-first bit stream of `bits` bits per code;
  *   decode: bit stream -> levels[k] * norm, signed.
  * The arithmetic mirrors the torch reference operation by operation (float32, no contraction
- * into fused multiply-adds: built with -ffp-contract=off), so both paths produce identical codes
- * from identical dither. Codes are handled 8 at a time (8 codes = `bits` bytes), with `bits` a
+ * into fused multiply-adds: built with -ffp-contract=off) and the dither is counter-based, so
+ * both paths produce identical codes for the same key. Codes are handled 8 at a time (8 codes = `bits` bytes), with `bits` a
  * compile-time constant in each specialised copy. Plain C, called through ctypes.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* The dither: element i takes 16 bits of SplitMix64(key + (i/4 + 1) * golden), as
+ * hvd_gradq/codecs/random.py's counter_uniform does in torch. */
+static inline uint64_t splitmix64(uint64_t key, uint64_t counter) {
+    uint64_t z = key + (counter + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -24,10 +33,10 @@ INLINE int find_interval(const float *levels, int m, const int16_t *table, int t
 }
 
 INLINE uint64_t quantize_one(float xi, float inv, const float *levels, int m, int uniform,
-                             const int16_t *table, int tsize, int16_t d) {
+                             const int16_t *table, int tsize, uint32_t d) {
     float r = fabsf(xi) * inv;
     if (r > 1.0f) r = 1.0f;
-    const float u = ((float)d + 32768.5f) * (1.0f / 65536.0f);
+    const float u = ((float)d + 0.5f) * (1.0f / 65536.0f);
     int k;
     if (uniform) {
         float t = r * (float)(m - 1);
@@ -47,12 +56,15 @@ INLINE uint64_t quantize_one(float xi, float inv, const float *levels, int m, in
 
 INLINE void encode_bits(const float *x, int64_t n, int64_t bucket, const float *inv_norms,
                         const float *levels, int m, int uniform, const int16_t *table, int tsize,
-                        const int16_t *dither, const int bits, uint8_t *out) {
+                        uint64_t key, const int bits, uint8_t *out) {
     int64_t groups = n / 8, i = 0, b = 0, next = bucket; /* bucket b covers [next - bucket, next) */
     float inv = n ? inv_norms[0] : 0.0f;
+    uint64_t rnd = 0;
 #define Q(J) do {                                                                               \
         if (i == next) { inv = inv_norms[++b]; next += bucket; }                               \
-        word |= quantize_one(x[i], inv, levels, m, uniform, table, tsize, dither[i]) << (bits * (J)); \
+        if ((i & 3) == 0) rnd = splitmix64(key, (uint64_t)i >> 2);                              \
+        const uint32_t d = (uint32_t)(rnd >> (16 * (i & 3))) & 0xFFFFu;                          \
+        word |= quantize_one(x[i], inv, levels, m, uniform, table, tsize, d) << (bits * (J));    \
     } while (0)
     for (int64_t g = 0; g < groups; g++) {
         uint64_t word = 0;
@@ -103,8 +115,8 @@ INLINE void decode_bits(const uint8_t *in, int64_t n, int64_t bucket, const floa
 
 void hvdgq_encode_levels(const float *x, int64_t n, int64_t bucket, const float *inv_norms,
                          const float *levels, int m, int uniform, const int16_t *table, int tsize,
-                         const int16_t *dither, int bits, uint8_t *out) {
-#define ENC(B) encode_bits(x, n, bucket, inv_norms, levels, m, uniform, table, tsize, dither, B, out)
+                         uint64_t key, int bits, uint8_t *out) {
+#define ENC(B) encode_bits(x, n, bucket, inv_norms, levels, m, uniform, table, tsize, key, B, out)
     DISPATCH(ENC)
 #undef ENC
 }
