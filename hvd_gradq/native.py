@@ -65,14 +65,15 @@ def load() -> ctypes.CDLL | None:
         if path is not None:
             lib = ctypes.CDLL(str(path))
             i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-            lib.hvdgq_encode_levels.argtypes = [ptr, i64, i64, ptr, ptr, i32, i32, ptr, i32, ctypes.c_uint64, i32, ptr]
+            u64 = ctypes.c_uint64
+            lib.hvdgq_encode_levels.argtypes = [ptr, i64, i64, ptr, ptr, i32, i32, ptr, i32, u64, i32, ptr]
             lib.hvdgq_encode_levels.restype = None
             lib.hvdgq_decode_levels.argtypes = [ptr, i64, i64, ptr, ptr, i32, ptr]
             lib.hvdgq_decode_levels.restype = None
             lib.hvdgq_bucket_absmax.argtypes = [ptr, i64, i64, ptr]
             lib.hvdgq_bucket_absmax.restype = None
             f32 = ctypes.c_float
-            lib.hvdgq_quantize_lanes.argtypes = [ptr, i64, f32, f32, f32, i32, ctypes.c_uint64, i32, i32, i32, ptr, ptr, ptr]
+            lib.hvdgq_quantize_lanes.argtypes = [ptr, i64, f32, f32, f32, i32, u64, i32, i32, i32, ptr, ptr, ptr]
             lib.hvdgq_quantize_lanes.restype = None
             lib.hvdgq_dequantize_lanes.argtypes = [ptr, i64, i32, ctypes.c_double, i32, i32, f32, f32, ptr]
             lib.hvdgq_dequantize_lanes.restype = i32

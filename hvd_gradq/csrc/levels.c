@@ -32,51 +32,74 @@ INLINE int find_interval(const float *levels, int m, const int16_t *table, int t
     return idx;
 }
 
-INLINE uint64_t quantize_one(float xi, float inv, const float *levels, int m, int uniform,
-                             const int16_t *table, int tsize, uint32_t d) {
-    float r = fabsf(xi) * inv;
-    if (r > 1.0f) r = 1.0f;
-    const float u = ((float)d + 0.5f) * (1.0f / 65536.0f);
-    int k;
-    if (uniform) {
-        float t = r * (float)(m - 1);
-        t = t + u;
-        k = (int)t; /* t >= 0: truncation is floor */
-        if (k > m - 1) k = m - 1;
-    } else {
-        const int idx = find_interval(levels, m, table, tsize, r);
-        const float lo = levels[idx];
-        const float width = levels[idx + 1] - lo;
-        k = idx + ((r - lo) > u * width);
-    }
-    uint32_t xbits;
-    memcpy(&xbits, &xi, sizeof xbits); /* the sign bit, read without a (mispredicted) branch */
-    return ((uint64_t)k << 1) | (uint64_t)(xbits >> 31);
-}
+#define BLOCK 256 /* elements per block: a multiple of 8 (one packed group) and of 4 (one draw) */
 
 INLINE void encode_bits(const float *x, int64_t n, int64_t bucket, const float *inv_norms,
                         const float *levels, int m, int uniform, const int16_t *table, int tsize,
                         uint64_t key, const int bits, uint8_t *out) {
-    int64_t groups = n / 8, i = 0, b = 0, next = bucket; /* bucket b covers [next - bucket, next) */
+    /* Per block: the dither (SplitMix64, scalar), then the codes of each bucket span in a
+     * branch-light loop the compiler vectorises for uniform levels, then the packing. */
+    float u[BLOCK];
+    uint8_t codes[BLOCK];
+    int64_t b = 0, next = bucket; /* bucket b covers [next - bucket, next) */
     float inv = n ? inv_norms[0] : 0.0f;
-    uint64_t rnd = 0;
-#define Q(J) do {                                                                               \
-        if (i == next) { inv = inv_norms[++b]; next += bucket; }                               \
-        if ((i & 3) == 0) rnd = splitmix64(key, (uint64_t)i >> 2);                              \
-        const uint32_t d = (uint32_t)(rnd >> (16 * (i & 3))) & 0xFFFFu;                          \
-        word |= quantize_one(x[i], inv, levels, m, uniform, table, tsize, d) << (bits * (J));    \
-    } while (0)
-    for (int64_t g = 0; g < groups; g++) {
-        uint64_t word = 0;
-        for (int j = 0; j < 8; j++, i++) Q(j);
-        memcpy(out + g * bits, &word, (size_t)bits); /* little-endian: low bytes first */
+    const float top = (float)(m - 1);
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t len = n - start < BLOCK ? n - start : BLOCK;
+        for (int64_t q = 0; q < (len + 3) / 4; q++) {
+            const uint64_t rnd = splitmix64(key, (uint64_t)(start >> 2) + (uint64_t)q);
+            for (int j = 0; j < 4; j++)
+                u[4 * q + j] = ((float)((uint32_t)(rnd >> (16 * j)) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
+        }
+        for (int64_t i = start; i < start + len;) {
+            if (i == next) { inv = inv_norms[++b]; next += bucket; }
+            const int64_t end = start + len < next ? start + len : next;
+            const float *xs = x + i;
+            const float *us = u + (i - start);
+            uint8_t *cs = codes + (i - start);
+            const int64_t cnt = end - i;
+            if (uniform) {
+                for (int64_t t = 0; t < cnt; t++) {
+                    const float xi = xs[t];
+                    float r = fabsf(xi) * inv;
+                    r = r > 1.0f ? 1.0f : r;
+                    float v = r * top;
+                    v = v + us[t];
+                    int k = (int)v; /* v >= 0: truncation is floor */
+                    k = k > m - 1 ? m - 1 : k;
+                    uint32_t xbits;
+                    memcpy(&xbits, &xi, sizeof xbits); /* the sign bit, without a branch */
+                    cs[t] = (uint8_t)(((uint32_t)k << 1) | (xbits >> 31));
+                }
+            } else {
+                for (int64_t t = 0; t < cnt; t++) {
+                    const float xi = xs[t];
+                    float r = fabsf(xi) * inv;
+                    r = r > 1.0f ? 1.0f : r;
+                    const int idx = find_interval(levels, m, table, tsize, r);
+                    const float lo = levels[idx];
+                    const float width = levels[idx + 1] - lo;
+                    const int k = idx + ((r - lo) > us[t] * width);
+                    uint32_t xbits;
+                    memcpy(&xbits, &xi, sizeof xbits);
+                    cs[t] = (uint8_t)(((uint32_t)k << 1) | (xbits >> 31));
+                }
+            }
+            i = end;
+        }
+        uint8_t *dst = out + (start / 8) * bits;
+        const int64_t groups = len / 8;
+        for (int64_t g = 0; g < groups; g++) {
+            uint64_t word = 0;
+            for (int j = 0; j < 8; j++) word |= (uint64_t)codes[8 * g + j] << (bits * j);
+            memcpy(dst + g * bits, &word, (size_t)bits); /* little-endian: low bytes first */
+        }
+        if (len % 8) {
+            uint64_t word = 0;
+            for (int j = 0; j < len % 8; j++) word |= (uint64_t)codes[8 * groups + j] << (bits * j);
+            memcpy(dst + groups * bits, &word, (size_t)((len % 8) * bits + 7) / 8);
+        }
     }
-    if (i < n) {
-        uint64_t word = 0;
-        for (int j = 0; i < n; j++, i++) Q(j);
-        memcpy(out + groups * bits, &word, (size_t)((n % 8) * bits + 7) / 8);
-    }
-#undef Q
 }
 
 INLINE void decode_bits(const uint8_t *in, int64_t n, int64_t bucket, const float *norms,
