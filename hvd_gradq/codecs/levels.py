@@ -48,7 +48,10 @@ class LevelCodec(Codec):
     def __init__(self, bits: int, levels: torch.Tensor | None, *, norm: str = "l2", bucket_size: int = 1024,
                  name: str = "levels") -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not (bits == 0 or 2 <= bits <= 8):
-            raise ValueError(f"{name}: bits must be 0 or in 2..8 (1 sign bit + level bits), got {bits!r}")
+            raise ValueError(
+                f"{name}: bits must be 0 or in 2..8 (1 sign bit + level bits; qsgd and qsgdinf also take 1), "
+                f"got {bits!r}"
+            )
         if norm not in NORMS:
             raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
         if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
@@ -85,6 +88,7 @@ class LevelCodec(Codec):
         if self.bits == 0:
             return []
         return [("norms", torch.float32, self.buckets(numel)), ("codes", torch.uint8, packed_nbytes(numel, self.bits))]
+
 
     # ---- encode / decode ----------------------------------------------------------------------
     def _norms(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +188,35 @@ class LevelCodec(Codec):
             self.set_levels(state["levels"])
 
 
+class OneBitCodec(LevelCodec):
+    """QSGD / QSGDinf at 1 bit: each element becomes +norm or -norm, with P(+) = (1 + x/norm) / 2,
+    so E = x for |x| <= norm (variance norm^2 - x^2). Sign-magnitude codes need 2 bits; this is
+    the 1-bit member of the uniform family. Torch path only (no C kernel)."""
+
+    def __init__(self, *, norm: str, bucket_size: int, name: str) -> None:
+        super().__init__(2, torch.tensor([0.0, 1.0]), norm=norm, bucket_size=bucket_size, name=name)
+        self.bits = 1
+
+    def encode(self, x: torch.Tensor, rng: DitherSource) -> Encoded:
+        x = flat_float32(x).contiguous()
+        n = x.numel()
+        norms = self._norms(x)
+        if not bool(torch.isfinite(norms).all()):
+            return Encoded(n, {"norms": torch.full_like(norms, float("nan")),
+                               "codes": torch.zeros(packed_nbytes(n, 1), dtype=torch.uint8)})
+        inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+        t = (x * inv.repeat_interleave(self.bucket_size)[:n]).clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)
+        codes = t.add_(rng.uniform(n)).floor_().clamp_(max=1.0).to(torch.uint8)
+        return Encoded(n, {"norms": norms, "codes": pack_bits(codes, 1)})
+
+    def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        n = enc.numel
+        codes = unpack_bits(enc.parts["codes"], 1, n)
+        scale = enc.parts["norms"].repeat_interleave(self.bucket_size)[:n]
+        val = codes.to(torch.float32).mul_(2.0).sub_(1.0).mul_(scale)
+        return val if out is None else out.copy_(val)
+
+
 class AdaptiveLevelCodec(LevelCodec):
     """ALQ or AMQ: a ``LevelCodec`` whose levels are fitted to sampled gradients with ``fit``."""
 
@@ -220,6 +253,8 @@ class AdaptiveLevelCodec(LevelCodec):
 
 def _level_factory(name: str, norm: str, levels):
     def make(bits: int, bucket_size: int = 1024, norm_: str | None = None) -> LevelCodec:
+        if bits == 1 and name in ("qsgd", "qsgdinf") and not isinstance(bits, bool):
+            return OneBitCodec(norm=norm_ or norm, bucket_size=bucket_size, name=name)
         count = 1 << (bits - 1) if isinstance(bits, int) and not isinstance(bits, bool) and bits >= 2 else 2
         return LevelCodec(bits, levels(count), norm=norm_ or norm, bucket_size=bucket_size, name=name)
     return make

@@ -145,3 +145,20 @@ def test_bad_construction_raises_clear_errors():
         make_codec("terngrad", 3)
     with pytest.raises(ValueError, match="norm must be one of"):
         make_codec("qsgd", 2, norm="l1")
+
+
+@pytest.mark.parametrize("name", ["qsgd", "qsgdinf"])
+def test_one_bit_uniform_codec(name):
+    """1 bit: values are +-norm, unbiased, variance exactly norm^2 - x^2, 1 bit per element on the wire."""
+    codec = make_codec(name, 1, bucket_size=50)
+    x = sample((400,), torch.float32, 3)
+    rng, k = DitherSource(1), 3000
+    enc = codec.encode(x, rng)
+    assert codec.to_bytes(enc).numel() == codec.payload_bytes(400) == 4 * 8 + 50
+    norms = enc.parts["norms"].repeat_interleave(50).double()
+    draws = torch.stack([codec.decode(codec.encode(x, rng)).double() for _ in range(k)])
+    assert bool(((draws.abs() - norms).abs() < 1e-5 * norms).all())
+    var = norms**2 - x.double() ** 2
+    assert bool(((draws.mean(0) - x.double()).abs() <= 5 * (var / k).sqrt() + norms * 2**-16 + 1e-6).all())
+    sq = ((draws - x.double()) ** 2).sum(1)
+    assert abs(float(sq.mean()) - float(var.sum())) <= 5 * float(sq.std()) / k**0.5
