@@ -19,12 +19,22 @@ from tqdm import tqdm
 import hvd_gradq
 from hvd_gradq.datasets import fashion_mnist
 from hvd_gradq.models import FashionCNN
+from hvd_gradq.optimizer import CODECS
+
+#: codecs run through hvd_gradq.DistributedOptimizer
+DROPIN = ["gradq-uniform", *[c for c in CODECS if c != "uniform"]]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compressor", choices=["uniform", "fp16", "none"], default="uniform")
-    p.add_argument("--bits", type=int, default=2, help="bit width of the uniform compressor (1..8)")
+    p.add_argument("--compressor", choices=["uniform", "fp16", "none", *DROPIN], default="uniform",
+                   help="uniform/fp16/none: the stock hvd.DistributedOptimizer with that compression; "
+                        "any other: hvd_gradq.DistributedOptimizer with that codec ('gradq-uniform': the "
+                        "uniform codec, which may also ride allreduce)")
+    p.add_argument("--bits", type=int, default=2, help="bit width of every compressed layer")
+    p.add_argument("--ratio", type=float, default=20.0, help="jointsq: compression ratio against float32")
+    p.add_argument("--transport", default="auto", choices=["auto", "allreduce", "allgather", "two_phase"],
+                   help="hvd_gradq.DistributedOptimizer: per-layer transport (auto: the cost model picks)")
     p.add_argument("--op", choices=["sum", "average"], default="sum",
                    help="allreduce op given to both the optimizer and the compressor")
     p.add_argument("--epochs", type=int, default=2)
@@ -67,24 +77,38 @@ def main(argv=None) -> dict:
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
 
     model = FashionCNN()
-    # op=Sum needs a compressor that divides by N itself; the stock fp16/none compressors do not
-    op = hvd.Sum if args.op == "sum" and args.compressor == "uniform" else hvd.Average
+    # op=Sum sums the gradients over workers (Horovod's meaning); the loss is divided by N below so
+    # that the update is the same as with op=Average. Sum lets UniformCompressor use int64 lanes.
+    op = hvd.Sum if args.op == "sum" else hvd.Average
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
-    if args.compressor == "uniform":
-        compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=model.named_parameters(), op=op)
-    elif args.compressor == "fp16":
-        compression = hvd.Compression.fp16
+    dropin = args.compressor in DROPIN
+    compression = None
+    if dropin:
+        codec = "uniform" if args.compressor == "gradq-uniform" else args.compressor
+        opt = hvd_gradq.DistributedOptimizer(opt, named_parameters=model.named_parameters(), op=op, codec=codec,
+                                             bits=args.bits, ratio=args.ratio, transport=args.transport)
     else:
-        compression = hvd.Compression.none
-    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression, op=op)
+        if args.compressor == "uniform":
+            compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=model.named_parameters(),
+                                                      op=op)
+        elif args.compressor == "fp16":
+            compression = hvd.Compression.fp16
+        else:
+            compression = hvd.Compression.none
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression,
+                                       op=op)
 
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"FashionCNN ({n_params} parameters), {size} workers, compressor={args.compressor}"
-              f"{f' bits={args.bits}' if args.compressor == 'uniform' else ''}, "
+              f"{f' bits={args.bits}' if args.compressor not in ('fp16', 'none') else ''}, "
               f"op={'sum' if op == hvd.Sum else 'average'}", flush=True)
+        if dropin:
+            for plan in opt.layer_plans():
+                print(f"  {plan.name}: {plan.numel} elements, {plan.bits} bits, {plan.transport} "
+                      f"(predicted {plan.predicted.payload_bytes} B, {plan.predicted.seconds * 1e3:.3f} ms)")
 
     gen = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = len(x_train) // (args.batch_size * size)
@@ -100,12 +124,20 @@ def main(argv=None) -> dict:
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad()
-            loss.backward()
+            (loss / size if op == hvd.Sum else loss).backward()
             opt.step()
             if rank == 0 and step % 20 == 0:
                 post = {"loss": f"{loss.item():.3f}"}
                 if args.compressor == "uniform":
                     post["wire"] = f"{compression.wire_stats().bits_per_element:.2f} b/elem"
+                elif dropin:
+                    plans = opt.layer_plans()
+                    sent, n_el = sum(p.payload_bytes for p in plans), sum(p.numel for p in plans)
+                    post["wire"] = f"{8 * sent / n_el:.2f} b/elem"
+                    kinds = {}
+                    for plan in plans:
+                        kinds[plan.transport] = kinds.get(plan.transport, 0) + 1
+                    post["layers"] = " ".join(f"{k}:{v}" for k, v in sorted(kinds.items()))
                 bar.set_postfix(post)
         acc = evaluate(model, x_test, y_test)
         history.append(acc)
@@ -114,6 +146,16 @@ def main(argv=None) -> dict:
 
     summary = {"workers": size, "compressor": args.compressor, "bits": args.bits, "op": args.op,
                "test_accuracy": history, "seconds": time.perf_counter() - t0}
+    if dropin:
+        plans = opt.layer_plans()
+        sent, fp32 = sum(p.payload_bytes for p in plans), sum(4 * p.numel for p in plans)
+        summary.update(payload_bytes_per_step=sent, fp32_bytes_per_step=fp32, wire_ratio=sent / fp32,
+                       bits_per_element=8 * sent / (fp32 / 4),
+                       transports={p.name: p.transport for p in plans})
+        if rank == 0:
+            print(f"wire per step: {opt.transport_summary()}", flush=True)
+            print(f"wire reduction: {fp32 / sent:.1f}x fewer bytes than fp32 ({sent} vs {fp32} bytes per step)",
+                  flush=True)
     if args.compressor == "uniform":
         w = compression.wire_stats()
         summary.update(payload_bytes_per_step=w.payload_bytes, fp32_bytes_per_step=w.fp32_bytes,

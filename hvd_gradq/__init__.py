@@ -1,20 +1,34 @@
 """hvd_gradq: gradient compression for Horovod + PyTorch.
 
-``hvd_gradq.UniformCompressor`` plugs into ``hvd.DistributedOptimizer(compression=...)``.
+``hvd_gradq.UniformCompressor`` plugs into ``hvd.DistributedOptimizer(compression=...)``;
+``hvd_gradq.DistributedOptimizer`` is a drop-in for ``hvd.DistributedOptimizer`` that also moves
+non-summable codecs (allgather, two-phase exchange), choosing per layer with the cost model.
 The pure layers (``codecs``, ``packing``, ``wire``, ``codebook``) import without Horovod; the
 Horovod glue is loaded on first use of a name that needs it.
 """
+from hvd_gradq.cost_model import LinkModel, TransportCost
 from hvd_gradq.wire import CodebookMismatchError, ReductionMismatchError
 
 __version__ = "0.1.0"
-__all__ = ["CodebookMismatchError", "PayloadInfo", "ReductionMismatchError", "UniformCompressor", "WireStats"]
+__all__ = [
+    "CodebookMismatchError",
+    "DistributedOptimizer",
+    "LinkModel",
+    "PayloadInfo",
+    "ReductionMismatchError",
+    "TransportCost",
+    "UniformCompressor",
+    "WireStats",
+    "measure_link",
+]
 
-_GLUE = {"UniformCompressor", "PayloadInfo", "WireStats"}
+_GLUE = {"UniformCompressor": "compressor", "PayloadInfo": "compressor", "WireStats": "compressor",
+         "DistributedOptimizer": "optimizer", "measure_link": "transport"}
 
 
 def __getattr__(name: str):
     if name in _GLUE:
-        from hvd_gradq import compressor
+        import importlib
 
-        return getattr(compressor, name)
+        return getattr(importlib.import_module(f"hvd_gradq.{_GLUE[name]}"), name)
     raise AttributeError(f"module 'hvd_gradq' has no attribute {name!r}")

@@ -26,27 +26,39 @@ class LayerCode:
     layout: LaneLayout | None  # lane layout of the packed codes; None for float32 layers
     scale: float | None = None  # shared clipping scale of the quantizer
     version: int = 0  # number of reductions this entry has gone through
+    codec: str = "uniform"  # codec name (``codecs.make_codec``) of the packed codes
+    transport: str = "allreduce"  # how the layer crosses the ranks (``cost_model``)
+    codec_key: str = ""  # the codec's shared parameters (e.g. fitted levels), as text
 
     @property
     def packed(self) -> bool:
         """True when this step sends packed codes, False when it sends float32."""
         return self.bits != FLOAT_BITS and self.scale is not None
 
-    def digest(self, size: int) -> int:
+    def digest(self, size: int, codebook_version: int = 0) -> int:
+        """20-bit digest of everything ranks must agree on for this layer, with N and the
+        codebook's version."""
         scale = "none" if self.scale is None else float(self.scale).hex()
         layout = None if self.layout is None else (str(self.layout.container), self.layout.lane_bits)
-        key = f"{self.name}|{self.numel}|{self.bits}|{layout}|{scale}|{self.version}|{size}"
+        key = (f"{self.name}|{self.numel}|{self.bits}|{layout}|{scale}|{self.version}|{size}|{self.codec}|"
+               f"{self.transport}|{self.codec_key}|{codebook_version}")
         return zlib.crc32(key.encode()) & ((1 << DIGEST_BITS) - 1)
 
     def state_dict(self) -> dict:
-        return {"bits": self.bits, "scale": self.scale, "version": self.version, "numel": self.numel}
+        return {"bits": self.bits, "scale": self.scale, "version": self.version, "numel": self.numel,
+                "codec": self.codec, "transport": self.transport}
 
 
 class Codebook:
-    """All layers' entries, keyed by parameter name."""
+    """All layers' entries, keyed by parameter name, and a version that every payload carries.
+
+    ``version`` changes only when the decision changes (a reallocation); ranks whose versions
+    differ are stopped by the payload check at the next step.
+    """
 
     def __init__(self) -> None:
         self.layers: dict[str, LayerCode] = {}
+        self.version = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self.layers
@@ -58,5 +70,15 @@ class Codebook:
         self.layers[code.name] = code
         return code
 
+    def __iter__(self):
+        return iter(self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def digest(self, name: str, size: int) -> int:
+        """The digest of layer ``name`` under this codebook's version."""
+        return self.layers[name].digest(size, self.version)
+
     def state_dict(self) -> dict:
-        return {name: code.state_dict() for name, code in self.layers.items()}
+        return {"version": self.version, "layers": {name: code.state_dict() for name, code in self.layers.items()}}

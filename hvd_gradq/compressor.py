@@ -103,6 +103,11 @@ class UniformCompressor(_HorovodCompressor):
         op: ``hvd.Average`` (default, as in ``hvd.DistributedOptimizer``) or ``hvd.Sum``.
         min_elements: layers smaller than this are sent as float32 (header included).
         seed: seed of the stochastic rounding; each rank draws from its own stream.
+        process_set: the Horovod process set the optimizer reduces over (pass the same one to
+            ``hvd.DistributedOptimizer``); N in the lane headroom is its size.
+
+    The decoded gradient follows Horovod's op: the sum over ranks for ``hvd.Sum``, the mean for
+    ``hvd.Average``.
     """
 
     def __init__(
@@ -113,6 +118,8 @@ class UniformCompressor(_HorovodCompressor):
         op=None,
         min_elements: int = 1024,
         seed: int = 0,
+        process_set=None,
+        codebook: Codebook | None = None,
     ) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
@@ -137,7 +144,14 @@ class UniformCompressor(_HorovodCompressor):
         self.op = _op_name(op)
         self.min_elements = min_elements
         self.seed = int(seed)
-        self.codebook = Codebook()
+        self.process_set = hvd.global_process_set if process_set is None else process_set
+        if not isinstance(self.process_set, hvd.ProcessSet):
+            raise ValueError(f"process_set must be a horovod.torch ProcessSet, got {process_set!r}")
+        self.codebook = Codebook() if codebook is None else codebook
+        #: per-layer bit widths that override ``bits`` (set by ``hvd_gradq.DistributedOptimizer``)
+        self.layer_bits: dict[str, int] = {}
+        #: what error messages tell the user to construct identically on every rank
+        self.label = type(self).__name__
         self.error_feedback = ErrorFeedback()
         self._params = params
         self._index = {n: i for i, n in enumerate(names)}
@@ -170,7 +184,7 @@ class UniformCompressor(_HorovodCompressor):
     @property
     def rng(self) -> DitherSource:
         if self._rng is None:
-            self._rng = DitherSource([self.seed, hvd.rank()])
+            self._rng = DitherSource([self.seed, self.process_set.rank()])
         return self._rng
 
     def _code(self, name: str, numel: int, size: int) -> LayerCode:
@@ -182,66 +196,86 @@ class UniformCompressor(_HorovodCompressor):
         if numel < self.min_elements:
             return self.codebook.add(LayerCode(name, numel, FLOAT_BITS, None))
         container = torch.int64 if self.op == wire.SUM else torch.float64
-        return self.codebook.add(LayerCode(name, numel, self.bits, lane_layout(self.bits, size, container)))
+        bits = self.layer_bits.get(name, self.bits)
+        return self.codebook.add(LayerCode(name, numel, bits, lane_layout(bits, size, container),
+                                           transport="allreduce"))
 
     # ---- Horovod Compressor interface -----------------------------------------------------------
     def compress(self, tensor: torch.Tensor):
+        if tensor.is_sparse:
+            raise ValueError(
+                f"{type(self).__name__} compresses dense gradients only; this parameter has a sparse "
+                "gradient (e.g. nn.Embedding(sparse=True)). Pass sparse_as_dense=True to "
+                "hvd.DistributedOptimizer, or build the layer with sparse=False."
+            )
         name = self._name_of(tensor)
-        rank, size = hvd.rank(), hvd.size()
+        return self.compress_layer(name, tensor, frozen=not self._params[self._index[name]][1].requires_grad)
+
+    def compress_layer(self, name: str, tensor: torch.Tensor, frozen: bool = False):
+        """``compress`` for a gradient whose layer name the caller knows. ``frozen``: the parameter
+        does not require grad now (Horovod still sends zeros for it): it goes as exact float32,
+        its residual is neither added nor replaced, so a frozen layer stays where it is; its
+        scale is recalibrated when it is unfrozen."""
+        rank, size = self.process_set.rank(), self.process_set.size()
         code = self._code(name, tensor.numel(), size)
         quantized = code.bits != FLOAT_BITS
         g = tensor.detach().reshape(-1).to(torch.float32)  # a view when the gradient is flat float32
         # error feedback: the codec quantizes g + r; the new residual is committed in decompress,
         # once the reduced header says whether the step is finite on every rank
-        r = self.error_feedback.buffer(name, g) if quantized else None
+        track = quantized and not frozen  # error feedback for this layer this step
+        r = self.error_feedback.buffer(name, g) if track else None
         amax = abs_max(g, r)  # max |g + r|, NaN/inf if any element is: one pass, no temporary
         nonfinite = not math.isfinite(amax)
-        digest = code.digest(size)
-        if code.packed:
+        digest = self.codebook.digest(name, size)
+        packed = code.packed and not frozen
+        if packed:
             container = code.layout.container
             if nonfinite:  # every rank will decode NaN; keep the residual of the last finite step
                 body, stat = pack_lanes(torch.zeros_like(g, dtype=torch.int64), code.layout), 0
             else:
                 stat = min(round(amax / code.scale * _STAT_ONE), _STAT_CAP)
                 body = quantize_to_lanes(g, code.scale, code.bits, code.layout, self.rng, residual=r,
-                                         residual_out=self.error_feedback.staging(name, g))
+                                         residual_out=self.error_feedback.staging(name, g) if track else None)
         else:  # float32: small layers always, quantized layers until a scale is calibrated
             container = torch.float32
             body = g if r is None else g + r
-            stat = amax if (quantized and not nonfinite) else 0.0
+            stat = amax if (quantized and not nonfinite and not frozen) else 0.0
         head = wire.header(rank=rank, size=size, digest=digest, nonfinite=nonfinite, stat=stat,
                            container=container)
         payload = torch.cat([head, body.to(container)])
         self.payloads[name] = PayloadInfo(payload.dtype, payload.numel() * payload.element_size(),
-                                          tensor.numel(), code.packed)
-        return payload, (name, tensor.shape, tensor.dtype, code.packed)
+                                          tensor.numel(), packed)
+        return payload, (name, tensor.shape, tensor.dtype, packed, track)
 
     def decompress(self, payload: torch.Tensor, ctx):
-        name, shape, dtype, packed = ctx
-        size = hvd.size()
+        name, shape, dtype, packed, track = ctx
+        size = self.process_set.size()
         code = self.codebook[name]
         hlen = wire.header_len(payload.dtype, size)
         try:
             head = wire.read_header(payload[:hlen], size=size, op=self.op, layer=name,
-                                    compressor=type(self).__name__)
+                                    compressor=self.label)
         except (wire.ReductionMismatchError, wire.CodebookMismatchError):
             # Every rank reaches this verdict from the same reduced words, but a fast rank must not
             # exit (shutting Horovod down) while a slow one is still submitting this step's
             # gradients: meet in a barrier first, so that every rank raises this error.
-            hvd.barrier()
+            hvd.barrier(process_set=self.process_set)
             raise
         code.version += 1
         if head.nonfinite:  # some rank had NaN/Inf: every rank decodes NaN, residuals stay as they were
             return torch.full(shape, float("nan"), dtype=dtype, device=payload.device)
-        if code.bits != FLOAT_BITS:  # packed: the staged residual; float32: sent exactly, nothing left
+        if track:  # packed: the staged residual; float32: sent exactly, nothing left
             self.error_feedback.commit(name, zero=not packed)
+        count = size if self.op == wire.AVERAGE else 1  # Horovod's op: mean or sum over ranks
         if packed:
             out = dequantize_lanes(payload[hlen:], code.numel, code.scale, code.bits, code.layout, size,
-                                   head.multiplier)
+                                   head.multiplier)  # the mean over ranks
+            if count == 1:
+                out.mul_(size)
             ratio = head.stat_sum / (size * _STAT_ONE)
             code.scale = code.scale * ratio if ratio > 0 else None
         else:
-            out = payload[hlen:] * (head.multiplier / size)
+            out = payload[hlen:] * (head.multiplier / count)
             if code.bits != FLOAT_BITS:
                 mean_max = head.stat_sum / size
                 code.scale = mean_max if mean_max > 0 else None
@@ -259,11 +293,11 @@ class UniformCompressor(_HorovodCompressor):
             float_layers=sum(1 for v in vals if not v.packed),
         )
 
-    def payload_bytes(self, numel: int, packed: bool = True) -> int:
+    def payload_bytes(self, numel: int, packed: bool = True, bits: int | None = None) -> int:
         """Predicted payload bytes of a layer of ``numel`` elements (packed, or sent as float32)."""
-        size = hvd.size()
+        size = self.process_set.size()
         if packed and numel >= self.min_elements:
             container = torch.int64 if self.op == wire.SUM else torch.float64
-            layout = lane_layout(self.bits, size, container)
+            layout = lane_layout(bits or self.bits, size, container)
             return wire.header_len(container, size) * layout.word_bytes + layout.nbytes(numel)
         return (wire.header_len(torch.float32, size) + numel) * 4

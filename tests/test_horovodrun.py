@@ -82,3 +82,19 @@ def test_demo_sends_at_most_a_sixth_of_fp32_bytes_at_2_bits(tmp_path):
     assert s["payload_bytes_per_step"] * 6 <= s["fp32_bytes_per_step"]
     assert 0.0 < s["test_accuracy"][0] <= 1.0
     assert "wire reduction:" in run.output and "test accuracy" in run.output
+
+
+@pytest.mark.parametrize("codec,transport", [("qsgd", "auto"), ("jointsq", "two_phase")])
+def test_demo_runs_the_drop_in_optimizer(tmp_path, codec, transport):
+    summary = tmp_path / "summary.json"
+    run = horovodrun(ROOT / "examples" / "fashion_mnist_cnn.py", "--compressor", codec, "--bits", "4",
+                     "--transport", transport, "--epochs", "1", "--max-steps", "5", "--train-limit", "2000",
+                     "--summary-json", summary)
+    assert run.returncode == 0, run.output[-6000:]
+    s = json.loads(summary.read_text())
+    assert s["wire_ratio"] <= (1 / 4 if codec == "qsgd" else 1 / 8), s
+    compressed = {t for t in s["transports"].values() if t != "float32"}
+    assert compressed and compressed <= {"allgather", "two_phase"}, s  # neither codec is summable
+    if transport != "auto":
+        assert compressed == {transport}, s
+    assert "layers by transport:" in run.output

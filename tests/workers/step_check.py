@@ -101,7 +101,7 @@ if args.case == "nonfinite":
 assert args.case == "equivalence", args.case
 model_u = copy.deepcopy(model_c)
 named_u = [("u." + n, p) for n, p in model_u.named_parameters()]
-opt_u = hvd.DistributedOptimizer(torch.optim.SGD(model_u.parameters(), lr=1.0), named_parameters=named_u)
+opt_u = hvd.DistributedOptimizer(torch.optim.SGD(model_u.parameters(), lr=1.0), named_parameters=named_u, op=op)
 comp = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named_c, op=op)
 opt_c = hvd.DistributedOptimizer(torch.optim.SGD(model_c.parameters(), lr=1.0),
                                  named_parameters=named_c, compression=comp, op=op)
@@ -126,16 +126,18 @@ layers = {}
 for (n, p), pu in zip(named_c, model_u.parameters()):
     info = comp.payloads[n]
     gathered = hvd.allgather(local[n].view(1, -1), name=f"check.{n}")  # (N, numel), uncompressed
-    mean = gathered.mean(0)
+    # Horovod's op: the compressed gradient is the sum over ranks for Sum, the mean for Average
+    agg = (lambda t: t.sum(0)) if op == hvd.Sum else (lambda t: t.mean(0))
+    target = agg(gathered)
     decoded = before[n] - p.detach().view(-1)
     tol = 1e-5 + 1e-6 * before[n].abs()
     if info.packed:
         s = scales[n]
         delta = 2 * s / ((1 << args.bits) - 1)
-        bound = (delta + (gathered.abs() - s).clamp(min=0)).mean(0)
+        bound = agg(delta + (gathered.abs() - s).clamp(min=0))
     else:
-        bound = torch.zeros_like(mean)
-    err = (decoded - mean).abs()
+        bound = torch.zeros_like(target)
+    err = (decoded - target).abs()
     layers[n] = {
         "numel": p.numel(), "packed": info.packed, "dtype": str(info.dtype), "nbytes": info.nbytes,
         "predicted": comp.payload_bytes(p.numel(), info.packed),

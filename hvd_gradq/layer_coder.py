@@ -1,0 +1,180 @@
+"""One layer's coding for the transports that gather instead of sum (allgather, two-phase).
+
+A ``GatherCoder`` joins a codec (``codecs``), error feedback and the frame header (``wire``); it
+produces and consumes uint8 frames and knows nothing about how they travel (``transport`` does).
+Pure tensor code: the caller passes rank, size and the codebook stamp.
+
+Error feedback is kept at two places, as in two-phase compressed allreduce schemes:
+  * worker residual, per layer: what this rank's encoding of g + r dropped;
+  * server residual, per layer, on the chunk this rank reduces in the two-phase exchange: what
+    requantizing the chunk's sum dropped (so requantization error is not lost either).
+Both are staged and committed only once every frame of the step said its sender was finite.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hvd_gradq import wire
+from hvd_gradq.codecs import Codec, DitherSource, ErrorFeedback, JointSQCodec, JointSQState
+from hvd_gradq.codecs.uniform import abs_max
+from hvd_gradq.cost_model import chunk_bounds
+
+#: two-phase chunk granularity of JointSQ: its per-payload header and position slack make tiny
+#: chunks cost more than their share (and land further below the target size the cost model uses)
+JOINTSQ_CHUNK_ALIGN = 4096
+
+
+def _align_of(codec: Codec) -> int:
+    if isinstance(codec, JointSQCodec):
+        return JOINTSQ_CHUNK_ALIGN
+    # chunk boundaries on bucket boundaries keep two-phase chunks coded exactly like the whole layer
+    return max(8, int(getattr(codec, "bucket_size", 8)))
+
+
+class GatherCoder:
+    """Frames of one layer of ``numel`` elements coded with ``codec`` across ``size`` ranks."""
+
+    def __init__(self, name: str, numel: int, codec: Codec, *, rank: int, size: int, rng: DitherSource,
+                 worker_feedback: ErrorFeedback | None, server_feedback: ErrorFeedback | None) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"rank must be in [0, {size}), got {rank}")
+        self.name = name
+        self.numel = numel
+        self.codec = codec
+        self.rank = rank
+        self.size = size
+        self.rng = rng
+        self.worker_feedback = worker_feedback
+        self.server_feedback = server_feedback
+        self.bounds = chunk_bounds(numel, size, _align_of(codec))
+        self.stamp = (0, 0)  # (codebook version, layer digest), set by the caller every step
+        self._states: dict[int, JointSQState] = {}
+        self._staged = False
+        self._server_staged = False
+        self.what = "the optimizer"
+        #: this step the parameter does not require grad: its worker residual is left alone
+        self.frozen = False
+
+    # ---- sizes (for the cost model) ---------------------------------------------------------------
+    def body_bytes(self, numel: int) -> int:
+        return 0 if numel == 0 else self.codec.payload_bytes(numel)
+
+    def frame_bytes(self) -> int:
+        return wire.FRAME_HEADER_BYTES + self.body_bytes(self.numel)
+
+    def chunk_frame_bytes(self) -> list[int]:
+        return [wire.FRAME_HEADER_BYTES + self.body_bytes(b - a) for a, b in zip(self.bounds, self.bounds[1:])]
+
+    # ---- coding ---------------------------------------------------------------------------------------
+    def _encode(self, x: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 body, decoded values) of ``x``."""
+        if x.numel() == 0:
+            return torch.zeros(0, dtype=torch.uint8), x
+        if isinstance(self.codec, JointSQCodec):
+            enc = self.codec.encode(x, self.rng, self._states.setdefault(key, JointSQState()))
+        else:
+            enc = self.codec.encode(x, self.rng)
+        return self.codec.to_bytes(enc), self.codec.decode(enc)
+
+    def _decode_into(self, body: torch.Tensor, out: torch.Tensor) -> None:
+        if out.numel():
+            out.add_(self.codec.decode(self.codec.from_bytes(body, out.numel())))
+
+    def _read(self, buf: torch.Tensor) -> tuple[list[tuple[wire.FrameHeader, torch.Tensor]], bool]:
+        """One frame per rank from ``buf``, checked for agreement; and whether any sender was non-finite."""
+        frames = wire.parse_frames(buf, self.size, layer=self.name)
+        return frames, wire.check_frames([h for h, _ in frames], layer=self.name, what=self.what)
+
+    def _frame(self, body: torch.Tensor, nonfinite: bool) -> torch.Tensor:
+        version, digest = self.stamp
+        return wire.frame(body, version=version, digest=digest, nonfinite=nonfinite)
+
+    def _compensated(self, g: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        g = g.detach().reshape(-1)
+        if self.worker_feedback is not None and not self.frozen:
+            self.worker_feedback.buffer(self.name, g)  # zeros at the first step, so commit can swap
+            x = self.worker_feedback.compensate(self.name, g)
+        else:
+            x = g.to(torch.float32).contiguous()
+        return x, not math.isfinite(abs_max(x))
+
+    def _stage_worker(self, x: torch.Tensor, decoded: torch.Tensor) -> None:
+        if self.worker_feedback is not None and not self.frozen:
+            torch.sub(x, decoded, out=self.worker_feedback.staging(self.name, x))
+            self._staged = True
+
+    def _finish(self, out: torch.Tensor, nonfinite: bool) -> torch.Tensor:
+        if nonfinite:  # every rank returns NaN; residuals stay as they were
+            self._staged = self._server_staged = False
+            return out.fill_(float("nan"))
+        if self._staged:
+            self.worker_feedback.commit(self.name)
+        if self._server_staged:
+            self.server_feedback.commit(self.name)
+        self._staged = self._server_staged = False
+        return out
+
+    # ---- allgather ------------------------------------------------------------------------------------
+    def encode_layer(self, g: torch.Tensor) -> torch.Tensor:
+        """This rank's frame of the whole layer."""
+        x, nonfinite = self._compensated(g)
+        if nonfinite:
+            return self._frame(torch.zeros(0, dtype=torch.uint8), True)
+        body, decoded = self._encode(x, -1)
+        self._stage_worker(x, decoded)
+        return self._frame(body, False)
+
+    def sum_frames(self, buf: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (float32, (numel,)) of the gathered frames; identical on every rank."""
+        frames, nonfinite = self._read(buf)
+        out = torch.zeros(self.numel, dtype=torch.float32)
+        if not nonfinite:
+            for _, body in frames:
+                self._decode_into(body, out)
+        return self._finish(out, nonfinite)
+
+    # ---- two-phase ------------------------------------------------------------------------------------
+    def encode_chunks(self, g: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """One frame per chunk, chunk j for rank j, concatenated; and the byte split per rank."""
+        x, nonfinite = self._compensated(g)
+        frames = []
+        if nonfinite:
+            frames = [self._frame(torch.zeros(0, dtype=torch.uint8), True) for _ in range(self.size)]
+        else:
+            decoded = torch.empty_like(x)
+            for j, (a, b) in enumerate(zip(self.bounds, self.bounds[1:])):
+                body, dec = self._encode(x[a:b], j)
+                decoded[a:b] = dec
+                frames.append(self._frame(body, False))
+            self._stage_worker(x, decoded)
+        return torch.cat(frames), [f.numel() for f in frames]
+
+    def reduce_own_chunk(self, buf: torch.Tensor) -> torch.Tensor:
+        """From every rank's frame of this rank's chunk: decode, sum, requantize (with the server
+        residual), and return the frame to allgather."""
+        frames, nonfinite = self._read(buf)
+        a, b = self.bounds[self.rank], self.bounds[self.rank + 1]
+        if nonfinite:
+            return self._frame(torch.zeros(0, dtype=torch.uint8), True)
+        y = torch.zeros(b - a, dtype=torch.float32)
+        for _, body in frames:
+            self._decode_into(body, y)
+        if self.server_feedback is not None and y.numel():
+            self.server_feedback.buffer(self.name, y)
+            y = self.server_feedback.compensate(self.name, y)
+        body, decoded = self._encode(y, self.size + self.rank)
+        if self.server_feedback is not None and y.numel():
+            torch.sub(y, decoded, out=self.server_feedback.staging(self.name, y))
+            self._server_staged = True
+        return self._frame(body, False)
+
+    def assemble(self, buf: torch.Tensor) -> torch.Tensor:
+        """The whole layer's sum over ranks from the gathered requantized chunks."""
+        frames, nonfinite = self._read(buf)
+        out = torch.zeros(self.numel, dtype=torch.float32)
+        if not nonfinite:
+            for j, (_, body) in enumerate(frames):
+                self._decode_into(body, out[self.bounds[j]:self.bounds[j + 1]])
+        return self._finish(out, nonfinite)

@@ -1,0 +1,518 @@
+"""``hvd_gradq.DistributedOptimizer``: a drop-in for ``hvd.DistributedOptimizer`` whose layers
+can travel by lane allreduce, allgather or the two-phase exchange, chosen per layer by the cost
+model, with one codebook on every rank.
+
+Glue only: the plan (``LayerPlan``, built by ``plan_layers``) asks the codecs and the cost model,
+the exchanges live in ``transport``, the frames in ``layer_coder``, the lanes in ``compressor``.
+The optimizer class is created from the wrapped optimizer's class, as Horovod does, so
+``isinstance(opt, type(original))`` holds and the update rule is the original one.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import horovod.torch as hvd
+import torch
+
+from hvd_gradq import cost_model, wire
+from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
+from hvd_gradq.codecs import LEVEL_CODECS, Codec, DitherSource, ErrorFeedback, make_codec
+from hvd_gradq.codecs.uniform import abs_max
+from hvd_gradq.compressor import UniformCompressor
+from hvd_gradq.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, NONE, TRANSPORTS, TWO_PHASE, LinkModel, TransportCost
+from hvd_gradq.layer_coder import GatherCoder
+from hvd_gradq.packing import lane_layout
+from hvd_gradq.transport import Allgather, Exchange, LaneAllreduce, Skip, TwoPhase, measure_link
+
+#: codecs the optimizer takes: "uniform" (shared scale: summable, so allreduce is open to it;
+#: gathered as qsgdinf, the same uniform levels with a per-bucket scale), every level codec, jointsq
+CODECS = ("uniform", *sorted(LEVEL_CODECS), "jointsq")
+
+
+@dataclass
+class LayerPlan:
+    """One layer's decision and its predicted cost (``costs``: every transport that was priced)."""
+
+    name: str
+    numel: int
+    bits: int
+    codec: str
+    transport: str
+    predicted: TransportCost
+    costs: dict[str, TransportCost]
+    payload_bytes: int = 0  # measured at the collectives, latest step
+
+    def __str__(self) -> str:
+        return (f"{self.name}: {self.numel} el, {self.codec}@{self.bits}b via {self.transport}, "
+                f"{self.payload_bytes} B (predicted {self.predicted.payload_bytes} B)")
+
+
+def _check_bits(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 8:
+        raise ValueError(f"{where}: bits must be an integer in 0..8 (0 = not sent), got {value!r}")
+    return value
+
+
+def _per_layer(spec, names: list[str], default, what: str) -> dict[str, object]:
+    """Resolve a scalar / {name or regex: value} / callable(name) spec to a value per layer."""
+    if callable(spec) and not isinstance(spec, (str, int)):
+        return {n: spec(n) for n in names}
+    if isinstance(spec, Mapping):
+        out = dict.fromkeys(names, default)
+        for pattern, value in spec.items():
+            hits = [n for n in names if n == pattern or re.fullmatch(str(pattern), n)]
+            if not hits:
+                raise ValueError(
+                    f"{what}: {pattern!r} matches no parameter name; names are e.g. {names[:4]} "
+                    "(keys are exact names or full-match regular expressions)"
+                )
+            for n in hits:
+                out[n] = value
+        return out
+    return dict.fromkeys(names, spec)
+
+
+class GradientExchange:
+    """The per-layer plan, codebook, codecs and error feedback behind the optimizer."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], *, op, process_set, codec: str, bits, ratio,
+                 bucket_size: int, transport, link: LinkModel, min_elements: int, error_feedback: bool,
+                 seed: int) -> None:
+        self.op = op
+        self.process_set = process_set
+        self.size = process_set.size()
+        self.rank = process_set.rank()
+        self.link = link
+        self.codebook = Codebook()
+        self.rng = DitherSource([seed, self.rank])
+        self.worker_feedback = ErrorFeedback() if error_feedback else None
+        self.server_feedback = ErrorFeedback() if error_feedback else None
+        self.zero_bit_feedback = ErrorFeedback()
+        # lanes (uniform codec on allreduce, and float32 for tiny layers) ride the same codebook
+        self.lanes = UniformCompressor(bits=1, named_parameters=named, op=hvd.Sum, min_elements=min_elements,
+                                       seed=seed, process_set=process_set, codebook=self.codebook)
+        self.lanes.label = "hvd_gradq.DistributedOptimizer"
+        self.coders: dict[str, GatherCoder] = {}
+        self.plans: dict[str, LayerPlan] = {}
+        names = [n for n, _ in named]
+        bits_of = _per_layer(bits, names, 4, "bits")
+        transport_of = _per_layer(transport, names, "auto", "transport")
+        for name, p in named:
+            b = _check_bits(bits_of[name], f"layer {name!r}")
+            t = transport_of[name]
+            if t != "auto" and t not in TRANSPORTS:
+                raise ValueError(f"layer {name!r}: transport must be 'auto' or one of {TRANSPORTS}, got {t!r}")
+            self._plan(name, p.numel(), codec, b, ratio, bucket_size, t, min_elements)
+
+    # ---- planning -------------------------------------------------------------------------------------
+    def _gather_codec(self, codec: str, bits: int, ratio, bucket_size: int) -> Codec:
+        if codec == "jointsq":
+            return make_codec("jointsq", ratio=ratio)
+        return make_codec("qsgdinf" if codec == "uniform" else codec, bits, bucket_size=bucket_size)
+
+    def _plan(self, name: str, numel: int, codec: str, bits: int, ratio, bucket_size: int, forced: str,
+              min_elements: int) -> None:
+        n = self.size
+        if numel < min_elements:  # tiny layers: exact float32 allreduce (header included)
+            cost = cost_model.allreduce_cost(self.lanes.payload_bytes(numel, packed=False), n, self.link, FLOAT32)
+            self.codebook.add(LayerCode(name, numel, FLOAT_BITS, None, codec="float32", transport=FLOAT32))
+            self.plans[name] = LayerPlan(name, numel, FLOAT_BITS, "float32", FLOAT32, cost, {FLOAT32: cost})
+            return
+        if bits == 0:
+            cost = cost_model.none_cost()
+            self.codebook.add(LayerCode(name, numel, 0, None, codec=codec, transport=NONE))
+            self.plans[name] = LayerPlan(name, numel, 0, codec, NONE, cost, {NONE: cost})
+            return
+        gcodec = self._gather_codec(codec, bits, ratio, bucket_size)
+        coder = GatherCoder(name, numel, gcodec, rank=self.rank, size=n, rng=self.rng,
+                            worker_feedback=self.worker_feedback, server_feedback=self.server_feedback)
+        coder.what = "hvd_gradq.DistributedOptimizer"
+        costs = {
+            ALLGATHER: cost_model.allgather_cost(coder.frame_bytes(), n, self.link),
+            TWO_PHASE: self._two_phase_cost(coder),
+        }
+        if codec == "uniform":
+            costs[ALLREDUCE] = cost_model.allreduce_cost(self.lanes.payload_bytes(numel, bits=bits), n, self.link)
+        if forced == "auto":
+            choice = cost_model.cheapest([costs[t] for t in TRANSPORTS if t in costs]).transport
+        elif forced not in costs:
+            raise ValueError(
+                f"layer {name!r}: transport {forced!r} needs summable codes (codec='uniform'); codec {codec!r} "
+                f"can use {sorted(costs)}"
+            )
+        else:
+            choice = forced
+        key = f"ratio={ratio}" if codec == "jointsq" else f"bucket={bucket_size}"
+        if choice == ALLREDUCE:
+            layout = lane_layout(bits, n, torch.int64)
+            self.codebook.add(LayerCode(name, numel, bits, layout, codec="uniform", transport=ALLREDUCE))
+        else:
+            self.codebook.add(LayerCode(name, numel, bits, None, codec=gcodec.name, transport=choice, codec_key=key))
+            self.coders[name] = coder
+        self.plans[name] = LayerPlan(name, numel, bits, codec, choice, costs[choice], costs)
+
+    def _two_phase_cost(self, coder: GatherCoder) -> TransportCost:
+        chunks = coder.chunk_frame_bytes()
+        per_rank = [cost_model.two_phase_cost(chunks, chunks, r, self.link) for r in range(self.size)]
+        mine = per_rank[self.rank]
+        # the choice must be the same on every rank: price the slowest rank
+        slowest = max(c.seconds for c in per_rank)
+        return TransportCost(TWO_PHASE, mine.payload_bytes, mine.sent_bytes, mine.received_bytes, mine.steps, slowest)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def launch(self, name: str, grad: torch.Tensor, frozen: bool = False) -> Exchange:
+        """Start layer ``name``'s exchange. ``frozen``: the parameter does not require grad now;
+        it still takes part (every rank runs the same collectives) but its residuals are left alone."""
+        plan = self.plans[name]
+        if plan.transport == NONE:  # nothing leaves the rank; the gradient waits in error feedback
+            g = grad.detach().reshape(-1).to(torch.float32)
+            if not frozen and math.isfinite(abs_max(g)):
+                self.zero_bit_feedback.buffer(name, g).add_(g)
+            return Skip(plan.numel)
+        if plan.transport in (ALLREDUCE, FLOAT32):
+            payload, ctx = self.lanes.compress_layer(name, grad, frozen=frozen)
+            return LaneAllreduce(name, payload, lambda out, ctx=ctx: self.lanes.decompress(out, ctx).reshape(-1),
+                                 self.process_set, plan.transport)
+        coder = self.coders[name]
+        coder.stamp = (self.codebook.version, self.codebook.digest(name, self.size))
+        coder.frozen = frozen
+        if plan.transport == ALLGATHER:
+            return Allgather(name, coder, grad, self.process_set)
+        return TwoPhase(name, coder, grad, self.process_set)
+
+    def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
+        """The layer's aggregate (float32, flat): sum over ranks, or mean for ``op=hvd.Average``."""
+        out = exchange.result()
+        plan = self.plans[name]
+        plan.payload_bytes = exchange.payload_bytes
+        if plan.transport not in (ALLREDUCE, FLOAT32):
+            self.codebook[name].version += 1  # lanes advance it in decompress
+        if self.op == hvd.Average:
+            out = out / self.size
+        return out
+
+
+def _check_groups(groups, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]] | None:
+    if groups is None or groups == 0:
+        return None
+    if isinstance(groups, bool) or not (isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
+        raise ValueError("groups must be a positive integer or a list of lists of parameters (torch.Tensor)")
+    ids = {id(p) for p in params}
+    if isinstance(groups, int):
+        count = min(groups, len(params))
+        return [tuple(params[len(params) * i // count:len(params) * (i + 1) // count]) for i in range(count)]
+    seen: set[int] = set()
+    out = []
+    for group in groups:
+        for p in group:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError("groups must consist of torch.Tensor parameters")
+            if id(p) in seen:
+                raise ValueError("a parameter can appear in only one group")
+            seen.add(id(p))
+        out.append(tuple(p for p in group if id(p) in ids))
+    out += [(p,) for p in params if id(p) not in seen]
+    return [g for g in out if g]
+
+
+class _GradqOptimizer(torch.optim.Optimizer):
+    """Methods merged into the dynamically created optimizer class (see ``DistributedOptimizer``)."""
+
+    def __init__(self, params, named: list[tuple[str, torch.Tensor]], exchange: GradientExchange,
+                 backward_passes_per_step: int, groups, sparse_as_dense: bool, process_set) -> None:
+        super(self.__class__, self).__init__(params)
+        self.process_set = process_set
+        self.backward_passes_per_step = backward_passes_per_step
+        self.sparse_as_dense = sparse_as_dense
+        self.gradient_exchange = exchange
+        self._gq_names = {p: n for n, p in named}
+        self._gq_params = [p for _, p in named if p.requires_grad]
+        self._gq_delay = dict.fromkeys(self._gq_params, backward_passes_per_step)
+        self._gq_pending: dict[torch.Tensor, Exchange] = {}
+        self._gq_waiting: list[Exchange] = []  # exchanges whose next phase is not started yet
+        self._gq_groups = _check_groups(groups, self._gq_params)
+        self._gq_group_of = {p: g for g in (self._gq_groups or []) for p in g}
+        self._gq_ready: dict[tuple, list[torch.Tensor]] = {}
+        self._gq_hooks = []
+        self._synchronized = False
+        self._should_synchronize = True
+        if process_set.included() and hvd.size() > 1:
+            self._gq_hooks = [p.register_post_accumulate_grad_hook(self._gq_hook) for p in self._gq_params]
+
+    # ---- hooks ------------------------------------------------------------------------------------------
+    def _gq_hook(self, p: torch.Tensor) -> None:
+        if self._gq_delay[p] <= 0:
+            raise AssertionError(
+                "Gradients were computed more than backward_passes_per_step times before step(). "
+                "Raise backward_passes_per_step to accumulate gradients locally."
+            )
+        self._gq_delay[p] -= 1
+        if self._gq_delay[p] > 0:
+            return
+        group = self._gq_group_of.get(p)
+        if group is None:
+            self._gq_launch(p)
+            return
+        ready = self._gq_ready.setdefault(group, [])
+        ready.append(p)
+        if len(ready) == len(group):  # a group goes out together, in its own order
+            for q in group:
+                self._gq_launch(q)
+            del self._gq_ready[group]
+
+    def _gq_launch(self, p: torch.Tensor) -> None:
+        if p in self._gq_pending:
+            return
+        grad = p.grad
+        if grad is None:  # unused on this rank, maybe not on others: contribute zeros
+            grad = p.grad = torch.zeros_like(p)
+        if grad.is_sparse:
+            if not self.sparse_as_dense:
+                raise ValueError(
+                    f"parameter {self._gq_names[p]!r} has a sparse gradient; hvd_gradq codes dense gradients. "
+                    "Pass sparse_as_dense=True, or build the layer with sparse=False."
+                )
+            grad = grad.to_dense()
+        ex = self._gq_pending[p] = self.gradient_exchange.launch(self._gq_names[p], grad,
+                                                                 frozen=not p.requires_grad)
+        # move finished first phases on now, so that second phases overlap the rest of the backward
+        for w in self._gq_waiting:
+            with suppress(Exception):  # an error is kept by the exchange and raised in synchronize
+                w.advance_if_ready()
+        self._gq_waiting = [w for w in self._gq_waiting if w.waiting]
+        if ex.waiting:
+            self._gq_waiting.append(ex)
+
+    # ---- Horovod's optimizer API ---------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        if not self.process_set.included() or not self._gq_hooks:
+            self._synchronized = True
+            return
+        for p in self._gq_params:  # layers whose hook did not fire (yet): every rank sends every layer
+            self._gq_launch(p)
+        errors: list[BaseException] = []
+        for ex in self._gq_pending.values():
+            try:
+                ex.advance()
+            except Exception as e:  # keep draining so that no collective is left behind
+                errors.append(e)
+        for p, ex in self._gq_pending.items():
+            try:
+                out = self.gradient_exchange.finish(self._gq_names[p], ex)
+            except Exception as e:
+                errors.append(e)
+                continue
+            if p.grad.is_sparse:
+                p.grad.zero_().add_(out.view(p.shape).to(p.grad.dtype).to_sparse())
+            else:
+                p.grad.copy_(out.view(p.grad.shape))
+        self._gq_pending.clear()
+        self._gq_waiting.clear()
+        self._gq_ready.clear()
+        for p in self._gq_delay:
+            self._gq_delay[p] = self.backward_passes_per_step
+        if errors:
+            err = errors[0]
+            if isinstance(err, (wire.CodebookMismatchError, wire.ReductionMismatchError)):
+                # every rank reached this verdict from the same bytes; meet before raising so that
+                # no rank shuts Horovod down under another that is still in a collective
+                with suppress(Exception):
+                    hvd.barrier(process_set=self.process_set)
+            raise err
+        self._synchronized = True
+
+    @contextmanager
+    def skip_synchronize(self):
+        """``synchronize()`` yourself (e.g. to clip gradients), then step inside this context."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn(
+                    "optimizer.step() called after optimizer.synchronize() without the "
+                    "optimizer.skip_synchronize() context; gradients are exchanged again", stacklevel=2
+                )
+            self.synchronize()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._gq_pending:
+            raise AssertionError(
+                "optimizer.zero_grad() was called after loss.backward() but before optimizer.step() or "
+                "optimizer.synchronize(): the exchanges in flight still read the gradients."
+            )
+        return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._gq_pending.clear()
+        self._gq_waiting.clear()
+        self._gq_ready.clear()
+        self._synchronized = False
+        self._should_synchronize = True
+        for p in self._gq_delay:
+            self._gq_delay[p] = self.backward_passes_per_step
+        return super(self.__class__, self).load_state_dict(*args, **kwargs)
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {passes!r}")
+        self.backward_passes_per_step = passes
+        for p in self._gq_delay:
+            self._gq_delay[p] = passes
+
+    # ---- reporting ---------------------------------------------------------------------------------------
+    @property
+    def codebook(self) -> Codebook:
+        return self.gradient_exchange.codebook
+
+    def layer_plans(self) -> list[LayerPlan]:
+        """Per layer: bits, codec, chosen transport, predicted and measured payload bytes."""
+        return list(self.gradient_exchange.plans.values())
+
+    def transport_summary(self) -> str:
+        """One line: layers per transport and payload bytes of the latest step vs float32."""
+        plans = self.layer_plans()
+        kinds = (ALLREDUCE, ALLGATHER, TWO_PHASE, FLOAT32, NONE)
+        counts = {t: sum(1 for p in plans if p.transport == t) for t in kinds}
+        sent = sum(p.payload_bytes for p in plans)
+        fp32 = sum(4 * p.numel for p in plans)
+        parts = ", ".join(f"{t} {c}" for t, c in counts.items() if c)
+        return (f"layers by transport: {parts}; {sent} B handed to collectives vs {fp32} B fp32 "
+                f"({fp32 / max(sent, 1):.1f}x)")
+
+
+def DistributedOptimizer(
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+    compression=None,
+    backward_passes_per_step: int = 1,
+    op=None,
+    gradient_predivide_factor: float = 1.0,
+    num_groups: int = 0,
+    groups=None,
+    sparse_as_dense: bool = False,
+    process_set=None,
+    *,
+    codec: str = "qsgd",
+    bits: int | Mapping[str, int] | Callable[[str], int] = 4,
+    ratio: float | None = None,
+    bucket_size: int = 1024,
+    transport: str | Mapping[str, str] = "auto",
+    link: LinkModel | str | None = None,
+    min_elements: int = 1024,
+    error_feedback: bool = True,
+    seed: int = 0,
+):
+    """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging coded gradients.
+
+    The positional arguments are Horovod's and mean what they mean there (``op``: the sum or the
+    mean over the process set's ranks; ``gradient_predivide_factor`` is accepted for compatibility
+    and changes nothing, since the sum is formed in float32 after decoding). The keyword-only
+    ones choose the coding:
+
+    Args:
+        codec: "uniform" (shared-scale uniform levels: the only summable codes, so allreduce is
+            among its transports), any level codec (``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``,
+            ``terngrad``, ``alq``, ``amq``) or "jointsq" (with ``ratio``).
+        bits: bit width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get 4),
+            or a function of the layer name. 0 = the layer is not sent at all (its gradient waits
+            in error feedback).
+        ratio: jointsq's compression ratio against float32 (e.g. 20 or 1000).
+        bucket_size: elements per bucket of the level codecs (one float32 norm per bucket).
+        transport: "auto" (the cost model's cheapest), one of "allreduce", "allgather",
+            "two_phase", or a ``{name or regex: transport}`` mapping.
+        link: the ``LinkModel`` the cost model prices with; "measure" times allreduces on this
+            process set at construction (all ranks); default ``LinkModel()`` (10 Gbit/s, 50 us).
+        min_elements: layers smaller than this go as exact float32.
+        error_feedback: keep what coding drops (worker residuals, and the two-phase requantization
+            residuals) and add it back at the next step.
+        seed: seed of the stochastic rounding (each rank draws its own stream).
+
+    ``opt.layer_plans()`` lists each layer's bits, transport, predicted and measured payload bytes;
+    ``opt.transport_summary()`` gives one line for a progress report; ``opt.codebook`` is the shared
+    versioned codebook. Every rank must construct it with the same arguments: any disagreement
+    raises ``hvd_gradq.CodebookMismatchError`` on every rank at the first step.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if compression is not None and compression is not hvd.Compression.none:
+        raise ValueError(
+            "hvd_gradq.DistributedOptimizer codes gradients itself: choose the coding with codec=/bits=/ratio= "
+            "and leave compression unset. (To use a Horovod Compressor, use hvd.DistributedOptimizer.)"
+        )
+    if op is None:
+        op = hvd.Average
+    if op not in (hvd.Average, hvd.Sum):
+        raise ValueError(
+            f"op must be hvd.Average or hvd.Sum, got {op!r}: Adasum (and Min/Max/Product) do not combine "
+            "with coded gradients; use hvd.DistributedOptimizer(op=hvd.Adasum) without compression for Adasum"
+        )
+    if gradient_predivide_factor != 1.0 and op != hvd.Average:
+        raise ValueError("gradient_predivide_factor needs op=hvd.Average (as in hvd.DistributedOptimizer)")
+    if not (isinstance(gradient_predivide_factor, (int, float)) and gradient_predivide_factor > 0):
+        raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor!r}")
+    if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
+            or backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
+    if num_groups:
+        warnings.warn("num_groups is deprecated (as in Horovod); pass groups=", DeprecationWarning, stacklevel=2)
+        groups = num_groups if groups is None else groups
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+    if codec == "jointsq" and ratio is None:
+        raise ValueError("codec='jointsq' needs ratio=, e.g. ratio=20 (20x fewer bytes than float32)")
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+        raise ValueError(f"bucket_size must be an integer >= 1, got {bucket_size!r}")
+    if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
+        raise ValueError(f"min_elements must be an integer >= 0, got {min_elements!r}")
+    process_set = hvd.global_process_set if process_set is None else process_set
+    if not isinstance(process_set, hvd.ProcessSet):
+        raise ValueError(f"process_set must be a horovod.torch ProcessSet, got {process_set!r}")
+
+    if named_parameters is None:
+        named = [(f"allreduce.noname.{i}.{j}", p) for i, g in enumerate(optimizer.param_groups)
+                 for j, p in enumerate(g["params"])]
+    else:
+        named = list(named_parameters)
+    if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in named):
+        raise ValueError("named_parameters must be (name, parameter) pairs, e.g. model.named_parameters()")
+    names = [n for n, _ in named]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"parameter names in named_parameters must be unique; duplicates: {dups}")
+    named_ids = {id(p) for _, p in named}
+    unnamed = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in named_ids]
+    if unnamed:
+        raise ValueError(f"{len(unnamed)} optimizer parameters are missing from named_parameters; pass "
+                         "model.named_parameters() of the model the optimizer was built on")
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in named if id(p) in in_optimizer]
+
+    if link is None:
+        link = LinkModel()
+    elif link == "measure":
+        link = measure_link(process_set) if process_set.included() else LinkModel()
+    elif not isinstance(link, LinkModel):
+        raise ValueError(f"link must be a hvd_gradq.LinkModel, 'measure' or None, got {link!r}")
+
+    exchange = None
+    if process_set.included():
+        exchange = GradientExchange(
+            [(n, p) for n, p in named if p.requires_grad], op=op, process_set=process_set, codec=codec, bits=bits,
+            ratio=ratio, bucket_size=bucket_size, transport=transport, link=link, min_elements=min_elements,
+            error_feedback=error_feedback, seed=seed,
+        )
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_GradqOptimizer.__dict__))
+    return cls(optimizer.param_groups, named, exchange, backward_passes_per_step, groups, sparse_as_dense,
+               process_set)

@@ -1,0 +1,335 @@
+"""Worker for tests/test_transport.py: runs under horovodrun, writes one JSON file per rank.
+
+Cases:
+  exchange   hvd_gradq.DistributedOptimizer on an MLP whose layers get 0, 2, 4 and 8 bits (and a
+             float32 layer), for each transport forced and for auto, with the uniform, qsgd and
+             jointsq codecs. Per layer and step it records: conservation of error feedback (sum of
+             what entered = decoded sum + what the residuals kept), the codec error against an
+             L-inf bound, measured vs predicted payload bytes, and a digest of the aggregate
+             (every rank must hold the same bits). With np=4 it also runs two process sets.
+  optim      Horovod-style optimizer checks with compression, for the stock optimizer with
+             UniformCompressor and for the drop-in: every torch.optim optimizer, backward passes
+             per step = 2, groups, a layer unused on one rank, dynamic requires_grad, and the
+             clear errors for Adasum and sparse gradients.
+  version_mismatch / bits_mismatch   one rank's codebook differs: every rank must raise.
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+import torch.nn.functional as F
+
+import hvd_gradq
+from hvd_gradq.datasets import fashion_mnist
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--case", required=True)
+ap.add_argument("--out", required=True)
+args = ap.parse_args()
+
+torch.set_num_threads(1)
+x_all, y_all = fashion_mnist("test")
+BITS = {"fc1.weight": 8, "fc2.weight": 0, "fc3.weight": 2, "fc4.weight": 4}
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = torch.nn.Linear(784, 32)  # 25088: 8 bits
+        self.fc2 = torch.nn.Linear(32, 64)  # 2048: 0 bits
+        self.fc3 = torch.nn.Linear(64, 64)  # 4096: 2 bits
+        self.fc4 = torch.nn.Linear(64, 48)  # 3072: 4 bits
+        self.fc5 = torch.nn.Linear(48, 10)  # 480: float32
+
+    def forward(self, x, skip=()):
+        h = x.view(x.shape[0], -1)
+        for name in ("fc1", "fc2", "fc3", "fc4"):
+            if name not in skip:
+                h = torch.relu(getattr(self, name)(h))
+            elif name == "fc2":
+                h = torch.zeros(h.shape[0], 64)
+        return self.fc5(h)
+
+
+def batch(step, rank, size, n=32):
+    i = ((step * size + rank) * n) % (len(x_all) - n)
+    return x_all[i:i + n], y_all[i:i + n]
+
+
+def digest(tensors):
+    t = torch.cat([x.detach().reshape(-1).double() for x in tensors])
+    return float((t * torch.arange(1, t.numel() + 1, dtype=torch.float64).sin()).sum())
+
+
+def server_residual(ex, name, sf):
+    """This rank's two-phase (server) residual of layer ``name`` placed in a layer-sized vector."""
+    full = torch.zeros(ex.plans[name].numel)
+    coder = ex.coders.get(name)
+    if coder is not None and name in sf:
+        full[coder.bounds[coder.rank]:coder.bounds[coder.rank + 1]] = sf[name]
+    return full
+
+
+def exchange_case(out, ps, tag):
+    size = ps.size()
+    configs = [
+        ("uniform", "allreduce"), ("uniform", "allgather"), ("uniform", "two_phase"), ("uniform", "auto"),
+        ("qsgd", "allgather"), ("qsgd", "two_phase"), ("jointsq", "allgather"), ("jointsq", "two_phase"),
+    ]
+    if ps != hvd.global_process_set:  # process sets: one config per transport
+        configs = [("uniform", "allreduce"), ("qsgd", "allgather"), ("qsgd", "two_phase")]
+    results = []
+    for codec, transport in configs:
+        model = MLP()
+        ref = copy.deepcopy(model)  # same weights, no hooks: gives this rank's local gradients
+        opt = hvd_gradq.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05), named_parameters=model.named_parameters(),
+            op=hvd.Sum, process_set=ps, codec=codec, bits=BITS if codec != "jointsq" else {"fc2.weight": 0},
+            ratio=20 if codec == "jointsq" else None, transport=transport, bucket_size=512,
+        )
+        ex = opt.gradient_exchange
+        layers = {}
+        for step in range(3):
+            xb, yb = batch(step, hvd.rank(), hvd.size())
+            ref.load_state_dict(model.state_dict())
+            ref.zero_grad()
+            F.cross_entropy(ref(xb), yb).backward()
+            # what enters the exchange: gradient + this rank's residual (worker), server residual
+            wf, sf, lf = ex.worker_feedback.residuals, ex.server_feedback.residuals, ex.lanes.error_feedback.residuals
+            entered = {}
+            for n, p in ref.named_parameters():
+                g = p.grad.reshape(-1).clone()
+                r = lf.get(n) if ex.plans[n].transport == "allreduce" else wf.get(n)
+                entered[n] = (g + r if r is not None else g, server_residual(ex, n, sf))
+            scales = {n: ex.codebook[n].scale for n in entered}
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.synchronize()
+            # one allgather per step: per layer [entered x, server residual in, kept, server kept, aggregate]
+            local, spans = [], {}
+            offset = 0
+            for n, p in model.named_parameters():
+                agg = p.grad.reshape(-1).clone()
+                transport_ = ex.plans[n].transport
+                kept = (wf if transport_ in ("allgather", "two_phase") else lf).get(n, torch.zeros_like(agg))
+                if transport_ not in ("allgather", "two_phase", "allreduce"):
+                    kept = torch.zeros_like(agg)
+                parts = [entered[n][0], entered[n][1], kept, server_residual(ex, n, sf), agg]
+                local += [t.reshape(-1).float() for t in parts]
+                spans[n] = (offset, agg.numel())
+                offset += 5 * agg.numel()
+            table = hvd.allgather(torch.cat(local).view(1, -1), name=f"{tag}.check", process_set=ps)  # (N, L)
+            for n in spans:
+                plan = ex.plans[n]
+                o, k = spans[n]
+                x_all_ranks, s_in, kept_all, s_out, aggs = (table[:, o + i * k:o + (i + 1) * k] for i in range(5))
+                s_in, kept_all, s_out, agg = s_in.sum(0), kept_all.sum(0), s_out.sum(0), aggs[0]
+                total_in = x_all_ranks.sum(0) + s_in
+                total_out = agg + kept_all + s_out
+                scale_ref = x_all_ranks.abs().sum(0).max().item() + 1e-12
+                info = {"transport": plan.transport, "bits": plan.bits, "codec": plan.codec,
+                        "payload": plan.payload_bytes, "predicted": plan.predicted.payload_bytes,
+                        "identical": bool((aggs == agg).all())}
+                if plan.transport == "none":
+                    info["nonzero"] = int((agg != 0).sum())
+                else:
+                    info["conservation"] = (total_out - total_in).abs().max().item() / scale_ref
+                err = (agg - x_all_ranks.sum(0) - s_in).abs()
+                if plan.transport == "allreduce" and scales[n] is not None and step > 0:
+                    s = scales[n]
+                    delta = 2 * s / ((1 << plan.bits) - 1)
+                    bound = (delta + (x_all_ranks.abs() - s).clamp(min=0)).sum(0)
+                    info["bound_violation"] = (err - bound - 1e-5).max().item()
+                elif codec == "uniform" and plan.transport in ("allgather", "two_phase"):
+                    m = (1 << (plan.bits - 1)) - 1  # qsgdinf: gaps of 1/m of the bucket maximum
+                    pad = (-agg.numel()) % 512
+                    xb_ = F.pad(x_all_ranks.abs(), (0, pad)).view(size, -1, 512).amax(2)  # (N, buckets)
+                    per = xb_.sum(0).repeat_interleave(512)[:agg.numel()] / m
+                    bound = per * (2 if plan.transport == "two_phase" else 1)
+                    if plan.transport == "two_phase":
+                        sp = F.pad(s_in.abs(), (0, pad)).view(-1, 512).amax(1).repeat_interleave(512)[:agg.numel()]
+                        bound = bound + sp / m
+                    info["bound_violation"] = (err - bound - 1e-5).max().item()
+                info["err_max"] = err.max().item()
+                layers.setdefault(n, []).append(info)
+            with opt.skip_synchronize():
+                opt.step()
+        results.append({"codec": codec, "transport": transport, "layers": layers,
+                        "summary": opt.transport_summary(),
+                        "params": hvd.allgather(torch.tensor([digest(model.parameters())], dtype=torch.float64),
+                                                name=f"{tag}.pd", process_set=ps).tolist()})
+    out.write_text(json.dumps({"rank": hvd.rank(), "size": size, "results": results}))
+
+
+def stock_process_set_case(out, ps):
+    """The stock optimizer with UniformCompressor(process_set=ps): packed lanes sized for the set."""
+    model = MLP()
+    comp = hvd_gradq.UniformCompressor(bits=2, named_parameters=model.named_parameters(), op=hvd.Sum,
+                                       process_set=ps)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                   named_parameters=model.named_parameters(), compression=comp, op=hvd.Sum,
+                                   process_set=ps)
+    for step in range(3):
+        xb, yb = batch(step, hvd.rank(), hvd.size())
+        opt.zero_grad()
+        (F.cross_entropy(model(xb), yb) / ps.size()).backward()
+        opt.step()
+    packed = {n: info.packed for n, info in comp.payloads.items()}
+    lanes = {n: code.layout.lane_bits for n, code in comp.codebook.layers.items() if code.layout is not None}
+    out.write_text(json.dumps({
+        "packed": packed, "lane_bits": lanes,
+        "digest": hvd.allgather(torch.tensor([digest(model.parameters())], dtype=torch.float64),
+                                name="stock_ps.digest", process_set=ps).tolist()}))
+
+
+def optim_case(out):
+    rank, size = hvd.rank(), hvd.size()
+    report = {"rank": rank}
+
+    def make(kind, model, opt, codec_kw=None, **kw):
+        if kind == "stock":
+            comp = hvd_gradq.UniformCompressor(bits=4, named_parameters=model.named_parameters(), op=hvd.Average)
+            return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp, **kw)
+        coding = {"codec": "qsgd", "bits": 4, **(codec_kw or {})}
+        return hvd_gradq.DistributedOptimizer(opt, named_parameters=model.named_parameters(), bucket_size=512,
+                                              **coding, **kw)
+
+    def train(kind, opt_fn, steps=3, skip_on=None, bpps=1, freeze_at=None, groups_fn=None, codec_kw=None, **kw):
+        model = MLP()
+        if groups_fn is not None:
+            kw["groups"] = groups_fn(model)
+        opt = make(kind, model, opt_fn(model.parameters()), codec_kw=codec_kw, backward_passes_per_step=bpps, **kw)
+        start = [p.detach().clone() for p in model.parameters()]
+        frozen_before = None
+        for step in range(steps):
+            if freeze_at is not None and step == freeze_at:
+                model.fc3.weight.requires_grad_(False)
+                frozen_before = model.fc3.weight.detach().clone()
+            opt.zero_grad()
+            for k in range(bpps):
+                xb, yb = batch(step * bpps + k, rank, size)
+                skip = ("fc2",) if skip_on is not None and rank == skip_on else ()
+                F.cross_entropy(model(xb, skip=skip), yb).backward()
+            opt.step()
+        moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(model.parameters(), start))
+        res = {"moved": moved, "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+               "digest": hvd.allgather(torch.tensor([digest(model.parameters())], dtype=torch.float64),
+                                       name=f"optim.{kind}.{len(report)}").tolist()}
+        if frozen_before is not None:
+            res["frozen_unchanged"] = bool(torch.equal(frozen_before, model.fc3.weight.detach()))
+        return res
+
+    optimizers = {
+        "SGD": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+        "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+        "Adadelta": lambda ps: torch.optim.Adadelta(ps),
+        "Adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-3),
+        "ASGD": lambda ps: torch.optim.ASGD(ps, lr=1e-2),
+        "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-3),
+        "RAdam": lambda ps: torch.optim.RAdam(ps, lr=1e-3),
+        "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+        "Rprop": lambda ps: torch.optim.Rprop(ps, lr=1e-3),
+    }
+    sgd = optimizers["SGD"]
+    for kind in ("stock", "dropin"):
+        for name, fn in optimizers.items():
+            report[f"{kind}.{name}"] = train(kind, fn)
+        report[f"{kind}.bpps2"] = train(kind, sgd, bpps=2)
+        report[f"{kind}.groups2"] = train(kind, sgd, groups=2)
+        report[f"{kind}.unused_on_rank1"] = train(kind, sgd, skip_on=1)
+        report[f"{kind}.freeze"] = train(kind, lambda ps: torch.optim.SGD(ps, lr=0.05), steps=4, freeze_at=2)
+        report[f"{kind}.groups_list"] = train(
+            kind, sgd, groups_fn=lambda m: [[m.fc1.weight, m.fc1.bias], [m.fc3.weight]])
+    # every codec through the drop-in (auto transport), two steps
+    from hvd_gradq.optimizer import CODECS
+
+    for codec in CODECS:
+        report[f"dropin.codec.{codec}"] = train(
+            "dropin", sgd, steps=2, codec_kw={"codec": codec, "bits": 2 if codec == "terngrad" else 3,
+                                              "ratio": 50 if codec == "jointsq" else None})
+    link = hvd_gradq.measure_link()
+    report["link"] = hvd.allgather(torch.tensor([[link.latency_s, link.bandwidth]], dtype=torch.float64),
+                                   name="optim.link").tolist()
+    report["dropin.measured_link"] = train("dropin", sgd, steps=2, codec_kw={"link": "measure"})
+    m = MLP()
+    errors = {}
+    for label, fn in {
+        "adasum": lambda: hvd_gradq.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                                         named_parameters=m.named_parameters(), op=hvd.Adasum),
+        "stock_adasum": lambda: hvd_gradq.UniformCompressor(bits=2, named_parameters=m.named_parameters(),
+                                                            op=hvd.Adasum),
+        "compression_arg": lambda: hvd_gradq.DistributedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+            compression=hvd.Compression.fp16),
+        "allreduce_for_qsgd": lambda: hvd_gradq.DistributedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), transport="allreduce"),
+        "unknown_layer": lambda: hvd_gradq.DistributedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), bits={"conv.*": 2}),
+    }.items():
+        try:
+            fn()
+            errors[label] = None
+        except ValueError as e:
+            errors[label] = str(e)
+    # sparse gradients: a clear error without sparse_as_dense, training with it
+    for sad in (False, True):
+        emb = torch.nn.Embedding(2000, 16, sparse=True)
+        opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1),
+                                             named_parameters=emb.named_parameters(), sparse_as_dense=sad)
+        try:
+            emb(torch.tensor([1, 2, 3 + rank])).sum().backward()
+            opt.step()
+            errors[f"sparse_as_dense={sad}"] = None
+            errors["sparse_digest"] = hvd.allgather(torch.tensor([digest(emb.parameters())], dtype=torch.float64),
+                                                    name="optim.sparse").tolist()
+        except ValueError as e:
+            errors[f"sparse_as_dense={sad}"] = str(e)
+            opt._gq_pending.clear()
+    report["errors"] = errors
+    out.write_text(json.dumps(report))
+
+
+def mismatch_case(out, case):
+    rank = hvd.rank()
+    model = MLP()
+    bits = 2 if (case == "bits_mismatch" and rank == 0) else 4
+    opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                         named_parameters=model.named_parameters(), codec="qsgd", bits=bits,
+                                         transport="allgather")
+    if case == "version_mismatch" and rank == 1:
+        opt.codebook.version += 1
+    step = 0
+    try:
+        for step in range(3):
+            xb, yb = batch(step, rank, hvd.size())
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    except Exception as e:  # record what this rank saw, then let it end the job
+        out.write_text(json.dumps({"rank": rank, "error": type(e).__name__, "message": str(e), "step": step}))
+        raise
+    out.write_text(json.dumps({"rank": rank, "error": None}))
+
+
+hvd.init(process_sets="dynamic")
+out_file = Path(args.out) / f"rank{hvd.rank()}.json"
+if args.case == "exchange":
+    exchange_case(out_file, hvd.global_process_set, "g")
+    if hvd.size() == 4:  # two process sets of 2: N is the set's size, not hvd.size()
+        sets = [hvd.add_process_set([0, 1]), hvd.add_process_set([2, 3])]
+        mine = sets[hvd.rank() // 2]
+        exchange_case(Path(args.out) / f"set_rank{hvd.rank()}.json", mine, f"ps{hvd.rank() // 2}")
+        stock_process_set_case(Path(args.out) / f"stock_set_rank{hvd.rank()}.json", mine)
+        hvd.barrier()  # a rank that exits shuts Horovod down for all: wait for the other set
+elif args.case == "optim":
+    optim_case(out_file)
+else:
+    mismatch_case(out_file, args.case)
+sys.exit(0)
