@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "uniform codec, which may also ride allreduce)")
     p.add_argument("--bits", type=int, default=2, help="bit width of every compressed layer")
     p.add_argument("--ratio", type=float, default=20.0, help="jointsq: compression ratio against float32")
+    p.add_argument("--error-feedback", choices=["auto", "on", "off"], default="auto",
+                   help="hvd_gradq.DistributedOptimizer: keep what coding drops (auto: for biased codecs)")
     p.add_argument("--transport", default="auto", choices=["auto", "allreduce", "allgather", "two_phase"],
                    help="hvd_gradq.DistributedOptimizer: per-layer transport (auto: the cost model picks)")
     p.add_argument("--op", choices=["sum", "average"], default="sum",
@@ -88,7 +90,9 @@ def main(argv=None) -> dict:
     if dropin:
         codec = "uniform" if args.compressor == "gradq-uniform" else args.compressor
         opt = hvd_gradq.DistributedOptimizer(opt, named_parameters=model.named_parameters(), op=op, codec=codec,
-                                             bits=args.bits, ratio=args.ratio, transport=args.transport)
+                                             bits=args.bits, ratio=args.ratio, transport=args.transport,
+                                             error_feedback={"auto": "auto", "on": True, "off": False}[
+                                                 args.error_feedback])
     else:
         if args.compressor == "uniform":
             compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=model.named_parameters(),

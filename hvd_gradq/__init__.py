@@ -6,17 +6,23 @@ non-summable codecs (allgather, two-phase exchange), choosing per layer with the
 The pure layers (``codecs``, ``packing``, ``wire``, ``codebook``) import without Horovod; the
 Horovod glue is loaded on first use of a name that needs it.
 """
+from hvd_gradq.alloc import Allocator, AMPASchedule, LossProbe
 from hvd_gradq.cost_model import LinkModel, TransportCost
+from hvd_gradq.trigger import Trigger
 from hvd_gradq.wire import CodebookMismatchError, ReductionMismatchError
 
 __version__ = "0.1.0"
 __all__ = [
+    "AMPASchedule",
+    "Allocator",
     "CodebookMismatchError",
     "DistributedOptimizer",
     "LinkModel",
+    "LossProbe",
     "PayloadInfo",
     "ReductionMismatchError",
     "TransportCost",
+    "Trigger",
     "UniformCompressor",
     "WireStats",
     "measure_link",

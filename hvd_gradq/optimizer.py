@@ -9,8 +9,10 @@ The optimizer class is created from the wrapped optimizer's class, as Horovod do
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, suppress
@@ -20,6 +22,8 @@ import horovod.torch as hvd
 import torch
 
 from hvd_gradq import cost_model, wire
+from hvd_gradq.alloc import AllocationEvent, Allocator
+from hvd_gradq.broadcast import broadcast_codebook, broadcast_decision, transport_name
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
 from hvd_gradq.codecs import LEVEL_CODECS, Codec, DitherSource, ErrorFeedback, make_codec
 from hvd_gradq.codecs.uniform import abs_max
@@ -28,6 +32,9 @@ from hvd_gradq.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, NONE, TRANSPORTS
 from hvd_gradq.layer_coder import GatherCoder
 from hvd_gradq.packing import lane_layout
 from hvd_gradq.transport import Allgather, Exchange, LaneAllreduce, Skip, TwoPhase, measure_link
+from hvd_gradq.trigger import Trigger
+
+_log = logging.getLogger("hvd_gradq")
 
 #: codecs the optimizer takes: "uniform" (shared scale: summable, so allreduce is open to it;
 #: gathered as qsgdinf, the same uniform levels with a per-bucket scale), every level codec, jointsq
@@ -81,7 +88,7 @@ class GradientExchange:
     """The per-layer plan, codebook, codecs and error feedback behind the optimizer."""
 
     def __init__(self, named: list[tuple[str, torch.Tensor]], *, op, process_set, codec: str, bits, ratio,
-                 bucket_size: int, transport, link: LinkModel, min_elements: int, error_feedback: bool,
+                 bucket_size: int, transport, link: LinkModel, min_elements: int, error_feedback: bool | str,
                  seed: int) -> None:
         self.op = op
         self.process_set = process_set
@@ -90,8 +97,9 @@ class GradientExchange:
         self.link = link
         self.codebook = Codebook()
         self.rng = DitherSource([seed, self.rank])
-        self.worker_feedback = ErrorFeedback() if error_feedback else None
-        self.server_feedback = ErrorFeedback() if error_feedback else None
+        self.error_feedback = error_feedback
+        self.worker_feedback = ErrorFeedback()
+        self.server_feedback = ErrorFeedback()
         self.zero_bit_feedback = ErrorFeedback()
         # lanes (uniform codec on allreduce, and float32 for tiny layers) ride the same codebook
         self.lanes = UniformCompressor(bits=1, named_parameters=named, op=hvd.Sum, min_elements=min_elements,
@@ -99,15 +107,83 @@ class GradientExchange:
         self.lanes.label = "hvd_gradq.DistributedOptimizer"
         self.coders: dict[str, GatherCoder] = {}
         self.plans: dict[str, LayerPlan] = {}
+        self.codec, self.ratio, self.bucket_size, self.min_elements = codec, ratio, bucket_size, min_elements
+        #: residuals moved out of a layer's error feedback when its coding changed; sent next step
+        self.carry: dict[str, torch.Tensor] = {}
         names = [n for n, _ in named]
+        self.numel = {n: p.numel() for n, p in named}
         bits_of = _per_layer(bits, names, 4, "bits")
-        transport_of = _per_layer(transport, names, "auto", "transport")
+        self.forced = _per_layer(transport, names, "auto", "transport")
         for name, p in named:
             b = _check_bits(bits_of[name], f"layer {name!r}")
-            t = transport_of[name]
+            t = self.forced[name]
             if t != "auto" and t not in TRANSPORTS:
                 raise ValueError(f"layer {name!r}: transport must be 'auto' or one of {TRANSPORTS}, got {t!r}")
             self._plan(name, p.numel(), codec, b, ratio, bucket_size, t, min_elements)
+
+    @property
+    def allocatable(self) -> list[str]:
+        """Layers whose bit width an allocator may set (not the exact float32 ones)."""
+        return [n for n, plan in self.plans.items() if plan.transport != FLOAT32]
+
+    def replan(self, bits: Mapping[str, int], version: int) -> None:
+        """Switch to a new codebook version with these per-layer bit widths (all ranks, same step).
+
+        What the old coding still owed a changed layer (its residuals, including the two-phase
+        requantization residual of this rank's chunk) is carried into the layer's next step."""
+        for name, b in bits.items():
+            plan = self.plans.get(name)
+            if plan is None or plan.transport == FLOAT32:
+                raise ValueError(f"cannot allocate bits to layer {name!r}: not a coded layer of this optimizer")
+            _check_bits(b, f"layer {name!r}")
+            if b == plan.bits:
+                continue
+            owed = torch.zeros(plan.numel, dtype=torch.float32)
+            for store in (self.worker_feedback, self.zero_bit_feedback, self.lanes.error_feedback):
+                r = store.pop(name)
+                if r is not None:
+                    owed += r
+            coder = self.coders.pop(name, None)
+            r = self.server_feedback.pop(name)
+            if r is not None and coder is not None:
+                owed[coder.bounds[coder.rank]:coder.bounds[coder.rank + 1]] += r
+            if bool(owed.any()):
+                self.carry[name] = owed + self.carry.get(name, 0)
+            old_scale = self.codebook[name].scale if plan.transport == ALLREDUCE else None
+            self._plan(name, plan.numel, self.codec, b, self.ratio, self.bucket_size, self.forced[name],
+                       self.min_elements)
+            if self.plans[name].transport == ALLREDUCE:
+                self.codebook[name].scale = old_scale  # no float32 recalibration step
+        self.codebook.version = version
+
+    def quantizer(self, seed: int = 0):
+        """``quantize(name, bits, g)``: what layer ``name``'s codec makes of ``g`` at ``bits``
+        (for the allocator's distortion metrics; uniform is taken with a per-bucket scale)."""
+        rng = DitherSource([seed, 0x51])
+        cache: dict[int, Codec] = {}
+
+        def quantize(name: str, bits: int, g: torch.Tensor) -> torch.Tensor:
+            if bits == 0:
+                return torch.zeros_like(g)
+            codec = cache.get(bits)
+            if codec is None:
+                codec = cache[bits] = self._gather_codec(self.codec, bits, self.ratio, self.bucket_size)
+            return codec.roundtrip(g, rng)
+
+        return quantize
+
+    def wire_bits(self, name: str, bits: int) -> float:
+        """Bits handed to the collectives per step if layer ``name`` were coded at ``bits``."""
+        if bits == 0:
+            return 0.0
+        codec = self._gather_codec(self.codec, bits, self.ratio, self.bucket_size)
+        coder = GatherCoder(name, self.numel[name], codec, rank=self.rank, size=self.size, rng=self.rng,
+                            worker_feedback=None, server_feedback=None)
+        costs = self._costs(name, self.numel[name], self.codec, bits, coder)
+        forced = self.forced[name]
+        cost = costs[forced] if forced in costs else cost_model.cheapest([costs[t] for t in TRANSPORTS
+                                                                            if t in costs])
+        return 8.0 * cost.payload_bytes
 
     # ---- planning -------------------------------------------------------------------------------------
     def _gather_codec(self, codec: str, bits: int, ratio, bucket_size: int) -> Codec:
@@ -129,15 +205,14 @@ class GradientExchange:
             self.plans[name] = LayerPlan(name, numel, 0, codec, NONE, cost, {NONE: cost})
             return
         gcodec = self._gather_codec(codec, bits, ratio, bucket_size)
+        # error feedback for biased codes (JointSQ drops elements); unbiased ones (QSGD & co.) do
+        # without by default: their variance would accumulate in the residual
+        ef = self.error_feedback is True or (self.error_feedback == "auto" and not gcodec.unbiased)
         coder = GatherCoder(name, numel, gcodec, rank=self.rank, size=n, rng=self.rng,
-                            worker_feedback=self.worker_feedback, server_feedback=self.server_feedback)
+                            worker_feedback=self.worker_feedback if ef else None,
+                            server_feedback=self.server_feedback if ef else None)
         coder.what = "hvd_gradq.DistributedOptimizer"
-        costs = {
-            ALLGATHER: cost_model.allgather_cost(coder.frame_bytes(), n, self.link),
-            TWO_PHASE: self._two_phase_cost(coder),
-        }
-        if codec == "uniform":
-            costs[ALLREDUCE] = cost_model.allreduce_cost(self.lanes.payload_bytes(numel, bits=bits), n, self.link)
+        costs = self._costs(name, numel, codec, bits, coder)
         if forced == "auto":
             choice = cost_model.cheapest([costs[t] for t in TRANSPORTS if t in costs]).transport
         elif forced not in costs:
@@ -156,6 +231,16 @@ class GradientExchange:
             self.coders[name] = coder
         self.plans[name] = LayerPlan(name, numel, bits, codec, choice, costs[choice], costs)
 
+    def _costs(self, name: str, numel: int, codec: str, bits: int, coder: GatherCoder) -> dict[str, TransportCost]:
+        n = self.size
+        costs = {
+            ALLGATHER: cost_model.allgather_cost(coder.frame_bytes(), n, self.link),
+            TWO_PHASE: self._two_phase_cost(coder),
+        }
+        if codec == "uniform":
+            costs[ALLREDUCE] = cost_model.allreduce_cost(self.lanes.payload_bytes(numel, bits=bits), n, self.link)
+        return costs
+
     def _two_phase_cost(self, coder: GatherCoder) -> TransportCost:
         chunks = coder.chunk_frame_bytes()
         per_rank = [cost_model.two_phase_cost(chunks, chunks, r, self.link) for r in range(self.size)]
@@ -169,6 +254,9 @@ class GradientExchange:
         """Start layer ``name``'s exchange. ``frozen``: the parameter does not require grad now;
         it still takes part (every rank runs the same collectives) but its residuals are left alone."""
         plan = self.plans[name]
+        owed = self.carry.pop(name, None)
+        if owed is not None and not frozen:
+            grad = grad.detach().reshape(-1).to(torch.float32) + owed
         if plan.transport == NONE:  # nothing leaves the rank; the gradient waits in error feedback
             g = grad.detach().reshape(-1).to(torch.float32)
             if not frozen and math.isfinite(abs_max(g)):
@@ -224,8 +312,16 @@ class _GradqOptimizer(torch.optim.Optimizer):
     """Methods merged into the dynamically created optimizer class (see ``DistributedOptimizer``)."""
 
     def __init__(self, params, named: list[tuple[str, torch.Tensor]], exchange: GradientExchange,
-                 backward_passes_per_step: int, groups, sparse_as_dense: bool, process_set) -> None:
+                 backward_passes_per_step: int, groups, sparse_as_dense: bool, process_set,
+                 allocator: Allocator | None = None, trigger: Trigger | None = None) -> None:
         super(self.__class__, self).__init__(params)
+        self.allocator = allocator
+        self.trigger = trigger
+        #: every codebook switch: step, version, summary, cost
+        self.allocation_events: list[AllocationEvent] = []
+        self._gq_step = 0
+        self._gq_started: float | None = None
+        self._gq_alloc_seconds = 0.0
         self.process_set = process_set
         self.backward_passes_per_step = backward_passes_per_step
         self.sparse_as_dense = sparse_as_dense
@@ -324,7 +420,66 @@ class _GradqOptimizer(torch.optim.Optimizer):
                 with suppress(Exception):
                     hvd.barrier(process_set=self.process_set)
             raise err
+        self._gq_after_step()
         self._synchronized = True
+
+    # ---- reallocation -------------------------------------------------------------------------------------
+    def _gq_after_step(self) -> None:
+        """Rank 0 feeds the trigger with the aggregated per-layer gradient norms; its verdict is
+        broadcast, and when it fires rank 0 allocates and broadcasts the new codebook, which every
+        rank applies before the next step."""
+        step = self._gq_step
+        self._gq_step += 1
+        if self._gq_started is None:
+            self._gq_started = time.perf_counter()
+        if self.allocator is None:
+            return
+        ex = self.gradient_exchange
+        ps = self.process_set
+        start = time.perf_counter()
+        names = ex.allocatable
+        by_name = {n: p for p, n in self._gq_names.items()}
+        is_root = ps.rank() == 0
+        fire = False
+        if is_root:
+            norms = [float(by_name[n].grad.detach().float().norm()) if by_name[n].grad is not None else 0.0
+                     for n in names]
+            fire = self.trigger.observe(step, norms)
+        fire = broadcast_decision(fire, step, ps)
+        if not fire:
+            self._gq_alloc_seconds += time.perf_counter() - start
+            return
+        payload = None
+        if is_root:
+            try:
+                alloc, cost = self.allocator.allocate(
+                    {n: by_name[n] for n in names}, ex.quantizer(seed=step), lr=float(self.param_groups[0]["lr"]),
+                    wire_bits=ex.wire_bits)
+                payload = {"version": ex.codebook.version + 1, "step": step, "bits": alloc.bits,
+                           "summary": alloc.summary(), "forwards": cost["forwards"], "backwards": cost["backwards"]}
+            except Exception as e:  # every rank must leave the broadcast: send the error instead
+                payload = {"error": f"{type(e).__name__}: {e}"}
+        payload = broadcast_codebook(payload, ps)
+        if "error" in payload:
+            raise RuntimeError(f"bit allocation on rank 0 failed at step {step}: {payload['error']}")
+        ex.replan(payload["bits"], payload["version"])
+        seconds = time.perf_counter() - start
+        self._gq_alloc_seconds += seconds
+        event = AllocationEvent(step, payload["version"], payload["summary"], seconds, payload["forwards"],
+                                payload["backwards"], dict(payload["bits"]))
+        self.allocation_events.append(event)
+        if is_root:
+            _log.info("step %d: codebook v%d (%s) in %.3f s, %d forward passes, via %s", step, event.version,
+                      event.summary, seconds, event.forwards, transport_name(ps))
+
+    def allocation_overhead(self) -> dict:
+        """Time spent deciding bits (trigger broadcasts, allocations, codebook broadcasts), the
+        number of allocations and forward passes, and that time as a fraction of training time."""
+        wall = time.perf_counter() - self._gq_started if self._gq_started is not None else 0.0
+        return {"allocations": len(self.allocation_events), "seconds": self._gq_alloc_seconds,
+                "forwards": sum(e.forwards for e in self.allocation_events),
+                "fraction": self._gq_alloc_seconds / wall if wall > 0 else 0.0,
+                "version": self.gradient_exchange.codebook.version if self.gradient_exchange else 0}
 
     @contextmanager
     def skip_synchronize(self):
@@ -388,8 +543,13 @@ class _GradqOptimizer(torch.optim.Optimizer):
         sent = sum(p.payload_bytes for p in plans)
         fp32 = sum(4 * p.numel for p in plans)
         parts = ", ".join(f"{t} {c}" for t, c in counts.items() if c)
-        return (f"layers by transport: {parts}; {sent} B handed to collectives vs {fp32} B fp32 "
+        line = (f"layers by transport: {parts}; {sent} B handed to collectives vs {fp32} B fp32 "
                 f"({fp32 / max(sent, 1):.1f}x)")
+        if self.allocator is not None:
+            o = self.allocation_overhead()
+            line += (f"; codebook v{o['version']}, {o['allocations']} allocations, {o['seconds']:.2f} s deciding "
+                     f"({100 * o['fraction']:.1f}% of training)")
+        return line
 
 
 def DistributedOptimizer(
@@ -411,8 +571,10 @@ def DistributedOptimizer(
     transport: str | Mapping[str, str] = "auto",
     link: LinkModel | str | None = None,
     min_elements: int = 1024,
-    error_feedback: bool = True,
+    error_feedback: bool | str = "auto",
     seed: int = 0,
+    allocator: Allocator | None = None,
+    trigger: Trigger | None = None,
 ):
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging coded gradients.
 
@@ -436,8 +598,16 @@ def DistributedOptimizer(
             process set at construction (all ranks); default ``LinkModel()`` (10 Gbit/s, 50 us).
         min_elements: layers smaller than this go as exact float32.
         error_feedback: keep what coding drops (worker residuals, and the two-phase requantization
-            residuals) and add it back at the next step.
+            residuals) and add it back at the next step. "auto" (default): for biased codes only
+            (JointSQ; the shared-scale lanes always keep theirs, for clipping); unbiased codecs
+            (QSGD & co.) go without, as their variance would pile up in the residual.
         seed: seed of the stochastic rounding (each rank draws its own stream).
+        allocator: a ``hvd_gradq.Allocator`` (budget, metric, solver, probe): rank 0 re-decides the
+            bits of every coded layer when ``trigger`` fires and broadcasts the new codebook (over
+            MPI with mpi4py under ``horovodrun --mpi``, else Horovod's ``broadcast_object``); all
+            ranks switch at the same step. ``bits=`` is then only the start.
+        trigger: a ``hvd_gradq.Trigger`` (default: similarity, tau 0.95, k_min 20, first
+            allocation after step 0).
 
     ``opt.layer_plans()`` lists each layer's bits, transport, predicted and measured payload bytes;
     ``opt.transport_summary()`` gives one line for a progress report; ``opt.codebook`` is the shared
@@ -472,6 +642,8 @@ def DistributedOptimizer(
         raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
     if codec == "jointsq" and ratio is None:
         raise ValueError("codec='jointsq' needs ratio=, e.g. ratio=20 (20x fewer bytes than float32)")
+    if error_feedback not in (True, False, "auto"):
+        raise ValueError(f"error_feedback must be True, False or 'auto', got {error_feedback!r}")
     if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
         raise ValueError(f"bucket_size must be an integer >= 1, got {bucket_size!r}")
     if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
@@ -513,6 +685,23 @@ def DistributedOptimizer(
             ratio=ratio, bucket_size=bucket_size, transport=transport, link=link, min_elements=min_elements,
             error_feedback=error_feedback, seed=seed,
         )
+    if allocator is not None:
+        if not isinstance(allocator, Allocator):
+            raise TypeError(f"allocator must be a hvd_gradq.Allocator, got {type(allocator).__name__}")
+        if codec == "jointsq":
+            raise ValueError("codec='jointsq' sets its own element-level budget (ratio=); an allocator needs a codec "
+                             f"with bit widths, one of {[c for c in CODECS if c != 'jointsq']}")
+        for b in allocator.options:
+            if b:
+                try:
+                    make_codec("qsgdinf" if codec == "uniform" else codec, b)
+                except ValueError as e:
+                    raise ValueError(f"allocator option {b} bits does not suit codec {codec!r}: {e}") from e
+        trigger = Trigger() if trigger is None else trigger
+        if not isinstance(trigger, Trigger):
+            raise TypeError(f"trigger must be a hvd_gradq.Trigger, got {type(trigger).__name__}")
+    elif trigger is not None:
+        raise ValueError("a trigger needs an allocator= to decide the bits when it fires")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_GradqOptimizer.__dict__))
     return cls(optimizer.param_groups, named, exchange, backward_passes_per_step, groups, sparse_as_dense,
-               process_set)
+               process_set, allocator, trigger)

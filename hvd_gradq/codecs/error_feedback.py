@@ -63,6 +63,11 @@ class ErrorFeedback:
             return
         self.residuals[name], self._staging[name] = self._staging[name], self.residuals[name]
 
+    def pop(self, name: str) -> torch.Tensor | None:
+        """Remove and return the residual of ``name`` (None if it has none), staging included."""
+        self._staging.pop(name, None)
+        return self.residuals.pop(name, None)
+
     def reset(self, name: str | None = None) -> None:
         """Forget the residual of ``name``, or all residuals."""
         if name is None:

@@ -172,6 +172,7 @@ class JointSQCodec(Codec):
     """
 
     name = "jointsq"
+    unbiased = False  # unsent elements decode to zero: error feedback keeps them
 
     def __init__(self, ratio: float, *, reallocation: bool = True, lr: float = 0.5, max_moves: int = 4096) -> None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1 or math.isinf(ratio):

@@ -90,7 +90,7 @@ def exchange_case(out, ps, tag):
         opt = hvd_gradq.DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.05), named_parameters=model.named_parameters(),
             op=hvd.Sum, process_set=ps, codec=codec, bits=BITS if codec != "jointsq" else {"fc2.weight": 0},
-            ratio=20 if codec == "jointsq" else None, transport=transport, bucket_size=512,
+            ratio=20 if codec == "jointsq" else None, transport=transport, bucket_size=512, error_feedback=True,
         )
         ex = opt.gradient_exchange
         layers = {}

@@ -1,0 +1,141 @@
+"""The allocator: distortion metric + solver under a bit budget, as one decision. Pure (no Horovod).
+
+``Allocator(budget=2.0, metric="lad", solver="lagrangian", probe=LossProbe(...))`` turns the current
+gradients into per-layer bit widths. The budget is an average number of bits per element over the
+layers it allocates: B_total = budget * sum_l N_l (Algorithm 1, line 1). With ``rate="paper"`` a
+layer at b bits costs b * N_l; with ``rate="wire"`` it costs the bits its transport really hands to
+Horovod at b bits (the caller supplies them from the cost model), so the budget is what crosses
+the network.
+
+In a job, ``hvd_gradq.DistributedOptimizer(allocator=..., trigger=...)`` runs it on rank 0 only,
+when the trigger fires, and broadcasts the result.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hvd_gradq.alloc import distortion
+from hvd_gradq.alloc.distortion import LossProbe, Quantize
+from hvd_gradq.alloc.solvers import SOLVERS, Allocation, AMPASchedule, RDCurves
+
+RATES = ("paper", "wire")
+
+
+@dataclass
+class AllocationEvent:
+    """One allocation: when, what it decided, what it cost."""
+
+    step: int
+    version: int
+    summary: str
+    seconds: float
+    forwards: int
+    backwards: int
+    bits: dict[str, int] = field(default_factory=dict)
+
+
+class Allocator:
+    """Per-layer bit widths from a distortion metric and a solver under a budget.
+
+    Args:
+        budget: average bits per element over the allocated layers (e.g. 2 or 3).
+        metric: "lad" (exact, Eq. 2-3), "lad_first_order" (Eq. 7-8), "mse" or "ampa".
+        solver: "lagrangian" (Algorithm 1), "greedy", "uniform", "mckp_dp" or "ampa" (AMPA's
+            interval schedule; the budget then only seeds the start level).
+        options: the bit widths a layer may get (0 = not sent).
+        rate: "paper" (b * N_l) or "wire" (real payload bits of the layer's transport).
+        probe: a ``LossProbe`` (model, loss, batches); needed by the LAD metrics, and by every
+            metric to compute the gradient it quantizes.
+        lr: the step size eta of the LAD metrics; None: the optimizer's current learning rate.
+    """
+
+    def __init__(self, budget: float, *, metric: str = "lad", solver: str = "lagrangian",
+                 options: Sequence[int] = (2, 3, 4, 5, 6, 7, 8), rate: str = "paper", probe: LossProbe | None = None,
+                 lr: float | None = None, eps: float = 1e-9, dp_units: int = 4000,
+                 ampa: AMPASchedule | None = None) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
+            raise ValueError(f"budget (average bits per element) must be a finite number >= 0, got {budget!r}")
+        opts = tuple(options)
+        if not opts or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 8 for b in opts) \
+                or list(opts) != sorted(set(opts)):
+            raise ValueError(f"options must be distinct rising bit widths in 0..8, got {options!r}")
+        if solver != "ampa" and budget < opts[0]:
+            raise ValueError(
+                f"budget {budget} bits/element is below the smallest option {opts[0]}: no allocation fits. Raise "
+                f"the budget or add a smaller option (0 = a layer is not sent)"
+            )
+        if metric not in distortion.METRICS:
+            raise ValueError(f"metric must be one of {distortion.METRICS}, got {metric!r}")
+        if solver not in (*SOLVERS, "ampa"):
+            raise ValueError(f"solver must be one of {[*SOLVERS, 'ampa']}, got {solver!r}")
+        if rate not in RATES:
+            raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
+        if probe is None:
+            raise ValueError("pass probe=hvd_gradq.LossProbe(model, loss_fn, batches): the allocator computes the "
+                             "gradient it quantizes (and the LAD losses) on these batches")
+        if not isinstance(probe, LossProbe):
+            raise TypeError(f"probe must be a hvd_gradq.LossProbe, got {type(probe).__name__}")
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number > 0 or None, got {lr!r}")
+        self.budget = float(budget)
+        self.metric = metric
+        self.solver = solver
+        self.options = opts
+        self.rate = rate
+        self.probe = probe
+        self.lr = lr
+        self.eps = eps
+        self.dp_units = dp_units
+        self.ampa = ampa if ampa is not None else (AMPASchedule() if solver == "ampa" else None)
+        self.last_curves: RDCurves | None = None
+
+    def allocate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float,
+                 wire_bits: Callable[[str, int], float] | None = None) -> tuple[Allocation, dict]:
+        """Bits per layer of ``params`` (name -> parameter). Returns the allocation and the cost
+        (seconds, forward and backward passes)."""
+        start = time.perf_counter()
+        eta = self.lr if self.lr is not None else lr
+        grads, counts = distortion.probe_gradients(self.probe, params)
+        if self.solver == "ampa":
+            current = {n: self.ampa.bits.get(n, self.ampa.levels[0]) for n in grads}
+            sens = {n: float(g.abs().mean() * (g - quantize(n, current[n], g)).abs().mean()) for n, g in grads.items()}
+            bits = self.ampa.update(sens)
+            rate = float(sum(bits[n] * p.numel() for n, p in params.items()))
+            alloc = Allocation(bits=bits, choice=(), rate=rate, distortion=float("nan"), solver="ampa")
+            return alloc, {"seconds": time.perf_counter() - start, **counts}
+        if self.metric == "lad":
+            table, c = distortion.lad_exact(self.probe, params, grads, quantize, self.options, eta)
+        elif self.metric == "lad_first_order":
+            table, c = distortion.lad_first_order(self.probe, params, grads, quantize, self.options, eta)
+        elif self.metric == "mse":
+            table, c = distortion.mse(grads, quantize, self.options)
+        else:
+            table, c = distortion.ampa(grads, quantize, self.options)
+        counts = {k: counts[k] + c[k] for k in counts}
+        names = tuple(grads)
+        if self.rate == "wire":
+            if wire_bits is None:
+                raise ValueError("rate='wire' needs the transports' payload sizes (use it through the optimizer)")
+            rates = np.array([[wire_bits(n, b) for b in self.options] for n in names], dtype=np.float64)
+        else:
+            rates = np.array([[b * params[n].numel() for b in self.options] for n in names], dtype=np.float64)
+        curves = RDCurves(names, self.options, table, rates)
+        self.last_curves = curves
+        total = self.budget * sum(params[n].numel() for n in names)
+        if self.solver == "mckp_dp":
+            alloc = SOLVERS["mckp_dp"](curves, total, units=self.dp_units)
+        elif self.solver == "lagrangian":
+            alloc = SOLVERS["lagrangian"](curves, total, eps=self.eps)
+        else:
+            alloc = SOLVERS[self.solver](curves, total)
+        return alloc, {"seconds": time.perf_counter() - start, **counts}
+
+    def __repr__(self) -> str:
+        return (f"Allocator(budget={self.budget}, metric={self.metric!r}, solver={self.solver!r}, "
+                f"options={self.options}, rate={self.rate!r})")

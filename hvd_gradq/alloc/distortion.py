@@ -1,0 +1,159 @@
+"""Distortion metrics D_l(b): how much coding layer l's gradient at b bits hurts. Pure torch.
+
+All metrics fill an (layers, options) table for ``solvers.RDCurves``:
+
+* ``lad_exact``        the LAD paper's Eq. 2-3: mean over K batches of
+                       |L(W - lr * g_mixed(l, b)) - L(W - lr * g)|, g_mixed with only layer l coded.
+                       Evaluated with ``torch.func.functional_call`` on detached weights (the live
+                       model and its buffers are untouched), under ``no_grad``: L * |B| * K forwards.
+* ``lad_first_order``  Eq. 7-8: lr * |g_{t+1} . e_l(b)| with g_{t+1} the gradient at W - lr * g,
+                       one extra backward per batch instead of L * |B| forwards.
+* ``mse``              ||g_l - Q_b(g_l)||^2, the signal-level baseline.
+* ``ampa``             AMPA's magnitude sensitivity (its Eq. 9 for the gradient itself):
+                       E|g_l| * E|g_l - Q_b(g_l)|.
+
+``quantize(name, bits, g)`` is the codec the layer will use (0 bits: zeros). The gradient g is the
+mean gradient over the probe batches at the current weights (``probe_gradients``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+Quantize = Callable[[str, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LossProbe:
+    """What the allocator needs for the loss-aware metrics.
+
+    ``model`` is the live model (only read); ``loss_fn(output, target)`` returns a scalar;
+    ``batches`` is a sequence of (inputs, targets) or a function returning one (called at every
+    allocation, e.g. to draw K fresh training batches).
+    """
+
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | Callable[[], Sequence[tuple[torch.Tensor, torch.Tensor]]]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise TypeError(f"LossProbe.model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not callable(self.loss_fn):
+            raise TypeError("LossProbe.loss_fn must be callable: loss_fn(output, target) -> scalar tensor")
+
+    def get_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = list(self.batches() if callable(self.batches) else self.batches)
+        if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
+            raise ValueError("LossProbe.batches must give at least one (inputs, targets) pair")
+        return batches
+
+
+class _Evaluator:
+    """Loss of the probe model at substituted weights, without touching the live model."""
+
+    def __init__(self, probe: LossProbe, params: dict[str, torch.Tensor]) -> None:
+        self.probe = probe
+        own = {id(p): n for n, p in probe.model.named_parameters()}
+        missing = [n for n, p in params.items() if id(p) not in own]
+        if missing:
+            raise ValueError(f"LossProbe.model does not own the parameters {missing[:3]}; pass the trained model")
+        self.model_name = {n: own[id(p)] for n, p in params.items()}  # allocation name -> model name
+        self.weights = {n: p.detach() for n, p in probe.model.named_parameters()}
+        self.buffers = {n: b.detach().clone() for n, b in probe.model.named_buffers()}
+        self.forwards = 0
+        self.backwards = 0
+
+    def loss(self, weights: dict[str, torch.Tensor], batch) -> float:
+        x, y = batch
+        buffers = {n: b.clone() for n, b in self.buffers.items()} if self.buffers else {}
+        out = functional_call(self.probe.model, {**weights, **buffers}, (x,))
+        self.forwards += 1
+        return float(self.probe.loss_fn(out, y))
+
+    def grads(self, weights: dict[str, torch.Tensor], batches) -> dict[str, torch.Tensor]:
+        """Mean gradient over ``batches`` at ``weights`` (model names)."""
+        leaves = {n: w.detach().clone().requires_grad_(True) for n, w in weights.items()}
+        total = {n: torch.zeros_like(w) for n, w in leaves.items()}
+        for x, y in batches:
+            buffers = {n: b.clone() for n, b in self.buffers.items()} if self.buffers else {}
+            with torch.enable_grad():
+                loss = self.probe.loss_fn(functional_call(self.probe.model, {**leaves, **buffers}, (x,)), y)
+                gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            self.forwards += 1
+            self.backwards += 1
+            for (n, _), g in zip(leaves.items(), gs):
+                if g is not None:
+                    total[n] += g
+        return {n: t / len(batches) for n, t in total.items()}
+
+
+def probe_gradients(probe: LossProbe, params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Mean gradient of each named parameter over the probe batches at the current weights."""
+    ev = _Evaluator(probe, params)
+    g = ev.grads(ev.weights, probe.get_batches())
+    return {n: g[ev.model_name[n]].reshape(-1) for n in params}, {"forwards": ev.forwards, "backwards": ev.backwards}
+
+
+def _errors(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequence[int]):
+    """Per layer and option: the coded gradient (flat)."""
+    return {n: [quantize(n, b, g) if b else torch.zeros_like(g) for b in options] for n, g in grads.items()}
+
+
+def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+              quantize: Quantize, options: Sequence[int], lr: float) -> tuple[np.ndarray, dict]:
+    """Eq. 2-3 by direct evaluation. Returns the (layers, options) table and the pass counts."""
+    ev = _Evaluator(probe, params)
+    batches = probe.get_batches()
+    coded = _errors(grads, quantize, options)
+    with torch.no_grad():
+        base = dict(ev.weights)
+        for n, g in grads.items():
+            m = ev.model_name[n]
+            base[m] = ev.weights[m] - lr * g.view_as(ev.weights[m])
+        ref = [ev.loss(base, b) for b in batches]
+        table = np.zeros((len(grads), len(options)))
+        for i, n in enumerate(grads):
+            m = ev.model_name[n]
+            w = ev.weights[m]
+            for k, q in enumerate(coded[n]):
+                mixed = {**base, m: w - lr * q.view_as(w)}
+                table[i, k] = np.mean([abs(ev.loss(mixed, b) - r) for b, r in zip(batches, ref)])
+    return table, {"forwards": ev.forwards, "backwards": ev.backwards}
+
+
+def lad_first_order(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                    quantize: Quantize, options: Sequence[int], lr: float) -> tuple[np.ndarray, dict]:
+    """Eq. 7-8: lr * |g_{t+1} . e_l(b)|, g_{t+1} the mean gradient at W - lr g over the batches."""
+    ev = _Evaluator(probe, params)
+    updated = dict(ev.weights)
+    for n, g in grads.items():
+        m = ev.model_name[n]
+        updated[m] = ev.weights[m] - lr * g.view_as(ev.weights[m])
+    g_next = ev.grads(updated, probe.get_batches())
+    coded = _errors(grads, quantize, options)
+    table = np.zeros((len(grads), len(options)))
+    for i, (n, g) in enumerate(grads.items()):
+        gn = g_next[ev.model_name[n]].reshape(-1)
+        for k, q in enumerate(coded[n]):
+            table[i, k] = abs(lr * float(gn @ (g - q)))
+    return table, {"forwards": ev.forwards, "backwards": ev.backwards}
+
+
+def mse(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequence[int]) -> tuple[np.ndarray, dict]:
+    coded = _errors(grads, quantize, options)
+    table = np.array([[float(((g - q) ** 2).sum()) for q in coded[n]] for n, g in grads.items()])
+    return table, {"forwards": 0, "backwards": 0}
+
+
+def ampa(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequence[int]) -> tuple[np.ndarray, dict]:
+    coded = _errors(grads, quantize, options)
+    table = np.array([[float(g.abs().mean() * (g - q).abs().mean()) for q in coded[n]] for n, g in grads.items()])
+    return table, {"forwards": 0, "backwards": 0}
+
+
+METRICS = ("lad", "lad_first_order", "mse", "ampa")

@@ -1,0 +1,61 @@
+"""Rank 0's decisions to every rank: the trigger's verdict each step, and a new codebook.
+
+The codebook goes over MPI with mpi4py when Horovod runs on the MPI controller over the world
+communicator (``horovodrun --mpi``); under the Gloo controller, or for a process set other than
+the global one, it goes with Horovod's ``broadcast_object``. The per-step verdict is a one-element
+Horovod broadcast, so that every rank enters (or skips) the codebook broadcast at the same step
+by construction. Both are blocking; a failing rank makes them raise, not hang (Horovod shuts down,
+MPI aborts the job).
+"""
+from __future__ import annotations
+
+import horovod.torch as hvd
+import torch
+
+
+def _world_comm(process_set):
+    """mpi4py's COMM_WORLD when it is the communicator Horovod runs on, else None."""
+    if process_set is not hvd.global_process_set and process_set != hvd.global_process_set:
+        return None
+    if not hvd.mpi_enabled():
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:  # pragma: no cover - mpi4py is a dependency; stay usable without it
+        return None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != hvd.size() or comm.Get_rank() != hvd.rank():
+        return None  # Horovod was initialised on another communicator
+    return comm
+
+
+def transport_name(process_set) -> str:
+    """Which channel ``broadcast_codebook`` uses: "mpi4py" or "horovod"."""
+    return "mpi4py" if _world_comm(process_set) is not None else "horovod"
+
+
+def root_rank(process_set) -> int:
+    """Global rank of the process set's first member (its rank 0)."""
+    ranks = process_set.ranks
+    return 0 if not ranks else min(ranks)
+
+
+def broadcast_decision(fire: bool, step: int, process_set) -> bool:
+    """Rank 0's verdict (with the step, as a cross-check) to every rank of ``process_set``."""
+    t = torch.tensor([1 if fire else 0, step], dtype=torch.int64)
+    out = hvd.broadcast(t, root_rank=root_rank(process_set), name="hvd_gradq.trigger", process_set=process_set)
+    if int(out[1]) != step:
+        raise RuntimeError(
+            f"ranks are at different steps ({step} here, {int(out[1])} on the root): every rank must call "
+            "optimizer.step() (or synchronize()) the same number of times"
+        )
+    return bool(out[0])
+
+
+def broadcast_codebook(payload, process_set):
+    """Rank 0's ``payload`` (a picklable dict) to every rank of ``process_set``."""
+    comm = _world_comm(process_set)
+    if comm is not None:
+        return comm.bcast(payload, root=0)
+    return hvd.broadcast_object(payload, root_rank=root_rank(process_set), process_set=process_set,
+                                name="hvd_gradq.codebook")

@@ -1,0 +1,104 @@
+"""Distortion metrics: exact LAD against a hand computation, first-order LAD against exact LAD."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hvd_gradq.alloc import Allocator, LossProbe
+from hvd_gradq.alloc import distortion as D
+from hvd_gradq.codecs import DitherSource, make_codec
+from hvd_gradq.datasets import fashion_mnist
+from hvd_gradq.models import FashionCNN
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2, bias=False)
+        self.b = torch.nn.Linear(2, 1, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def halve(name, bits, g):  # a deterministic stand-in codec: keep the sign, scale by 1 - 2^-bits
+    return g * (1 - 2.0 ** -bits)
+
+
+def test_exact_lad_equals_the_hand_computed_loss_difference():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+    probe = LossProbe(model, F.mse_loss, [(x, y)])
+    params = dict(model.named_parameters())
+    grads, _ = D.probe_gradients(probe, params)
+    lr, options = 0.3, (0, 2, 4)
+    table, counts = D.lad_exact(probe, params, grads, halve, options, lr)
+    wa, wb = model.a.weight.detach(), model.b.weight.detach()
+    ga, gb = grads["a.weight"].view_as(wa), grads["b.weight"].view_as(wb)
+
+    def loss(a, b):
+        return float(((torch.tanh(x @ a.T) @ b.T - y) ** 2).mean())
+
+    ref = loss(wa - lr * ga, wb - lr * gb)
+    for k, bits in enumerate(options):
+        qa = ga * (1 - 2.0 ** -bits) if bits else torch.zeros_like(ga)
+        qb = gb * (1 - 2.0 ** -bits) if bits else torch.zeros_like(gb)
+        assert table[0, k] == pytest.approx(abs(loss(wa - lr * qa, wb - lr * gb) - ref), rel=1e-6, abs=1e-9)
+        assert table[1, k] == pytest.approx(abs(loss(wa - lr * ga, wb - lr * qb) - ref), rel=1e-6, abs=1e-9)
+    assert counts["forwards"] == 1 + 2 * 3  # reference + layers x options, one batch
+    # the live model was not touched
+    assert torch.equal(model.a.weight.detach(), wa) and model.a.weight.grad is None
+
+
+def test_gradient_of_the_probe_matches_autograd():
+    torch.manual_seed(1)
+    model = TwoLayer()
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+    grads, _ = D.probe_gradients(LossProbe(model, F.mse_loss, batches), dict(model.named_parameters()))
+    total = sum(F.mse_loss(model(x), y) for x, y in batches) / 3
+    total.backward()
+    assert torch.allclose(grads["a.weight"], model.a.weight.grad.view(-1), atol=1e-6)
+
+
+def cnn_setup(seed=0):
+    torch.manual_seed(seed)
+    model = FashionCNN(width=8)
+    x, y = fashion_mnist("test")
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 128, 64)]
+    params = {n: p for n, p in model.named_parameters() if p.numel() >= 1024}
+
+    def quantize(name, bits, g):
+        return make_codec("qsgdinf", bits, bucket_size=512).roundtrip(g, DitherSource([3, bits]))
+
+    return model, LossProbe(model, F.cross_entropy, batches), params, quantize
+
+
+def test_first_order_lad_ranks_layers_like_exact_lad_on_a_cnn():
+    _model, probe, params, quantize = cnn_setup()
+    grads, _ = D.probe_gradients(probe, params)
+    exact, _ = D.lad_exact(probe, params, grads, quantize, (0, 2, 4, 8), 0.1)
+    first, c = D.lad_first_order(probe, params, grads, quantize, (0, 2, 4, 8), 0.1)
+    assert c["backwards"] == len(probe.get_batches()) and c["forwards"] == c["backwards"]
+    # rank correlation of the 0-bit column (the layers' overall sensitivity), and per-layer monotone in bits
+    r_exact = np.argsort(np.argsort(exact[:, 0]))
+    r_first = np.argsort(np.argsort(first[:, 0]))
+    rho = np.corrcoef(r_exact, r_first)[0, 1]
+    assert rho > 0.5, (exact[:, 0], first[:, 0])
+    assert (exact[:, 0] >= exact[:, -1]).all()
+
+
+def test_allocator_spends_the_budget_and_prefers_sensitive_layers():
+    _model, probe, params, quantize = cnn_setup(1)
+    for metric in ("lad", "lad_first_order", "mse", "ampa"):
+        allocator = Allocator(3.0, metric=metric, probe=probe, options=(0, 2, 4, 8))
+        alloc, cost = allocator.allocate(params, quantize, lr=0.1)
+        n = {k: p.numel() for k, p in params.items()}
+        assert sum(alloc.bits[k] * n[k] for k in n) <= 3.0 * sum(n.values())
+        assert set(alloc.bits) == set(params) and cost["seconds"] > 0
+    with pytest.raises(ValueError, match="below the smallest option"):
+        Allocator(1.0, probe=probe)
+    with pytest.raises(ValueError, match="LossProbe"):
+        Allocator(2.0)
+    with pytest.raises(ValueError, match="metric"):
+        Allocator(2.0, metric="l2", probe=probe)

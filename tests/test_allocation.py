@@ -1,0 +1,62 @@
+"""Trigger + rank-0 allocation + broadcast under real horovodrun: every rank follows one codebook."""
+import json
+import math
+import time
+
+import pytest
+
+from tests.hvdrun import WORKERS, horovodrun
+
+WORKER = WORKERS / "alloc_check.py"
+
+
+def rank_files(tmp_path, size):
+    files = [tmp_path / f"rank{r}.json" for r in range(size)]
+    missing = [f.name for f in files if not f.exists()]
+    assert not missing, f"ranks wrote no result: {missing}"
+    return [json.loads(f.read_text()) for f in files]
+
+
+@pytest.mark.parametrize("mode,np_,metric,solver,trigger", [
+    ("mpi", 2, "lad", "lagrangian", "interval"),
+    ("gloo", 2, "lad_first_order", "greedy", "similarity"),
+    ("mpi", 4, "mse", "mckp_dp", "interval"),
+])
+def test_every_rank_switches_to_the_same_codebook_at_the_same_step(tmp_path, mode, np_, metric, solver, trigger):
+    run = horovodrun(WORKER, "--out", tmp_path, "--metric", metric, "--solver", solver, "--trigger", trigger,
+                     "--steps", "9", np=np_, mode=mode, timeout=300)
+    assert run.returncode == 0, run.output[-6000:]
+    results = rank_files(tmp_path, np_)
+    head = results[0]
+    for res in results[1:]:
+        assert [s["version"] for s in res["steps"]] == [s["version"] for s in head["steps"]]
+        assert [s["digest"] for s in res["steps"]] == [s["digest"] for s in head["steps"]]
+        assert [(e["step"], e["version"]) for e in res["events"]] == [(e["step"], e["version"]) for e in head["events"]]
+    assert len({json.dumps(d) for d in head["param_digests"]}) == 1, "ranks hold different parameters"
+    events = head["events"]
+    assert len(events) >= 2 and events[0]["step"] == 0
+    if trigger == "interval":
+        assert [e["step"] for e in events] == [0, 4, 8]
+    else:  # similarity: never two allocations within k_min = 3 steps
+        assert all(b["step"] - a["step"] >= 3 for a, b in zip(events, events[1:]))
+    assert [e["version"] for e in events] == list(range(1, len(events) + 1))
+    assert all(math.isfinite(s["loss"]) for s in head["steps"])
+    # every layer started at bits=4; the allocations (budget 2.5) must have moved some of them
+    assert any(b != 4 for b in head["steps"][0]["bits"].values()), head["steps"][0]["bits"]
+    assert all(b in (0, 2, 3, 4, 6, 8) for s in head["steps"] for b in s["bits"].values())
+    o = head["overhead"]
+    assert o["allocations"] == len(events) and o["seconds"] > 0 and 0 < o["fraction"] < 1
+    if metric == "lad":
+        assert all(e["forwards"] > 0 for e in events)
+    assert "codebook v" in head["summary"]
+    assert head["channel"] == ("mpi4py" if mode == "mpi" else "horovod")
+
+
+def test_a_failing_allocation_on_rank_0_ends_the_job_on_every_rank(tmp_path):
+    start = time.monotonic()
+    run = horovodrun(WORKER, "--out", tmp_path, "--fail", "--metric", "mse", "--steps", "3", timeout=120)
+    assert run.returncode != 0
+    assert time.monotonic() - start < 60
+    for res in rank_files(tmp_path, 2):
+        assert res["error"] == "RuntimeError" and "allocation on rank 0 failed at step 0" in res["message"], res
+        assert "budget" in res["message"]
