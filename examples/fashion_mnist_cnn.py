@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import horovod.torch as hvd
@@ -35,6 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=20.0, help="jointsq: compression ratio against float32")
     p.add_argument("--error-feedback", choices=["auto", "on", "off"], default="auto",
                    help="hvd_gradq.DistributedOptimizer: keep what coding drops (auto: for biased codecs)")
+    p.add_argument("--allocator", default="none", choices=["none", "lad", "lad_first_order", "mse", "ampa"],
+                   help="hvd_gradq.DistributedOptimizer: re-decide per-layer bits on rank 0 with this metric")
+    p.add_argument("--solver", default="lagrangian", choices=["lagrangian", "greedy", "uniform", "mckp_dp", "ampa"])
+    p.add_argument("--budget", type=float, default=2.0, help="allocator: average bits per element")
+    p.add_argument("--trigger", default="similarity", choices=["similarity", "interval", "static"])
+    p.add_argument("--tau", type=float, default=0.95)
+    p.add_argument("--k-min", type=int, default=20)
+    p.add_argument("--interval", type=int, default=50)
     p.add_argument("--transport", default="auto", choices=["auto", "allreduce", "allgather", "two_phase"],
                    help="hvd_gradq.DistributedOptimizer: per-layer transport (auto: the cost model picks)")
     p.add_argument("--op", choices=["sum", "average"], default="sum",
@@ -86,13 +95,32 @@ def main(argv=None) -> dict:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
     dropin = args.compressor in DROPIN
+    if args.allocator != "none" and not dropin:
+        raise SystemExit(f"--allocator needs a hvd_gradq.DistributedOptimizer codec, e.g. --compressor gradq-uniform "
+                         f"or one of {DROPIN}")
     compression = None
+    allocation = {}
+    if args.allocator != "none":
+        probe_gen = torch.Generator().manual_seed(args.seed + 1)
+
+        def probe_batches():  # rank 0 draws K = 2 fresh training batches per allocation
+            idx = torch.randint(len(x_train), (2, args.batch_size), generator=probe_gen)
+            return [(x_train[i], y_train[i]) for i in idx]
+
+        allocation = {
+            "allocator": hvd_gradq.Allocator(args.budget, metric=args.allocator, solver=args.solver,
+                                             options=(0, 2, 3, 4, 5, 6, 8),
+                                             probe=hvd_gradq.LossProbe(model, F.cross_entropy, probe_batches)),
+            "trigger": hvd_gradq.Trigger(args.trigger, tau=args.tau, k_min=args.k_min, interval=args.interval),
+        }
+        if rank == 0:
+            logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if dropin:
         codec = "uniform" if args.compressor == "gradq-uniform" else args.compressor
         opt = hvd_gradq.DistributedOptimizer(opt, named_parameters=model.named_parameters(), op=op, codec=codec,
                                              bits=args.bits, ratio=args.ratio, transport=args.transport,
                                              error_feedback={"auto": "auto", "on": True, "off": False}[
-                                                 args.error_feedback])
+                                                 args.error_feedback], **allocation)
     else:
         if args.compressor == "uniform":
             compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=model.named_parameters(),
@@ -156,6 +184,9 @@ def main(argv=None) -> dict:
         summary.update(payload_bytes_per_step=sent, fp32_bytes_per_step=fp32, wire_ratio=sent / fp32,
                        bits_per_element=8 * sent / (fp32 / 4),
                        transports={p.name: p.transport for p in plans})
+        if allocation:
+            summary["allocation"] = opt.allocation_overhead()
+            summary["bits"] = {p.name: p.bits for p in plans}
         if rank == 0:
             print(f"wire per step: {opt.transport_summary()}", flush=True)
             print(f"wire reduction: {fp32 / sent:.1f}x fewer bytes than fp32 ({sent} vs {fp32} bytes per step)",

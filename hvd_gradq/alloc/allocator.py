@@ -22,6 +22,7 @@ import torch
 
 from hvd_gradq.alloc import distortion
 from hvd_gradq.alloc.distortion import LossProbe, Quantize
+from hvd_gradq.alloc.layer_types import layer_types
 from hvd_gradq.alloc.solvers import SOLVERS, Allocation, AMPASchedule, RDCurves
 
 RATES = ("paper", "wire")
@@ -53,12 +54,14 @@ class Allocator:
         probe: a ``LossProbe`` (model, loss, batches); needed by the LAD metrics, and by every
             metric to compute the gradient it quantizes.
         lr: the step size eta of the LAD metrics; None: the optimizer's current learning rate.
+        group: "layer" (one width per layer) or "type" (QODA: one width per layer type, the
+            types' R-D curves being the sums of their layers'; see ``alloc.layer_types``).
     """
 
     def __init__(self, budget: float, *, metric: str = "lad", solver: str = "lagrangian",
                  options: Sequence[int] = (2, 3, 4, 5, 6, 7, 8), rate: str = "paper", probe: LossProbe | None = None,
                  lr: float | None = None, eps: float = 1e-9, dp_units: int = 4000,
-                 ampa: AMPASchedule | None = None) -> None:
+                 ampa: AMPASchedule | None = None, group: str = "layer") -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
             raise ValueError(f"budget (average bits per element) must be a finite number >= 0, got {budget!r}")
         opts = tuple(options)
@@ -74,6 +77,8 @@ class Allocator:
             raise ValueError(f"metric must be one of {distortion.METRICS}, got {metric!r}")
         if solver not in (*SOLVERS, "ampa"):
             raise ValueError(f"solver must be one of {[*SOLVERS, 'ampa']}, got {solver!r}")
+        if group not in ("layer", "type"):
+            raise ValueError(f"group must be 'layer' (a width per layer) or 'type' (per layer type), got {group!r}")
         if rate not in RATES:
             raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
         if probe is None:
@@ -93,6 +98,7 @@ class Allocator:
         self.eps = eps
         self.dp_units = dp_units
         self.ampa = ampa if ampa is not None else (AMPASchedule() if solver == "ampa" else None)
+        self.group = group
         self.last_curves: RDCurves | None = None
 
     def allocate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float,
@@ -125,15 +131,25 @@ class Allocator:
             rates = np.array([[wire_bits(n, b) for b in self.options] for n in names], dtype=np.float64)
         else:
             rates = np.array([[b * params[n].numel() for b in self.options] for n in names], dtype=np.float64)
-        curves = RDCurves(names, self.options, table, rates)
-        self.last_curves = curves
         total = self.budget * sum(params[n].numel() for n in names)
+        if self.group == "type":  # one decision per type: its curve is the sum of its layers'
+            kinds = layer_types(self.probe.model, params)
+            groups = sorted({kinds[n] for n in names})
+            member = np.array([[kinds[n] == g for n in names] for g in groups], dtype=np.float64)
+            curves = RDCurves(tuple(groups), self.options, member @ table, member @ rates)
+        else:
+            curves = RDCurves(names, self.options, table, rates)
+        self.last_curves = curves
         if self.solver == "mckp_dp":
             alloc = SOLVERS["mckp_dp"](curves, total, units=self.dp_units)
         elif self.solver == "lagrangian":
             alloc = SOLVERS["lagrangian"](curves, total, eps=self.eps)
         else:
             alloc = SOLVERS[self.solver](curves, total)
+        if self.group == "type":
+            alloc = Allocation(bits={n: alloc.bits[kinds[n]] for n in names}, choice=alloc.choice, rate=alloc.rate,
+                               distortion=alloc.distortion, solver=f"{alloc.solver} per type",
+                               info={**alloc.info, "types": {g: alloc.bits[g] for g in groups}})
         return alloc, {"seconds": time.perf_counter() - start, **counts}
 
     def __repr__(self) -> str:

@@ -68,6 +68,14 @@ class _Evaluator:
         self.forwards = 0
         self.backwards = 0
 
+    def stepped(self, grads: dict[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:
+        """The weights after an SGD step W - lr * g on every layer in ``grads`` (model names)."""
+        out = dict(self.weights)
+        for n, g in grads.items():
+            m = self.model_name[n]
+            out[m] = self.weights[m] - lr * g.view_as(self.weights[m])
+        return out
+
     def loss(self, weights: dict[str, torch.Tensor], batch) -> float:
         x, y = batch
         buffers = {n: b.clone() for n, b in self.buffers.items()} if self.buffers else {}
@@ -111,10 +119,7 @@ def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str
     batches = probe.get_batches()
     coded = _errors(grads, quantize, options)
     with torch.no_grad():
-        base = dict(ev.weights)
-        for n, g in grads.items():
-            m = ev.model_name[n]
-            base[m] = ev.weights[m] - lr * g.view_as(ev.weights[m])
+        base = ev.stepped(grads, lr)
         ref = [ev.loss(base, b) for b in batches]
         table = np.zeros((len(grads), len(options)))
         for i, n in enumerate(grads):
@@ -130,11 +135,7 @@ def lad_first_order(probe: LossProbe, params: dict[str, torch.Tensor], grads: di
                     quantize: Quantize, options: Sequence[int], lr: float) -> tuple[np.ndarray, dict]:
     """Eq. 7-8: lr * |g_{t+1} . e_l(b)|, g_{t+1} the mean gradient at W - lr g over the batches."""
     ev = _Evaluator(probe, params)
-    updated = dict(ev.weights)
-    for n, g in grads.items():
-        m = ev.model_name[n]
-        updated[m] = ev.weights[m] - lr * g.view_as(ev.weights[m])
-    g_next = ev.grads(updated, probe.get_batches())
+    g_next = ev.grads(ev.stepped(grads, lr), probe.get_batches())
     coded = _errors(grads, quantize, options)
     table = np.zeros((len(grads), len(options)))
     for i, (n, g) in enumerate(grads.items()):

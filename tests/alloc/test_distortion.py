@@ -102,3 +102,43 @@ def test_allocator_spends_the_budget_and_prefers_sensitive_layers():
         Allocator(2.0)
     with pytest.raises(ValueError, match="metric"):
         Allocator(2.0, metric="l2", probe=probe)
+
+
+def test_layer_types_and_per_type_allocation():
+    from hvd_gradq.alloc.layer_types import layer_types
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 40)
+            self.attn_proj = torch.nn.Linear(40, 40)
+            self.conv = torch.nn.Conv1d(40, 40, 1)
+            self.norm = torch.nn.LayerNorm(40)
+            self.ffn = torch.nn.Linear(40, 40)
+            self.ffn2 = torch.nn.Linear(40, 40)
+            self.out = torch.nn.Linear(40, 50)
+
+        def forward(self, tok):
+            h = self.emb(tok)
+            h = h + self.attn_proj(h)
+            h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+            return self.out(self.ffn2(torch.relu(self.ffn(self.norm(h))))).mean(1)
+
+    model = Tiny()
+    kinds = layer_types(model)
+    assert kinds["emb.weight"] == "embedding" and kinds["attn_proj.weight"] == "attention"
+    assert kinds["conv.weight"] == "conv" and kinds["norm.weight"] == "norm" and kinds["ffn.weight"] == "linear"
+    assert kinds["ffn.bias"] == "bias"
+    tok = torch.randint(50, (8, 5))
+    probe = LossProbe(model, F.cross_entropy, [(tok, torch.randint(50, (8,)))])
+    params = {n: p for n, p in model.named_parameters() if p.dim() > 1}
+
+    def quantize(name, bits, g):
+        return make_codec("qsgdinf", bits, bucket_size=64).roundtrip(g, DitherSource([1, bits]))
+
+    alloc, _ = Allocator(3.0, metric="mse", probe=probe, group="type", options=(0, 2, 4, 8)).allocate(
+        params, quantize, lr=0.1)
+    assert alloc.bits["ffn.weight"] == alloc.bits["ffn2.weight"] == alloc.bits["out.weight"]  # one width per type
+    assert set(alloc.info["types"]) == {"embedding", "attention", "conv", "linear"}
+    n = {k: p.numel() for k, p in params.items()}
+    assert sum(alloc.bits[k] * n[k] for k in n) <= 3.0 * sum(n.values())
