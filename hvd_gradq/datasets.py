@@ -79,3 +79,104 @@ def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     x = (x - 0.2860) / 0.3530  # Fashion-MNIST training-set mean and std
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+# ---- Jane Austen's six novels (Debian r-cran-janeaustenr, read without R) -----------------------
+
+AUSTEN_INSTALL = (
+    "apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb ~/.cache/hvd_gradq/debroot "
+    "(launch/setup.sh does this; installing the package itself would pull in R)"
+)
+AUSTEN_BOOKS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+_STRSXP, _CHARSXP = 16, 9
+
+
+def austen_rdb(search: list[Path] | None = None) -> Path:
+    """Path of janeaustenr's lazy-load database; raises with the install command if absent."""
+    if search is None:
+        search = [Path("/") / _RDB, cache_dir() / "debroot" / _RDB]
+    for p in search:
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"Jane Austen corpus not found (looked in {', '.join(map(str, search))}). "
+                            f"Get it with: {AUSTEN_INSTALL}")
+
+
+def _r_character_vector(blob: bytes) -> list[str]:
+    """The character vector in one R XDR serialisation ('X\\n', version 2 or 3)."""
+    if blob[:2] != b"X\n":
+        raise ValueError("not an R XDR serialisation")
+    pos = 2
+
+    def i32() -> int:
+        nonlocal pos
+        v = int.from_bytes(blob[pos:pos + 4], "big", signed=True)
+        pos += 4
+        return v
+
+    version = i32()
+    i32(), i32()  # writer and minimal reader R versions
+    if version == 3:
+        skip = i32()  # native encoding name
+        pos += skip
+    if (i32() & 0xFF) != _STRSXP:
+        raise ValueError("the R object is not a character vector")
+    out = []
+    for _ in range(i32()):
+        if (i32() & 0xFF) != _CHARSXP:
+            raise ValueError("malformed character vector")
+        n = i32()
+        out.append("" if n < 0 else blob[pos:pos + n].decode("utf-8", errors="replace"))
+        pos += max(n, 0)
+    return out
+
+
+def austen_books(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """Lines of each novel: the database's records in order, each a 4-byte big-endian length and
+    a zlib stream holding one character vector."""
+    import zlib
+
+    data = Path(path or austen_rdb()).read_bytes()
+    books, pos = [], 0
+    while pos < len(data) and len(books) < len(AUSTEN_BOOKS):
+        d = zlib.decompressobj()
+        blob = d.decompress(data[pos + 4:])
+        books.append(_r_character_vector(blob))
+        pos = len(data) - len(d.unused_data)
+    if len(books) != len(AUSTEN_BOOKS):
+        raise ValueError(f"expected {len(AUSTEN_BOOKS)} novels in {path}, found {len(books)}")
+    return dict(zip(AUSTEN_BOOKS, books))
+
+
+def austen_tokens() -> list[str]:
+    """Lower-cased word and punctuation tokens of the six novels in the database's order, with an
+    end-of-paragraph token "<eos>" at each blank line."""
+    import re
+
+    word = re.compile(r"[a-z]+(?:'[a-z]+)?|[0-9]+|[^\sa-z0-9]")
+    out: list[str] = []
+    for lines in austen_books().values():
+        for line in lines:
+            line = line.strip().lower()
+            if line:
+                out += word.findall(line)
+            elif out and out[-1] != "<eos>":
+                out.append("<eos>")
+    return out
+
+
+def austen_lm(vocab_size: int = 10_000) -> dict:
+    """Word-level language-model data: token ids of train / valid / test (the first 90% / next 5%
+    / last 5% of the concatenated novels) over the ``vocab_size`` most frequent training tokens
+    (others -> "<unk>")."""
+    from collections import Counter
+
+    toks = austen_tokens()
+    n = len(toks)
+    a, b = int(0.9 * n), int(0.95 * n)
+    counts = Counter(toks[:a])
+    vocab = ["<unk>"] + [w for w, _ in counts.most_common(vocab_size - 1)]
+    index = {w: i for i, w in enumerate(vocab)}
+    ids = torch.tensor([index.get(w, 0) for w in toks], dtype=torch.int64)
+    return {"vocab": vocab, "train": ids[:a], "valid": ids[a:b], "test": ids[b:]}

@@ -50,3 +50,21 @@ class FashionCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class LSTMLanguageModel(nn.Module):
+    """Word-level LM: embedding, 2-layer LSTM, linear decoder (11.4M parameters at the defaults:
+    most of them in the 10k x 256 embedding and the 512 x 10k decoder, the communication-bound case)."""
+
+    def __init__(self, vocab: int = 10_000, emb: int = 256, hidden: int = 512, layers: int = 2,
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, emb)
+        self.lstm = nn.LSTM(emb, hidden, num_layers=layers, batch_first=True, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, seq, vocab) logits."""
+        out, _ = self.lstm(self.drop(self.embedding(tokens)))
+        return self.decoder(self.drop(out))

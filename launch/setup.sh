@@ -66,6 +66,20 @@ else
   dpkg -x "$CACHE"/debs/dataset-fashion-mnist_*.deb "$CACHE/debroot"
 fi
 
+# ---- 2b. Jane Austen's novels (offline, from Debian's r-cran-janeaustenr, without R) -----------
+# Only the data file is needed; installing the package would pull in R, so it is unpacked into
+# the cache with apt-get download + dpkg -x (root or not).
+AUSTEN_CACHE=$CACHE/debroot/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
+if [ -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ] || [ -f "$AUSTEN_CACHE" ]; then
+  say "Jane Austen corpus: present"
+else
+  say "Jane Austen corpus: apt-get download r-cran-janeaustenr into $CACHE/debroot (the data file only)"
+  mkdir -p "$CACHE/debs" "$CACHE/debroot"
+  (cd "$CACHE/debs" && apt-get download r-cran-janeaustenr 2>/dev/null) \
+    || die "apt-get download r-cran-janeaustenr failed; try: apt-get update (as root)"
+  dpkg -x "$CACHE"/debs/r-cran-janeaustenr_*.deb "$CACHE/debroot"
+fi
+
 # ---- 3. virtual environment --------------------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
   PY=${PYTHON:-}

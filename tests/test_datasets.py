@@ -32,3 +32,24 @@ def test_fashion_mnist_from_debian():
     assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
     xt, yt = fashion_mnist("test")
     assert xt.shape == (10000, 1, 28, 28) and yt.shape == (10000,)
+
+
+def test_austen_corpus_reads_six_novels_without_r():
+    from hvd_gradq.datasets import AUSTEN_BOOKS, austen_books, austen_lm
+
+    books = austen_books()
+    assert list(books) == list(AUSTEN_BOOKS)
+    assert books["prideprejudice"][10].startswith("of a good fortune, must be in want of a wife")
+    assert min(len(v) for v in books.values()) > 7000 and max(len(v) for v in books.values()) < 17000
+    data = austen_lm(vocab_size=10_000)
+    total = len(data["train"]) + len(data["valid"]) + len(data["test"])
+    assert 850_000 < total < 900_000  # word + punctuation tokens, and paragraph ends
+    assert len(data["vocab"]) == 10_000 and data["vocab"][0] == "<unk>"
+    assert int(data["train"].max()) < 10_000 and data["valid"].numel() > 40_000
+
+
+def test_missing_austen_names_the_install_command(tmp_path):
+    from hvd_gradq.datasets import austen_rdb
+
+    with pytest.raises(FileNotFoundError, match="apt-get download r-cran-janeaustenr"):
+        austen_rdb([tmp_path / "nothing"])

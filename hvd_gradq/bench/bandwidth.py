@@ -1,0 +1,269 @@
+"""Bandwidth-limited speedup benchmark on the emulated cluster (root; see launch/cluster.sh).
+
+    sudo .venv/bin/python -m hvd_gradq.bench.bandwidth --rates 1gbit,200mbit,50mbit --np 2 \\
+        --models cnn,lstm --out docs/bandwidth
+
+For every link rate it brings the cluster up, and for every model x compressor runs one cell
+(``step_worker`` under horovodrun across the nodes; ``ddp_worker`` for DDP + PowerSGD), then tears
+the cluster down. Per cell: median step time over the timed steps, the compute-only step time
+(one process, no communication), bytes per step and rank counted by the kernel on the node's
+eth0 against the cost model's prediction, speedup against ``none`` at the same rate, and the
+ratio of that speedup to the ideal bound T_none / (T_compute + T_comm_none * wire_ratio). A cell
+that fails is recorded with its error and the sweep goes on. Writes results.json, BANDWIDTH.md
+(table + the exact command) and PNG plots into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "launch" / "cluster.sh"
+DEFAULT_COMPRESSORS = "none,fp16,uniform2,uniform4,uniform8,lad2,lad3,jointsq20,jointsq100,powersgd"
+
+
+def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return 124, out + f"\n[timed out after {timeout:.0f} s]"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _collect(cell_dir: Path, size: int) -> dict:
+    ranks = [json.loads((cell_dir / f"rank{r}.json").read_text()) for r in range(size)]
+    head = dict(ranks[0])
+    head["median_step_s"] = max(r["median_step_s"] for r in ranks)  # ranks wait for each other
+    head["tx_per_step"] = sum(r["tx_per_step"] for r in ranks) / size
+    return head
+
+
+def run_cell(model: str, compressor: str, size: int, args, out: Path) -> dict:
+    cell_dir = out / "cells" / f"{args.rate_label}-{model}-{compressor}-np{size}"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    for f in cell_dir.glob("rank*.json"):
+        f.unlink()
+    py = sys.executable
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if compressor == "powersgd":
+        procs = []
+        for r in range(size):
+            cmd = ["ip", "netns", "exec", f"hvdgq{r + 1}", py, "-m", "hvd_gradq.bench.ddp_worker", "--model", model,
+                   "--rank", str(r), "--world", str(size), "--master", "10.77.0.1:29511",
+                   "--steps", str(args.steps), "--out", str(cell_dir)]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True, env=env))
+        deadline = time.monotonic() + args.cell_timeout
+        rc, text = 0, ""
+        for p in procs:
+            try:
+                o, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                o, _ = p.communicate()
+                o += "\n[timed out]"
+            rc = rc or p.returncode
+            text += o
+    else:
+        cmd = [str(CLUSTER), "run", "-np", str(size), py, "-m", "hvd_gradq.bench.step_worker", "--model", model,
+               "--compressor", compressor, "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--out", str(cell_dir)]
+        rc, text = _run(cmd, args.cell_timeout, env)
+    (cell_dir / "log.txt").write_text(text)
+    if rc != 0:
+        return {"model": model, "compressor": compressor, "size": size, "error": text[-1500:]}
+    return _collect(cell_dir, size)
+
+
+def compute_only(model: str, args, out: Path) -> float:
+    cell_dir = out / "cells" / f"compute-{model}"
+    cmd = [sys.executable, "-m", "hvd_gradq.bench.step_worker", "--model", model, "--compressor", "none",
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(cell_dir)]
+    rc, text = _run(cmd, args.cell_timeout, dict(os.environ, OMP_NUM_THREADS="1"))
+    if rc != 0:
+        raise RuntimeError(f"compute-only run of {model} failed:\n{text[-2000:]}")
+    return json.loads((cell_dir / "rank0.json").read_text())["median_step_s"]
+
+
+def derive(rows: list[dict], compute: dict[str, float]) -> None:
+    """Speedup vs none and the ratio to the ideal bound, in place."""
+    base = {(r["rate"], r["model"], r["size"]): r for r in rows if r["compressor"] == "none" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            continue
+        r["compute_s"] = compute[r["model"]]
+        b = base.get((r["rate"], r["model"], r["size"]))
+        if b is None:
+            continue
+        r["speedup"] = b["median_step_s"] / r["median_step_s"]
+        wire_ratio = r["tx_per_step"] / max(b["tx_per_step"], 1.0)
+        comm_none = max(b["median_step_s"] - r["compute_s"], 0.0)
+        ideal = b["median_step_s"] / (r["compute_s"] + comm_none * wire_ratio)
+        r["wire_ratio"] = wire_ratio
+        r["ideal_speedup"] = ideal
+        r["of_ideal"] = r["speedup"] / ideal if ideal > 0 else float("nan")
+
+
+def write_report(rows: list[dict], compute: dict[str, float], args, out: Path, seconds: float) -> None:
+    (out / "results.json").write_text(json.dumps({"rows": rows, "compute_s": compute, "args": vars(args)}, indent=1))
+    cmd = "sudo .venv/bin/python -m hvd_gradq.bench.bandwidth " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items() if k != "rate_label")
+    lines = ["# Bandwidth-limited speedups (measured on the emulated cluster)", "",
+             f"Command: `{cmd}` ({seconds / 60:.0f} min).", "",
+             "Cluster: `launch/cluster.sh` namespaces on one 2-core machine, 1 process per node and 1 thread "
+             "per process, links shaped with tc tbf in both directions, MTU 9000. Step time: the slowest rank's "
+             f"median over {args.steps} timed steps after {args.warmup} warm-up steps. Bytes: sent per step and "
+             "rank, counted by the kernel on the node's eth0; predicted: the cost model's network bytes "
+             "(ring allreduce 2(N-1)/N x payload; allgather (N-1) x frame; two-phase both phases). "
+             "Ideal: T_none / (T_compute + T_comm_none x wire ratio).", "",
+             "Compute-only step time (1 process): " + ", ".join(f"{m} {s:.3f} s" for m, s in compute.items()), "",
+             "| rate | model | N | compressor | step s | speedup | ideal | of ideal | sent B/step | predicted B/step "
+             "| kernel/predicted | wire ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            first = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "failed"
+            lines.append(f"| {r['rate']} | {r['model']} | {r['size']} | {r['compressor']} | failed: {first} "
+                         "| | | | | | | |")
+            continue
+        pred = r.get("predicted_sent_per_step")
+        kp = f"{r['tx_per_step'] / pred:.3f}" if pred else "-"
+        lines.append(
+            f"| {r['rate']} | {r['model']} | {r['size']} | {r['compressor']} | {r['median_step_s']:.3f} | "
+            f"{r.get('speedup', float('nan')):.2f} | {r.get('ideal_speedup', float('nan')):.2f} | "
+            f"{r.get('of_ideal', float('nan')):.2f} | {r['tx_per_step']:.0f} | "
+            f"{'-' if pred is None else f'{pred:.0f}'} | {kp} | {r.get('wire_ratio', float('nan')):.3f} |")
+    lines += ["", "![speedup](speedup.png)", "", "![breakdown](breakdown.png)", ""]
+    (out / "BANDWIDTH.md").write_text("\n".join(lines))
+    _plots(rows, compute, out)
+
+
+def _rate_mbit(rate: str) -> float:
+    r = rate.lower()
+    for unit, f in (("gbit", 1000.0), ("mbit", 1.0), ("kbit", 1e-3)):
+        if r.endswith(unit):
+            return float(r[: -len(unit)]) * f
+    return float(r)
+
+
+def _plots(rows: list[dict], compute: dict[str, float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r and "speedup" in r]
+    models = sorted({r["model"] for r in ok})
+    if not ok:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for comp in sorted({r["compressor"] for r in ok if r["model"] == model}):
+            pts = sorted((_rate_mbit(r["rate"]), r["speedup"]) for r in ok if r["model"] == model
+                         and r["compressor"] == comp)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=comp)
+        ax.set_xscale("log")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("link rate (Mbit/s)")
+        ax.set_ylabel("speedup vs none")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+    plt.close(fig)
+    rates = sorted({r["rate"] for r in ok}, key=_rate_mbit)
+    fig, axes = plt.subplots(len(models), len(rates), figsize=(4.2 * len(rates), 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, rate in enumerate(rates):
+            ax = axes[i][j]
+            sel = [r for r in ok if r["model"] == model and r["rate"] == rate]
+            names = [r["compressor"] for r in sel]
+            comp_s = [compute[model] for _ in sel]
+            comm_s = [max(r["median_step_s"] - compute[model], 0.0) for r in sel]
+            ax.bar(names, comp_s, label="compute (1 process)")
+            ax.bar(names, comm_s, bottom=comp_s, label="communication + coding")
+            ax.set_title(f"{model} @ {rate}")
+            ax.set_ylabel("s per step")
+            ax.tick_params(axis="x", rotation=60, labelsize=7)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "breakdown.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="1gbit,200mbit,50mbit")
+    ap.add_argument("--np", default="2", help="comma-separated process counts (one per node)")
+    ap.add_argument("--models", default="cnn,lstm")
+    ap.add_argument("--compressors", default=DEFAULT_COMPRESSORS)
+    ap.add_argument("--delay", default="0")
+    ap.add_argument("--warmup", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cell-timeout", type=float, default=600)
+    ap.add_argument("--out", default="docs/bandwidth")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmark brings up network namespaces: run it as root")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = args.models.split(",")
+    sizes = [int(n) for n in args.np.split(",")]
+    cells = [(rate, m, c, n) for rate in args.rates.split(",") for m in models
+             for c in args.compressors.split(",") for n in sizes]
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    compute = {m: compute_only(m, args, out) for m in models}
+    rows: list[dict] = []
+    bar = tqdm(total=len(cells), desc="cells", dynamic_ncols=True)
+    try:
+        for rate in args.rates.split(","):
+            args.rate_label = rate
+            rc, text = _run([str(CLUSTER), "up", "--nodes", str(max(sizes)), "--rate", rate, "--delay", args.delay],
+                            180)
+            if rc != 0:
+                for cell in [c for c in cells if c[0] == rate]:
+                    rows.append({"rate": rate, "model": cell[1], "compressor": cell[2], "size": cell[3],
+                                 "error": f"cluster up failed: {text[-500:]}"})
+                    bar.update()
+                continue
+            for _, m, c, n in [cell for cell in cells if cell[0] == rate]:
+                bar.set_postfix_str(f"{rate} {m} {c} np{n}")
+                row = run_cell(m, c, n, args, out)
+                row["rate"] = rate
+                rows.append(row)
+                if "error" in row:
+                    tqdm.write(f"cell {rate} {m} {c} np{n} failed; going on")
+                else:
+                    tqdm.write(f"{rate} {m} {c} np{n}: {row['median_step_s']:.3f} s/step, "
+                               f"{row['tx_per_step'] / 1e6:.2f} MB/step sent")
+                bar.update()
+                derive(rows, compute)
+                write_report(rows, compute, args, out, time.perf_counter() - started)
+    finally:
+        _run([str(CLUSTER), "down"], 120)
+        bar.close()
+    derive(rows, compute)
+    write_report(rows, compute, args, out, time.perf_counter() - started)
+    print(f"wrote {out / 'BANDWIDTH.md'}, {out / 'results.json'}, {out / 'speedup.png'}, {out / 'breakdown.png'}")
+
+
+if __name__ == "__main__":
+    main()
