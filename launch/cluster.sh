@@ -59,15 +59,29 @@ cmd_down() {
   log "down: no namespaces, bridge or sshd left"
 }
 
+burst_bytes() {  # 2 ms of line rate, at least 32 KiB: a short burst, so small payloads are shaped too
+  local r=${1,,} bits
+  case "$r" in
+    *gbit) bits=$(( ${r%gbit} * 1000000000 )) ;;
+    *mbit) bits=$(( ${r%mbit} * 1000000 )) ;;
+    *kbit) bits=$(( ${r%kbit} * 1000 )) ;;
+    *) die "--rate must be an integer with gbit, mbit or kbit (e.g. 200mbit), got $1" ;;
+  esac
+  local b=$(( bits / 8 / 500 ))
+  [ "$b" -lt 32768 ] && b=32768
+  echo "$b"
+}
+
 shape() {  # shape <netns or ''> <dev> <rate> <delay>
-  local ns=$1 dev=$2 rate=$3 delay=$4 run=()
+  local ns=$1 dev=$2 rate=$3 delay=$4 run=() burst
+  burst=$(burst_bytes "$rate")
   [ -n "$ns" ] && run=(ip netns exec "$ns")
   "${run[@]}" tc qdisc del dev "$dev" root 2>/dev/null || true
   if [ "$delay" != 0 ] && [ "$delay" != 0ms ]; then
     "${run[@]}" tc qdisc add dev "$dev" root handle 1: netem delay "$delay"
-    "${run[@]}" tc qdisc add dev "$dev" parent 1: handle 2: tbf rate "$rate" burst 256kb latency 200ms
+    "${run[@]}" tc qdisc add dev "$dev" parent 1: handle 2: tbf rate "$rate" burst "$burst" latency 200ms
   else
-    "${run[@]}" tc qdisc add dev "$dev" root tbf rate "$rate" burst 256kb latency 200ms
+    "${run[@]}" tc qdisc add dev "$dev" root tbf rate "$rate" burst "$burst" latency 200ms
   fi
 }
 
@@ -133,7 +147,7 @@ EOF
   local IFS=,
   echo "${hosts[*]}" >"$DIR/hosts"
   unset IFS
-  printf '%s\n' "nodes=$n" "rate=$rate" "delay=$delay" "mtu=$mtu" >"$DIR/settings"
+  printf '%s\n' "nodes=$n" "rate=$rate" "burst=$(burst_bytes "$rate")" "delay=$delay" "mtu=$mtu" >"$DIR/settings"
   for i in $(seq 1 "$n"); do  # every node must reach every node over ssh before we say "up"
     for try in $(seq 1 50); do
       ip netns exec "${NS}1" "$DIR/bin/ssh" -o ConnectTimeout=2 "$SUBNET.$i" true 2>/dev/null && break
