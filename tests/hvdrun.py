@@ -35,15 +35,21 @@ def horovodrun(script: str | Path, *args: str, np: int = 2, mode: str = "mpi", t
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = [str(bindir / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", f"--{mode}",
            sys.executable, str(script), *map(str, args)]
+    return run_command(cmd, timeout=timeout, env=env)
+
+
+def run_command(cmd, *, timeout: float, env: dict | None = None) -> Run:
+    """Run ``cmd`` in its own process group from the repository root; on timeout kill the whole
+    group and fail the test. Nothing it started outlives it."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"horovodrun did not finish within {timeout}s (killed):\n{out[-6000:]}") from exc
+        raise AssertionError(f"{cmd[0]} did not finish within {timeout}s (killed):\n{out[-6000:]}") from exc
     finally:
         with contextlib.suppress(ProcessLookupError):  # leave no stray workers behind
             os.killpg(proc.pid, signal.SIGKILL)

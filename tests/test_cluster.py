@@ -1,34 +1,22 @@
 """The emulated cluster (launch/cluster.sh): namespaces + sshd + tc, a 2-node horovodrun job on a
 shaped link, bytes counted by the kernel, and a tear-down that leaves nothing behind."""
-import contextlib
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.hvdrun import ROOT, WORKERS
+from tests.hvdrun import ROOT, WORKERS, run_command
 
 CLUSTER = ROOT / "launch" / "cluster.sh"
 
 
-def sh(*cmd, timeout=240, check=True):
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{cmd} did not finish within {timeout}s:\n{out[-4000:]}") from exc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{out[-4000:]}")
-    return out
+def sh(*cmd, timeout=240, check=True) -> str:
+    run = run_command(cmd, timeout=timeout)
+    if check and run.returncode != 0:
+        raise AssertionError(f"{cmd} exited {run.returncode}:\n{run.output[-4000:]}")
+    return run.output
 
 
 def namespaces_allowed() -> str | None:

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 from torch.nn.parallel import DistributedDataParallel
 
-from hvd_gradq.bench.step_worker import counters, make_task
+from hvd_gradq.bench.step_worker import make_task, timed_steps
 
 
 def main(argv=None) -> dict:
@@ -53,22 +52,13 @@ def main(argv=None) -> dict:
         opt.step()
         return float(loss.detach())
 
-    for i in range(args.warmup):
-        step(i)
-    dist.barrier()
-    tx0, rx0 = counters()
-    times, losses = [], []
-    for i in range(args.warmup, args.warmup + args.steps):
-        t = time.perf_counter()
-        losses.append(step(i))
-        times.append(time.perf_counter() - t)
-    tx1, rx1 = counters()
+    times, losses, (tx, rx) = timed_steps(step, args.warmup, args.steps, dist.barrier)
     dist.barrier()
     dist.destroy_process_group()
     result = {"model": args.model, "compressor": f"ddp-{args.hook}", "size": args.world, "rank": args.rank,
               "params": sum(p.numel() for p in model.parameters()), "median_step_s": statistics.median(times),
-              "step_s": times, "loss": losses, "tx_per_step": (tx1 - tx0) / args.steps,
-              "rx_per_step": (rx1 - rx0) / args.steps, "payload_per_step": None,
+              "step_s": times, "loss": losses, "tx_per_step": tx / args.steps,
+              "rx_per_step": rx / args.steps, "payload_per_step": None,
               "fp32_bytes": 4 * sum(p.numel() for p in model.parameters()), "warmup": args.warmup, "steps": args.steps}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{args.rank}.json").write_text(json.dumps(result))

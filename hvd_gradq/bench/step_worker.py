@@ -35,6 +35,23 @@ def counters() -> tuple[int, int]:
     return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
 
 
+def timed_steps(step, warmup: int, steps: int, barrier=None):
+    """Run ``warmup`` untimed steps, then ``steps`` timed ones; return the step times, the losses
+    and the bytes (sent, received) the node's eth0 counted over the timed steps."""
+    for i in range(warmup):
+        step(i)
+    if barrier is not None:
+        barrier()
+    tx0, rx0 = counters()
+    times, losses = [], []
+    for i in range(warmup, warmup + steps):
+        t = time.perf_counter()
+        losses.append(step(i))
+        times.append(time.perf_counter() - t)
+    tx1, rx1 = counters()
+    return times, losses, (tx1 - tx0, rx1 - rx0)
+
+
 def make_task(model_name: str, rank: int, size: int):
     """(model, batch(step) -> (inputs, targets), loss_fn)."""
     if model_name == "cnn":
@@ -104,17 +121,7 @@ def main(argv=None) -> dict:
         opt.step()
         return float(loss.detach()) * size
 
-    for i in range(args.warmup):
-        step(i)
-    if size > 1:
-        hvd.barrier()
-    tx0, rx0 = counters()
-    times, losses = [], []
-    for i in range(args.warmup, args.warmup + args.steps):
-        t = time.perf_counter()
-        losses.append(step(i))
-        times.append(time.perf_counter() - t)
-    tx1, rx1 = counters()
+    times, losses, (tx, rx) = timed_steps(step, args.warmup, args.steps, hvd.barrier if size > 1 else None)
     ring = 2 * (size - 1) / size  # what a ring allreduce sends per rank, per payload byte
     if comp is not None:
         payload = comp.wire_stats().payload_bytes
@@ -129,7 +136,7 @@ def main(argv=None) -> dict:
         "model": args.model, "compressor": c, "size": size, "rank": rank,
         "params": sum(p.numel() for p in model.parameters()),
         "median_step_s": statistics.median(times), "step_s": times, "loss": losses,
-        "tx_per_step": (tx1 - tx0) / args.steps, "rx_per_step": (rx1 - rx0) / args.steps,
+        "tx_per_step": tx / args.steps, "rx_per_step": rx / args.steps,
         "payload_per_step": payload, "predicted_sent_per_step": predicted_sent,
         "fp32_bytes": 4 * sum(p.numel() for p in model.parameters()),
         "warmup": args.warmup, "steps": args.steps,
