@@ -327,6 +327,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self.sparse_as_dense = sparse_as_dense
         self.gradient_exchange = exchange
         self._gq_names = {p: n for n, p in named}
+        self._gq_by_name = {n: p for n, p in named}
         self._gq_params = [p for _, p in named if p.requires_grad]
         self._gq_delay = dict.fromkeys(self._gq_params, backward_passes_per_step)
         self._gq_pending: dict[torch.Tensor, Exchange] = {}
@@ -438,7 +439,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
         ps = self.process_set
         start = time.perf_counter()
         names = ex.allocatable
-        by_name = {n: p for p, n in self._gq_names.items()}
+        by_name = self._gq_by_name
         is_root = ps.rank() == 0
         fire = False
         if is_root:
