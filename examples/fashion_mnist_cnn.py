@@ -56,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary-json", default="", help="rank 0 writes a JSON summary here")
+    p.add_argument("--checkpoint", default="", help="rank 0 saves model, optimizer and compression state here "
+                                                    "after every epoch")
+    p.add_argument("--resume", action="store_true", help="start from --checkpoint (same number of workers)")
+    p.add_argument("--reset-compression", action="store_true",
+                   help="with --resume: start the compression state afresh (e.g. another number of workers)")
     return p.parse_args(argv)
 
 
@@ -143,12 +148,28 @@ def main(argv=None) -> dict:
                       f"(predicted {plan.predicted.payload_bytes} B, {plan.predicted.seconds * 1e3:.3f} ms)")
 
     gen = torch.Generator().manual_seed(args.seed)
+    compression_state = (opt if dropin else compression if args.compressor == "uniform" else None)
+    first_epoch = 0
+    if args.resume:
+        if not args.checkpoint:
+            raise SystemExit("--resume needs --checkpoint PATH")
+        ckpt = torch.load(args.checkpoint, weights_only=False)  # every rank reads the same file
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if compression_state is not None:
+            compression_state.load_compression_state_dict(ckpt["compression"], reset=args.reset_compression)
+        gen.set_state(ckpt["shuffle_rng"])
+        if allocation:
+            probe_gen.set_state(ckpt["probe_rng"])
+        first_epoch = ckpt["epoch"]
+        if rank == 0:
+            print(f"resumed from {args.checkpoint} after epoch {first_epoch}", flush=True)
     steps_per_epoch = len(x_train) // (args.batch_size * size)
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     history = []
     t0 = time.perf_counter()
-    for epoch in range(args.epochs):
+    for epoch in range(first_epoch, args.epochs):
         order = torch.randperm(len(x_train), generator=gen)[rank::size]
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0,
                    dynamic_ncols=True, mininterval=2.0)
@@ -175,6 +196,12 @@ def main(argv=None) -> dict:
         history.append(acc)
         if rank == 0:
             print(f"epoch {epoch + 1}: test accuracy {acc:.4f}", flush=True)
+        if args.checkpoint:  # the compression state is collective (every rank's residuals); rank 0 saves
+            state = compression_state.compression_state_dict() if compression_state is not None else None
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "compression": state,
+                            "epoch": epoch + 1, "shuffle_rng": gen.get_state(),
+                            "probe_rng": probe_gen.get_state() if allocation else None}, args.checkpoint)
 
     summary = {"workers": size, "compressor": args.compressor, "bits": args.bits, "op": args.op,
                "test_accuracy": history, "seconds": time.perf_counter() - t0}

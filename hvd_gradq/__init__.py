@@ -7,6 +7,7 @@ The pure layers (``codecs``, ``packing``, ``wire``, ``codebook``) import without
 Horovod glue is loaded on first use of a name that needs it.
 """
 from hvd_gradq.alloc import Allocator, AMPASchedule, LossProbe
+from hvd_gradq.checkpoint import StateMismatchError
 from hvd_gradq.cost_model import LinkModel, TransportCost
 from hvd_gradq.trigger import Trigger
 from hvd_gradq.wire import CodebookMismatchError, ReductionMismatchError
@@ -21,6 +22,7 @@ __all__ = [
     "LossProbe",
     "PayloadInfo",
     "ReductionMismatchError",
+    "StateMismatchError",
     "TransportCost",
     "Trigger",
     "UniformCompressor",

@@ -9,12 +9,25 @@ MPI aborts the job).
 """
 from __future__ import annotations
 
+import io
+
 import horovod.torch as hvd
 import torch
 
+_channel: dict = {}
+
 
 def _world_comm(process_set):
-    """mpi4py's COMM_WORLD when it is the communicator Horovod runs on, else None."""
+    """mpi4py's COMM_WORLD when it is the communicator Horovod runs on, else None. Decided once
+    per process set and remembered: after the last step a peer's exit can make Horovod finalize
+    MPI under this rank, and a late MPI query (even ``Get_size``) would then crash it."""
+    key = id(process_set)  # elastic runs on Gloo: no mpi4py channel to re-decide after a reset
+    if key not in _channel:
+        _channel[key] = _find_world_comm(process_set)
+    return _channel[key]
+
+
+def _find_world_comm(process_set):
     if process_set is not hvd.global_process_set and process_set != hvd.global_process_set:
         return None
     if not hvd.mpi_enabled():
@@ -59,3 +72,22 @@ def broadcast_codebook(payload, process_set):
         return comm.bcast(payload, root=0)
     return hvd.broadcast_object(payload, root_rank=root_rank(process_set), process_set=process_set,
                                 name="hvd_gradq.codebook")
+
+
+def gather_objects(obj, process_set, name: str = "hvd_gradq.state") -> list:
+    """Every rank's ``obj`` (picklable; tensors kept), in rank order, on every rank of
+    ``process_set`` (for checkpoints: each rank holds its own residuals). Two Horovod allgathers:
+    the sizes, then the serialised bytes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    raw = bytearray(buf.getvalue())  # kept alive: the tensor below borrows its memory
+    data = torch.frombuffer(raw, dtype=torch.uint8)
+    sizes = hvd.allgather(torch.tensor([data.numel()], dtype=torch.int64), name=f"{name}.sizes",
+                          process_set=process_set).tolist()
+    blob = hvd.allgather(data, name=f"{name}.bytes", process_set=process_set).numpy().tobytes()
+    del data, raw
+    out, at = [], 0
+    for n in sizes:
+        out.append(torch.load(io.BytesIO(blob[at:at + n]), weights_only=False))
+        at += n
+    return out

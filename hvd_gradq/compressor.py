@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hvd_gradq import wire
+from hvd_gradq import checkpoint, wire
+from hvd_gradq.broadcast import gather_objects
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
 from hvd_gradq.codecs import DitherSource, ErrorFeedback
 from hvd_gradq.codecs.uniform import abs_max, dequantize_lanes, quantize_to_lanes
@@ -280,6 +281,57 @@ class UniformCompressor(_HorovodCompressor):
                 mean_max = head.stat_sum / size
                 code.scale = mean_max if mean_max > 0 else None
         return out.view(shape).to(dtype)
+
+    # ---- checkpoint -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's state: codebook entries (bits, shared scale, reduction count), residuals,
+        dither stream."""
+        return {"codebook": {c.name: {"bits": c.bits, "scale": c.scale, "version": c.version} for c in self.codebook},
+                "feedback": self.error_feedback.state_dict(), "layer_bits": dict(self.layer_bits),
+                "rng": None if self._rng is None else self._rng.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        size = self.process_set.size()
+        numel = {n: p.numel() for n, p in self._params}
+        self.layer_bits = dict(state["layer_bits"])
+        for name, code in state["codebook"].items():
+            entry = self._code(name, numel[name], size)
+            if entry.bits != code["bits"]:
+                raise checkpoint.StateMismatchError(
+                    f"layer {name!r} was saved at {code['bits']} bits and is coded at {entry.bits} here")
+            entry.scale, entry.version = code["scale"], code["version"]
+        self.error_feedback.load_state_dict(state["feedback"])
+        self._rng = None
+        if state["rng"] is not None:
+            self.rng.load_state_dict(state["rng"])
+
+    def _config(self) -> dict:
+        return {"bits": self.bits, "op": self.op, "min_elements": self.min_elements, "seed": self.seed}
+
+    def compression_state_dict(self) -> dict:
+        """Every rank's state in one bundle for a checkpoint (see ``hvd_gradq.checkpoint``).
+        Collective: call it on every rank of the process set at the same point (after
+        ``optimizer.step()``); every rank gets the bundle, so rank 0 alone can save it."""
+        numel = {n: p.numel() for n, p in self._params}
+        return checkpoint.bundle(gather_objects(self.state_dict(), self.process_set), layers=numel,
+                                 config=self._config())
+
+    def load_compression_state_dict(self, state: dict, reset: bool = False) -> None:
+        """Resume from ``compression_state_dict()`` on every rank, before the first step. A state
+        from another number of ranks, model or setting raises ``StateMismatchError``; with
+        ``reset=True`` the compressor starts afresh instead (no residuals, scales recalibrated by a
+        float32 step)."""
+        if not isinstance(state, dict) or state.get("format") != checkpoint.FORMAT:
+            raise TypeError("load_compression_state_dict() takes what compression_state_dict() returned, got "
+                            f"{type(state).__name__}")
+        numel = {n: p.numel() for n, p in self._params}
+        size = self.process_set.size()
+        if reset and checkpoint.mismatches(state, size=size, layers=numel, config=self._config()):
+            self.codebook.layers.clear()
+            self.error_feedback.residuals.clear()
+            return
+        self.load_state_dict(checkpoint.select(state, rank=self.process_set.rank(), size=size, layers=numel,
+                                               config=self._config(), owner=type(self).__name__))
 
     # ---- reporting ------------------------------------------------------------------------------
     def wire_stats(self) -> WireStats:

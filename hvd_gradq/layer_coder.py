@@ -57,6 +57,22 @@ class GatherCoder:
         #: this step the parameter does not require grad: its worker residual is left alone
         self.frozen = False
 
+    # ---- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The dither stream, JointSQ's per-chunk reallocation state and the codec's own state
+        (e.g. fitted levels)."""
+        state: dict = {"jointsq": {k: (s.R, s.last_noise) for k, s in self._states.items()},
+                       "rng": self.rng.state_dict()}
+        if hasattr(self.codec, "state_dict"):
+            state["codec"] = self.codec.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._states = {int(k): JointSQState(R=r, last_noise=h) for k, (r, h) in state["jointsq"].items()}
+        self.rng.load_state_dict(state["rng"])
+        if "codec" in state and hasattr(self.codec, "load_state_dict"):
+            self.codec.load_state_dict(state["codec"])
+
     # ---- sizes (for the cost model) ---------------------------------------------------------------
     def body_bytes(self, numel: int) -> int:
         return 0 if numel == 0 else self.codec.payload_bytes(numel)

@@ -9,21 +9,24 @@ The optimizer class is created from the wrapped optimizer's class, as Horovod do
 """
 from __future__ import annotations
 
+import abc
 import logging
 import math
+import os
 import re
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import horovod.torch as hvd
 import torch
 
-from hvd_gradq import cost_model, wire
+from hvd_gradq import checkpoint, cost_model, wire
 from hvd_gradq.alloc import AllocationEvent, Allocator
-from hvd_gradq.broadcast import broadcast_codebook, broadcast_decision, transport_name
+from hvd_gradq.broadcast import broadcast_codebook, broadcast_decision, gather_objects, transport_name
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
 from hvd_gradq.codecs import LEVEL_CODECS, Codec, DitherSource, ErrorFeedback, make_codec
 from hvd_gradq.codecs.uniform import abs_max
@@ -96,7 +99,9 @@ class GradientExchange:
         self.rank = process_set.rank()
         self.link = link
         self.codebook = Codebook()
+        self.seed = seed
         self.rng = DitherSource([seed, self.rank])
+        self._coders_made = 0  # each coder draws from its own stream (see _plan)
         self.error_feedback = error_feedback
         self.worker_feedback = ErrorFeedback()
         self.server_feedback = ErrorFeedback()
@@ -138,23 +143,47 @@ class GradientExchange:
             _check_bits(b, f"layer {name!r}")
             if b == plan.bits:
                 continue
-            owed = torch.zeros(plan.numel, dtype=torch.float32)
-            for store in (self.worker_feedback, self.zero_bit_feedback, self.lanes.error_feedback):
-                r = store.pop(name)
-                if r is not None:
-                    owed += r
-            coder = self.coders.pop(name, None)
-            r = self.server_feedback.pop(name)
-            if r is not None and coder is not None:
-                owed[coder.bounds[coder.rank]:coder.bounds[coder.rank + 1]] += r
-            if bool(owed.any()):
-                self.carry[name] = owed + self.carry.get(name, 0)
+            owed = self.take_owed(name)
+            if owed is not None:
+                self.carry[name] = owed
             old_scale = self.codebook[name].scale if plan.transport == ALLREDUCE else None
             self._plan(name, plan.numel, self.codec, b, self.ratio, self.bucket_size, self.forced[name],
                        self.min_elements)
             if self.plans[name].transport == ALLREDUCE:
                 self.codebook[name].scale = old_scale  # no float32 recalibration step
         self.codebook.version = version
+
+    def take_owed(self, name: str) -> torch.Tensor | None:
+        """Remove and return everything this rank's coding of layer ``name`` still owes (its
+        residuals, the requantization residual of its two-phase chunk, what was carried), as one
+        flat float32 tensor; None if nothing."""
+        owed = torch.zeros(self.numel[name], dtype=torch.float32)
+        for store in (self.worker_feedback, self.zero_bit_feedback, self.lanes.error_feedback):
+            r = store.pop(name)
+            if r is not None:
+                owed += r
+        coder = self.coders.pop(name, None)
+        r = self.server_feedback.pop(name)
+        if r is not None and coder is not None:
+            owed[coder.bounds[coder.rank]:coder.bounds[coder.rank + 1]] += r
+        carried = self.carry.pop(name, None)
+        if carried is not None:
+            owed += carried
+        return owed if bool(owed.any()) else None
+
+    def shared_codebook(self) -> dict:
+        """What every rank must take from the root after the set of workers changed: per-layer
+        bits, shared scale and reduction count, and the codebook version."""
+        return {"version": self.codebook.version,
+                "layers": {c.name: (c.bits, c.scale, c.version) for c in self.codebook}}
+
+    def adopt(self, shared: dict) -> None:
+        """Follow the root's ``shared_codebook()`` (a fresh exchange, before its first step)."""
+        bits = {n: b for n, (b, _, _) in shared["layers"].items() if self.plans[n].transport != FLOAT32}
+        self.replan(bits, shared["version"])
+        for name, (_, scale, version) in shared["layers"].items():
+            entry = self.codebook[name]
+            entry.scale, entry.version = scale, version
 
     def quantizer(self, seed: int = 0):
         """``quantize(name, bits, g)``: what layer ``name``'s codec makes of ``g`` at ``bits``
@@ -185,6 +214,60 @@ class GradientExchange:
                                                                             if t in costs])
         return 8.0 * cost.payload_bytes
 
+    # ---- checkpoint -----------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """The settings a saved state must have been made with to resume here."""
+        return {"codec": self.codec, "ratio": self.ratio, "bucket_size": self.bucket_size,
+                "min_elements": self.min_elements, "error_feedback": self.error_feedback,
+                "op": "sum" if self.op == hvd.Sum else "average"}
+
+    def state_dict(self) -> dict:
+        """This rank's compression state: codebook, residuals, carried residuals, dither streams
+        and the coders' own state."""
+        stores = {"worker": self.worker_feedback, "server": self.server_feedback, "zero_bit": self.zero_bit_feedback,
+                  "lanes": self.lanes.error_feedback}
+        return {
+            "codebook": {"version": self.codebook.version,
+                         "layers": {c.name: {"bits": c.bits, "scale": c.scale, "version": c.version,
+                                             "transport": c.transport} for c in self.codebook}},
+            "feedback": {k: v.state_dict() for k, v in stores.items()},
+            "carry": {k: v.clone() for k, v in self.carry.items()},
+            "rng": self.rng.state_dict(),
+            "lanes_rng": self.lanes.rng.state_dict(),
+            "coders": {n: c.state_dict() for n, c in self.coders.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()`` of the same rank of a job with the same model, size and
+        settings (checked by the caller): the plan follows the saved bits and transports."""
+        for name, code in state["codebook"]["layers"].items():
+            plan = self.plans[name]
+            if plan.transport != FLOAT32 and (code["bits"], code["transport"]) != (plan.bits, plan.transport):
+                self.coders.pop(name, None)
+                forced = code["transport"] if code["transport"] in TRANSPORTS else "auto"
+                self._plan(name, plan.numel, self.codec, code["bits"], self.ratio, self.bucket_size, forced,
+                           self.min_elements)
+            entry = self.codebook[name]
+            entry.scale, entry.version = code["scale"], code["version"]
+        self.codebook.version = state["codebook"]["version"]
+        fb = state["feedback"]
+        self.worker_feedback.load_state_dict(fb["worker"])
+        self.server_feedback.load_state_dict(fb["server"])
+        self.zero_bit_feedback.load_state_dict(fb["zero_bit"])
+        self.lanes.error_feedback.load_state_dict(fb["lanes"])
+        self.carry = {k: v.clone() for k, v in state["carry"].items()}
+        self.rng.load_state_dict(state["rng"])
+        self.lanes.rng.load_state_dict(state["lanes_rng"])
+        for name, coder_state in state["coders"].items():
+            self.coders[name].load_state_dict(coder_state)
+
+    def reset_state(self) -> None:
+        """Forget every residual and what was carried (the plan and the codebook stay)."""
+        for store in (self.worker_feedback, self.server_feedback, self.zero_bit_feedback, self.lanes.error_feedback):
+            store.residuals.clear()
+        self.carry.clear()
+
     # ---- planning -------------------------------------------------------------------------------------
     def _gather_codec(self, codec: str, bits: int, ratio, bucket_size: int) -> Codec:
         if codec == "jointsq":
@@ -208,7 +291,11 @@ class GradientExchange:
         # error feedback for biased codes (JointSQ drops elements); unbiased ones (QSGD & co.) do
         # without by default: their variance would accumulate in the residual
         ef = self.error_feedback is True or (self.error_feedback == "auto" and not gcodec.unbiased)
-        coder = GatherCoder(name, numel, gcodec, rank=self.rank, size=n, rng=self.rng,
+        # A stream per coder, not one shared by all layers: two-phase second halves run when
+        # their first half completes, an order that varies from run to run, and the dither must not
+        self._coders_made += 1
+        rng = DitherSource([self.seed, self.rank, zlib.crc32(name.encode()), self._coders_made])
+        coder = GatherCoder(name, numel, gcodec, rank=self.rank, size=n, rng=rng,
                             worker_feedback=self.worker_feedback if ef else None,
                             server_feedback=self.server_feedback if ef else None)
         coder.what = "hvd_gradq.DistributedOptimizer"
@@ -308,13 +395,20 @@ def _check_groups(groups, params: list[torch.Tensor]) -> list[tuple[torch.Tensor
     return [g for g in out if g]
 
 
+class GradqOptimizer(abc.ABC):  # noqa: B024 - a marker: no abstract methods
+    """``isinstance(opt, GradqOptimizer)`` holds for every optimizer ``DistributedOptimizer`` returns
+    (their classes are made at run time from the wrapped optimizer's class)."""
+
+
 class _GradqOptimizer(torch.optim.Optimizer):
     """Methods merged into the dynamically created optimizer class (see ``DistributedOptimizer``)."""
 
-    def __init__(self, params, named: list[tuple[str, torch.Tensor]], exchange: GradientExchange,
+    def __init__(self, params, named: list[tuple[str, torch.Tensor]], make_exchange: Callable[[], GradientExchange],
                  backward_passes_per_step: int, groups, sparse_as_dense: bool, process_set,
                  allocator: Allocator | None = None, trigger: Trigger | None = None) -> None:
         super(self.__class__, self).__init__(params)
+        self._gq_make_exchange = make_exchange
+        exchange = make_exchange() if process_set.included() else None
         self.allocator = allocator
         self.trigger = trigger
         #: every codebook switch: step, version, summary, cost
@@ -338,7 +432,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self._gq_hooks = []
         self._synchronized = False
         self._should_synchronize = True
-        if process_set.included() and hvd.size() > 1:
+        if process_set.included() and (hvd.size() > 1 or os.environ.get("HOROVOD_ELASTIC") == "1"):
             self._gq_hooks = [p.register_post_accumulate_grad_hook(self._gq_hook) for p in self._gq_params]
 
     # ---- hooks ------------------------------------------------------------------------------------------
@@ -365,6 +459,10 @@ class _GradqOptimizer(torch.optim.Optimizer):
     def _gq_launch(self, p: torch.Tensor) -> None:
         if p in self._gq_pending:
             return
+        if not self._gq_pending:  # a step's first exchange: has the set of workers changed (elastic)?
+            ex = self.gradient_exchange
+            if ex is not None and (self.process_set.size(), self.process_set.rank()) != (ex.size, ex.rank):
+                self.elastic_resync()
         grad = p.grad
         if grad is None:  # unused on this rank, maybe not on others: contribute zeros
             grad = p.grad = torch.zeros_like(p)
@@ -451,6 +549,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
             self._gq_alloc_seconds += time.perf_counter() - start
             return
         payload = None
+        via = transport_name(ps)  # asked before the broadcast: after it, a finished peer may end MPI
         if is_root:
             try:
                 alloc, cost = self.allocator.allocate(
@@ -471,7 +570,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self.allocation_events.append(event)
         if is_root:
             _log.info("step %d: codebook v%d (%s) in %.3f s, %d forward passes, via %s", step, event.version,
-                      event.summary, seconds, event.forwards, transport_name(ps))
+                      event.summary, seconds, event.forwards, via)
 
     def allocation_overhead(self) -> dict:
         """Time spent deciding bits (trigger broadcasts, allocations, codebook broadcasts), the
@@ -481,6 +580,125 @@ class _GradqOptimizer(torch.optim.Optimizer):
                 "forwards": sum(e.forwards for e in self.allocation_events),
                 "fraction": self._gq_alloc_seconds / wall if wall > 0 else 0.0,
                 "version": self.gradient_exchange.codebook.version if self.gradient_exchange else 0}
+
+    # ---- checkpoint ----------------------------------------------------------------------------------------
+    def compression_state_dict(self) -> dict | None:
+        """Every rank's compression state in one bundle, for a checkpoint next to the model's and
+        ``optimizer.state_dict()``: residuals, codebook, dither streams, coder state, step count,
+        and rank 0's trigger and allocator state.
+
+        Collective: call it on every rank of the process set at the same point (after ``step()``);
+        every rank gets the whole bundle, so rank 0 alone can save it. None on ranks outside the
+        process set."""
+        if self._gq_pending:
+            raise RuntimeError("compression_state_dict() was called with gradients in flight; call it after "
+                               "optimizer.step() (or synchronize())")
+        ex = self.gradient_exchange
+        if ex is None:
+            return None
+        local = {"step": self._gq_step, "exchange": ex.state_dict(),
+                 "trigger": None if self.trigger is None else self.trigger.state_dict(),
+                 "allocator": None if self.allocator is None else self.allocator.state_dict(),
+                 "events": [asdict(e) for e in self.allocation_events], "alloc_seconds": self._gq_alloc_seconds}
+        return checkpoint.bundle(gather_objects(local, self.process_set), layers=ex.numel, config=self._gq_config())
+
+    def load_compression_state_dict(self, state: dict, reset: bool = False) -> None:
+        """Resume from ``compression_state_dict()``: every rank takes its own part, and training
+        continues exactly as it would have without the interruption (same seeds and data).
+
+        A state saved by a different number of ranks, for a different model or with other coding
+        settings raises ``hvd_gradq.StateMismatchError`` naming the mismatch, unless ``reset=True``:
+        then the compression state starts afresh (residuals zero; with an allocator, the codebook
+        is re-allocated at the next step). Call it on every rank, before the first step."""
+        if not isinstance(state, Mapping) or state.get("format") != checkpoint.FORMAT:
+            raise TypeError("load_compression_state_dict() takes what compression_state_dict() returned (a dict with "
+                            f"format {checkpoint.FORMAT!r}), got {type(state).__name__}")
+        if reset not in (True, False):
+            raise ValueError(f"reset must be True or False, got {reset!r}")
+        if self._gq_pending:
+            raise RuntimeError("load_compression_state_dict() was called with gradients in flight")
+        ex = self.gradient_exchange
+        if ex is None:
+            return
+        problems = checkpoint.mismatches(state, size=ex.size, layers=ex.numel, config=self._gq_config())
+        if problems and reset:
+            _log.warning("compression state not resumed (%s); starting it afresh", "; ".join(problems))
+            self.reset_compression_state()
+            return
+        local = checkpoint.select(state, rank=ex.rank, size=ex.size, layers=ex.numel, config=self._gq_config(),
+                                  owner="hvd_gradq.DistributedOptimizer")
+        ex.load_state_dict(local["exchange"])
+        if self.trigger is not None:
+            self.trigger.load_state_dict(local["trigger"])
+            self.allocator.load_state_dict(local["allocator"])
+        self.allocation_events = [AllocationEvent(**e) for e in local["events"]]
+        self._gq_alloc_seconds = local["alloc_seconds"]
+        self._gq_step = local["step"]
+
+    def reset_compression_state(self) -> None:
+        """Zero every residual; with an allocator, re-allocate the codebook at the next step."""
+        if self.gradient_exchange is not None:
+            self.gradient_exchange.reset_state()
+        if self.trigger is not None:
+            self.trigger.reset()
+            self.allocator.reset()
+
+    def elastic_resync(self) -> None:
+        """After the set of workers changed (a Horovod elastic reset): rebuild everything that
+        depends on N and this rank (lane widths, chunk bounds, transports) for the current process
+        set, fold this rank's residuals into its next step, and take rank 0's codebook (bits,
+        scales, versions), so that every rank starts the next step from the same one. With an
+        allocator, the bits are re-decided at the next step for the new N. Collective: every rank
+        of the process set calls it at the same point; ``hvd_gradq.elastic`` does so on sync and the
+        optimizer does so itself at the first step after the world size or its rank changed."""
+        old = self.gradient_exchange
+        if old is None or not self.process_set.included():
+            return
+        owed = {n: t for n in list(old.numel) if (t := old.take_owed(n)) is not None}
+        fresh = self._gq_make_exchange()
+        mine = {"codebook": old.shared_codebook(), "step": self._gq_step} if self.process_set.rank() == 0 else None
+        shared = broadcast_codebook(mine, self.process_set)
+        fresh.adopt(shared["codebook"])
+        self._gq_step = shared["step"]  # a worker that joined now counts steps like the others
+        fresh.carry = owed
+        self.gradient_exchange = fresh
+        self._gq_pending.clear()
+        self._gq_waiting.clear()
+        self._gq_ready.clear()
+        for p in self._gq_delay:
+            self._gq_delay[p] = self.backward_passes_per_step
+        if self.trigger is not None:
+            self.trigger.reset()
+        _log.info("rank %d of %d: codebook v%d adopted after the set of workers changed", fresh.rank, fresh.size,
+                  fresh.codebook.version)
+
+    def local_compression_state(self) -> dict:
+        """This rank's compression state (not collective; for Horovod elastic's commit/restore)."""
+        ex = self.gradient_exchange
+        return {"size": None if ex is None else ex.size, "step": self._gq_step,
+                "exchange": None if ex is None else ex.state_dict(),
+                "trigger": None if self.trigger is None else self.trigger.state_dict(),
+                "allocator": None if self.allocator is None else self.allocator.state_dict()}
+
+    def load_local_compression_state(self, state: dict) -> None:
+        """Undo to ``local_compression_state()`` of this rank (elastic restore, before the reset).
+        A state from another world size only restores the step count; the next step rebuilds."""
+        ex = self.gradient_exchange
+        self._gq_pending.clear()
+        self._gq_waiting.clear()
+        self._gq_ready.clear()
+        self._gq_step = state["step"]
+        if ex is None or state["exchange"] is None or state["size"] != ex.size:
+            return
+        ex.load_state_dict(state["exchange"])
+        if self.trigger is not None:
+            self.trigger.load_state_dict(state["trigger"])
+            self.allocator.load_state_dict(state["allocator"])
+
+    def _gq_config(self) -> dict:
+        ex = self.gradient_exchange
+        return {**ex.config, "allocator": None if self.allocator is None else repr(self.allocator),
+                "trigger": None if self.trigger is None else repr(self.trigger)}
 
     @contextmanager
     def skip_synchronize(self):
@@ -588,8 +806,8 @@ def DistributedOptimizer(
         codec: "uniform" (shared-scale uniform levels: the only summable codes, so allreduce is
             among its transports), any level codec (``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``,
             ``terngrad``, ``alq``, ``amq``) or "jointsq" (with ``ratio``).
-        bits: bit width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get 4),
-            or a function of the layer name. 0 = the layer is not sent at all (its gradient waits
+        bits: bit width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get 4;
+            where several keys match a layer, the last one wins), or a function of the layer name. 0 = the layer is not sent at all (its gradient waits
             in error feedback).
         ratio: jointsq's compression ratio against float32 (e.g. 20 or 1000).
         bucket_size: elements per bucket of the level codecs (one float32 norm per bucket).
@@ -679,13 +897,14 @@ def DistributedOptimizer(
     elif not isinstance(link, LinkModel):
         raise ValueError(f"link must be a hvd_gradq.LinkModel, 'measure' or None, got {link!r}")
 
-    exchange = None
-    if process_set.included():
-        exchange = GradientExchange(
-            [(n, p) for n, p in named if p.requires_grad], op=op, process_set=process_set, codec=codec, bits=bits,
-            ratio=ratio, bucket_size=bucket_size, transport=transport, link=link, min_elements=min_elements,
-            error_feedback=error_feedback, seed=seed,
-        )
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+
+    def make_exchange() -> GradientExchange:  # again after an elastic reset, for the new process set
+        return GradientExchange(trainable, op=op, process_set=process_set, codec=codec, bits=bits, ratio=ratio,
+                                bucket_size=bucket_size, transport=transport, link=link, min_elements=min_elements,
+                                error_feedback=error_feedback, seed=seed)
+
+    exchange = make_exchange() if process_set.included() else None  # settings errors surface here
     if allocator is not None:
         if not isinstance(allocator, Allocator):
             raise TypeError(f"allocator must be a hvd_gradq.Allocator, got {type(allocator).__name__}")
@@ -704,5 +923,7 @@ def DistributedOptimizer(
     elif trigger is not None:
         raise ValueError("a trigger needs an allocator= to decide the bits when it fires")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_GradqOptimizer.__dict__))
-    return cls(optimizer.param_groups, named, exchange, backward_passes_per_step, groups, sparse_as_dense,
-               process_set, allocator, trigger)
+    GradqOptimizer.register(cls)
+    made = iter([exchange])
+    return cls(optimizer.param_groups, named, lambda: next(made, None) or make_exchange(), backward_passes_per_step,
+               groups, sparse_as_dense, process_set, allocator, trigger)

@@ -74,7 +74,7 @@ class Trigger:
     def state_dict(self) -> dict:
         return {"mode": self.mode, "tau": self.tau, "k_min": self.k_min, "interval": self.interval,
                 "warmup": self.warmup, "anchor": None if self.anchor is None else self.anchor.clone(),
-                "last_step": self.last_step, "fired": self.fired}
+                "last_step": self.last_step, "last_similarity": self.last_similarity, "fired": self.fired}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("mode", "tau", "k_min", "interval", "warmup"):
@@ -82,7 +82,14 @@ class Trigger:
                 raise ValueError(f"trigger state has {key}={state[key]!r}, this trigger {getattr(self, key)!r}")
         self.anchor = None if state["anchor"] is None else state["anchor"].clone()
         self.last_step = state["last_step"]
+        self.last_similarity = state.get("last_similarity")
         self.fired = state["fired"]
+
+    def reset(self) -> None:
+        """Forget the anchor: the next observed step at or after ``warmup`` fires."""
+        self.anchor = None
+        self.last_step = None
+        self.last_similarity = None
 
     def __repr__(self) -> str:
         return (f"Trigger({self.mode!r}, tau={self.tau}, k_min={self.k_min}, interval={self.interval}, "

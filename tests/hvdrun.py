@@ -27,6 +27,12 @@ def horovodrun(script: str | Path, *args: str, np: int = 2, mode: str = "mpi", t
     Uses the horovodrun and python of the running interpreter's environment. As root, sets the
     two variables Open MPI needs. On timeout the whole process group is killed and the test fails.
     """
+    cmd, env = horovodrun_command(script, *args, np=np, mode=mode)
+    return run_command(cmd, timeout=timeout, env=env)
+
+
+def horovodrun_command(script: str | Path, *args: str, np: int = 2, mode: str = "mpi") -> tuple[list[str], dict]:
+    """The command line and environment ``horovodrun`` uses (for tests that start it themselves)."""
     bindir = Path(sys.executable).parent
     env = dict(os.environ)
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
@@ -35,7 +41,7 @@ def horovodrun(script: str | Path, *args: str, np: int = 2, mode: str = "mpi", t
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = [str(bindir / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", f"--{mode}",
            sys.executable, str(script), *map(str, args)]
-    return run_command(cmd, timeout=timeout, env=env)
+    return cmd, env
 
 
 def run_command(cmd, *, timeout: float, env: dict | None = None) -> Run:

@@ -152,6 +152,31 @@ class Allocator:
                                info={**alloc.info, "types": {g: alloc.bits[g] for g in groups}})
         return alloc, {"seconds": time.perf_counter() - start, **counts}
 
+    def state_dict(self) -> dict:
+        """What carries over between allocations: AMPA's schedule (bits, picks at the top level,
+        taboo list). The other solvers decide afresh each time."""
+        if self.ampa is None:
+            return {"ampa": None}
+        a = self.ampa
+        return {"ampa": {"bits": dict(a.bits), "picks_at_top": dict(a.picks_at_top), "taboo": sorted(a.taboo)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("ampa")
+        if (saved is None) != (self.ampa is None):
+            raise ValueError("allocator state is from an allocator with" + ("out" if saved is None else "")
+                             + " an AMPA schedule; this one is " + repr(self))
+        if saved is not None:
+            self.ampa.bits = dict(saved["bits"])
+            self.ampa.picks_at_top = dict(saved["picks_at_top"])
+            self.ampa.taboo = set(saved["taboo"])
+
+    def reset(self) -> None:
+        """Forget the schedule (AMPA starts again from its lowest level)."""
+        if self.ampa is not None:
+            self.ampa.bits.clear()
+            self.ampa.picks_at_top.clear()
+            self.ampa.taboo.clear()
+
     def __repr__(self) -> str:
         return (f"Allocator(budget={self.budget}, metric={self.metric!r}, solver={self.solver!r}, "
                 f"options={self.options}, rate={self.rate!r})")

@@ -45,6 +45,30 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def run_on_nodes(module: str, module_args: list[str], size: int, timeout: float, env: dict) -> tuple[int, str]:
+    """Start ``python -m module`` once per node (``ip netns exec hvdgq<i>``) with ``--rank i --world
+    size --master <node 1>:29511`` appended, as a DDP job needs; wait for all, killing any that run
+    past ``timeout``. Returns (first non-zero exit status or 0, the outputs)."""
+    procs = []
+    for r in range(size):
+        cmd = ["ip", "netns", "exec", f"hvdgq{r + 1}", sys.executable, "-m", module, *module_args,
+               "--rank", str(r), "--world", str(size), "--master", "10.77.0.1:29511"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True, env=env))
+    deadline = time.monotonic() + timeout
+    rc, text = 0, ""
+    for p in procs:
+        try:
+            o, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            o, _ = p.communicate()
+            o += "\n[timed out]"
+        rc = rc or p.returncode
+        text += o
+    return rc, text
+
+
 def _collect(cell_dir: Path, size: int) -> dict:
     ranks = [json.loads((cell_dir / f"rank{r}.json").read_text()) for r in range(size)]
     head = dict(ranks[0])
@@ -61,24 +85,8 @@ def run_cell(model: str, compressor: str, size: int, args, out: Path) -> dict:
     py = sys.executable
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if compressor == "powersgd":
-        procs = []
-        for r in range(size):
-            cmd = ["ip", "netns", "exec", f"hvdgq{r + 1}", py, "-m", "hvd_gradq.bench.ddp_worker", "--model", model,
-                   "--rank", str(r), "--world", str(size), "--master", "10.77.0.1:29511",
-                   "--steps", str(args.steps), "--out", str(cell_dir)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, start_new_session=True, env=env))
-        deadline = time.monotonic() + args.cell_timeout
-        rc, text = 0, ""
-        for p in procs:
-            try:
-                o, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                o, _ = p.communicate()
-                o += "\n[timed out]"
-            rc = rc or p.returncode
-            text += o
+        ddp_args = ["--model", model, "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(cell_dir)]
+        rc, text = run_on_nodes("hvd_gradq.bench.ddp_worker", ddp_args, size, args.cell_timeout, env)
     else:
         cmd = [str(CLUSTER), "run", "-np", str(size), py, "-m", "hvd_gradq.bench.step_worker", "--model", model,
                "--compressor", compressor, "--warmup", str(args.warmup), "--steps", str(args.steps),

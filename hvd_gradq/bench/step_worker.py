@@ -77,6 +77,31 @@ def make_task(model_name: str, rank: int, size: int):
     return model, batch, lm_loss
 
 
+def make_optimizer(c: str, model, opt, batch, loss_fn):
+    """Wrap ``opt`` for compressor ``c`` (op=Sum: callers divide the loss by the number of workers).
+    Returns (distributed optimizer, the UniformCompressor or None)."""
+    named = list(model.named_parameters())
+    comp = None
+    if c in ("none", "fp16", "uniform2", "uniform4", "uniform8"):
+        if c.startswith("uniform"):
+            comp = hvd_gradq.UniformCompressor(bits=int(c[7:]), named_parameters=named, op=hvd.Sum)
+        compression = comp or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
+        return hvd.DistributedOptimizer(opt, named_parameters=named, compression=compression, op=hvd.Sum), comp
+    kw: dict = {}
+    if c.startswith("lad"):
+        probe = hvd_gradq.LossProbe(model, loss_fn, lambda: [batch(10_000)])
+        kw = {"codec": "uniform", "bits": 4, "allocator": hvd_gradq.Allocator(
+            float(c[3:]), metric="lad", options=(0, 2, 3, 4, 6, 8), probe=probe),
+            "trigger": hvd_gradq.Trigger(tau=0.95, k_min=20)}
+    elif c.startswith("jointsq"):
+        kw = {"codec": "jointsq", "ratio": float(c[7:])}
+    elif c == "qsgd4":
+        kw = {"codec": "qsgd", "bits": 4}
+    else:
+        raise ValueError(f"unknown compressor {c!r}; choose one of {', '.join(COMPRESSORS)}")
+    return hvd_gradq.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum, **kw), None
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["cnn", "lstm"], required=True)
@@ -90,27 +115,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     rank, size = hvd.rank(), hvd.size()
     model, batch, loss_fn = make_task(args.model, rank, size)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    named = list(model.named_parameters())
+    opt, comp = make_optimizer(args.compressor, model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                               batch, loss_fn)
     c = args.compressor
-    comp = None
-    if c in ("none", "fp16", "uniform2", "uniform4", "uniform8"):
-        if c.startswith("uniform"):
-            comp = hvd_gradq.UniformCompressor(bits=int(c[7:]), named_parameters=named, op=hvd.Sum)
-        compression = comp or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
-        opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=compression, op=hvd.Sum)
-    else:
-        kw: dict = {}
-        if c.startswith("lad"):
-            probe = hvd_gradq.LossProbe(model, loss_fn, lambda: [batch(10_000)])
-            kw = {"codec": "uniform", "bits": 4, "allocator": hvd_gradq.Allocator(
-                float(c[3:]), metric="lad", options=(0, 2, 3, 4, 6, 8), probe=probe),
-                "trigger": hvd_gradq.Trigger(tau=0.95, k_min=20)}
-        elif c.startswith("jointsq"):
-            kw = {"codec": "jointsq", "ratio": float(c[7:])}
-        else:
-            kw = {"codec": "qsgd", "bits": 4}
-        opt = hvd_gradq.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum, **kw)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     def step(i: int) -> float:

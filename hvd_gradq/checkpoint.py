@@ -1,0 +1,75 @@
+"""Checkpoints of the compression state: the bundle format and its checks. Pure (no Horovod).
+
+What compression adds to a training job's state, per rank: error-feedback residuals (worker,
+two-phase server, 0-bit and lane residuals, and what a bit change carried over), the codebook
+(version, per-layer bits, transport, shared scale and reduction count), the dithering streams,
+JointSQ's per-chunk reallocation state and fitted levels, and on rank 0 the trigger's anchor and
+the allocator's schedule. ``bundle`` puts every rank's part into one picklable dict (rank 0 saves
+it with the model); ``select`` checks a loaded bundle against the job and returns this rank's part.
+
+    {"format": FORMAT, "world_size": N, "layers": {name: numel}, "config": {...},
+     "ranks": [rank 0's state, ..., rank N-1's state]}
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+FORMAT = "hvd_gradq.compression_state/1"
+
+RESET_HINT = ("pass reset=True to start the compression state afresh instead (residuals zero, the codebook "
+              "re-allocated at the next step)")
+
+
+class StateMismatchError(ValueError):
+    """A saved compression state does not fit this job (world size, model or configuration)."""
+
+
+def bundle(per_rank: list[dict], *, layers: Mapping[str, int], config: Mapping[str, object]) -> dict:
+    """The checkpointable bundle of every rank's state (``per_rank[r]`` from rank r)."""
+    return {"format": FORMAT, "world_size": len(per_rank), "layers": dict(layers), "config": dict(config),
+            "ranks": list(per_rank)}
+
+
+def mismatches(state: object, *, size: int, layers: Mapping[str, int], config: Mapping[str, object]) -> list[str]:
+    """What keeps ``state`` from resuming in this job (empty when it fits)."""
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        return [f"not a hvd_gradq compression state (format {found!r}, expected {FORMAT!r}); pass what "
+                "compression_state_dict() returned"]
+    out = []
+    if state["world_size"] != size:
+        out.append(f"it was saved by {state['world_size']} ranks and this job has {size}")
+    saved = state["layers"]
+    missing = sorted(set(layers) - set(saved))
+    extra = sorted(set(saved) - set(layers))
+    resized = sorted(n for n in set(saved) & set(layers) if saved[n] != layers[n])
+    if missing or extra or resized:
+        parts = []
+        if missing:
+            parts.append(f"layers not in the checkpoint: {_few(missing)}")
+        if extra:
+            parts.append(f"layers only in the checkpoint: {_few(extra)}")
+        if resized:
+            parts.append("layers of another size: " + _few([f"{n} ({saved[n]} saved, {layers[n]} now)"
+                                                               for n in resized]))
+        out.append("it was saved for a different model (" + "; ".join(parts) + ")")
+    for key, value in config.items():
+        if key in state["config"] and state["config"][key] != value:
+            out.append(f"it was saved with {key}={state['config'][key]!r} and this job uses {key}={value!r}")
+    return out
+
+
+def select(state: Mapping, *, rank: int, size: int, layers: Mapping[str, int], config: Mapping[str, object],
+           owner: str) -> dict:
+    """This rank's part of ``state``, after checking that the bundle fits the job; raises
+    ``StateMismatchError`` naming every mismatch and the way out."""
+    problems = mismatches(state, size=size, layers=layers, config=config)
+    if problems:
+        raise StateMismatchError(f"cannot resume {owner}'s compression state: " + "; ".join(problems)
+                                 + f". Load the checkpoint into the same model and settings, or {RESET_HINT}.")
+    return state["ranks"][rank]
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,51 @@
+"""Horovod elastic (real horovodrun with a host discovery script): the job grows from 2 to 3 workers
+and shrinks back to 2; after each change every worker follows one codebook rebuilt for the new N."""
+import json
+import os
+import stat
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from hvd_gradq.packing import lane_layout
+from tests.hvdrun import WORKERS, run_command
+
+WORKER = WORKERS / "elastic_check.py"
+
+
+def test_workers_added_and_removed_share_one_codebook_rebuilt_for_the_new_size(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(discover.stat().st_mode | stat.S_IEXEC)
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+    # elastic runs on Gloo; on this machine its interface probe hangs unless told the interface
+    cmd = [bindir / "horovodrun", "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
+           discover, "--network-interface", "lo", sys.executable, WORKER, "--out", tmp_path, "--hosts", hosts]
+    run = run_command(cmd, timeout=300, env=env)
+    assert run.returncode == 0, run.output[-6000:]
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["size"] == 2 and len(set(final["param_digests"])) == 1, final
+    by_step = defaultdict(list)
+    for f in tmp_path.glob("worker-*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_step[rec["step"]].append(rec)
+    sizes = [by_step[s][0]["size"] for s in sorted(by_step)]
+    assert 3 in sizes and sizes[0] == 2 and sizes[-1] == 2, sizes
+    for step, recs in by_step.items():
+        size = recs[0]["size"]
+        assert all(r["size"] == size for r in recs), f"step {step}: workers disagree on the world size"
+        assert sorted(r["rank"] for r in recs) == list(range(size)), f"step {step}: {len(recs)} records"
+        assert len({r["digest"] for r in recs}) == 1, f"step {step}: workers hold different codebooks"
+    # lane widths follow N: every lane layer's width is the one for its bits and this step's N
+    for step, recs in by_step.items():
+        size = recs[0]["size"]
+        for name, bits, transport, lane_bits in recs[0]["rows"]:
+            if transport == "allreduce" and lane_bits is not None and bits <= 8:
+                assert lane_bits == lane_layout(bits, size, torch.int64).lane_bits, (step, name, size)
+    assert any(row[2] == "allreduce" for recs in by_step.values() for row in recs[0]["rows"])

@@ -1,0 +1,93 @@
+"""Worker for tests/test_elastic.py: hvd_gradq.DistributedOptimizer under Horovod elastic.
+
+Rank 0 grows the job from 2 to 3 workers (rewriting the host file the discovery script reads),
+and, after some steps with 3, shrinks it back to 2. Every worker appends one JSON line per step to
+its own file in --out: step, world size, rank, codebook version and digest (bits, transport and
+lane width per layer), loss. The surviving workers finish with a digest of their parameters.
+"""
+import argparse
+import hashlib
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+import torch.nn.functional as F
+
+import hvd_gradq
+import hvd_gradq.elastic  # registers the compression state handler
+from hvd_gradq.datasets import fashion_mnist
+from hvd_gradq.models import FashionCNN
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--out", required=True)
+ap.add_argument("--hosts", required=True, help="the file the host discovery script prints")
+ap.add_argument("--steps-per-phase", type=int, default=6)
+args = ap.parse_args()
+
+hvd.init()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+x_all, y_all = fashion_mnist("test")
+model = FashionCNN(width=8)
+probe = hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [(x_all[:64], y_all[:64])])
+opt = hvd_gradq.DistributedOptimizer(
+    torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), named_parameters=model.named_parameters(),
+    codec="uniform", bits=4, min_elements=512, op=hvd.Sum,
+    transport={"features.[34].*": "two_phase", "features.1.*": "allgather", "features.2.*": "allreduce"},
+    allocator=hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(2, 3, 4, 8), probe=probe),
+    trigger=hvd_gradq.Trigger("interval", interval=5))
+log = Path(args.out, f"worker-{os.getpid()}.jsonl")
+
+
+def codebook_digest():
+    rows = sorted((c.name, c.bits, c.transport, None if c.layout is None else c.layout.lane_bits) for c in opt.codebook)
+    return zlib.crc32(json.dumps([opt.codebook.version, rows]).encode()), rows
+
+
+# phase 0: 2 workers; rank 0 asks for 3. phase 1: wait for 3. phase 2: 3 workers; rank 0 asks for 2.
+# phase 3: wait for 2. phase 4: 2 workers again, then stop.
+state = hvd.elastic.TorchState(model=model, optimizer=opt, step=0, phase=0, phase_start=0)
+
+
+@hvd.elastic.run
+def train(state):
+    while state.phase < 5:
+        rank, size = hvd.rank(), hvd.size()
+        i = ((state.step * size + rank) * 32) % (len(x_all) - 32)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x_all[i:i + 32]), y_all[i:i + 32])
+        (loss / size).backward()
+        opt.step()
+        digest, rows = codebook_digest()
+        with log.open("a") as f:
+            f.write(json.dumps({"step": state.step, "size": size, "rank": rank, "version": opt.codebook.version,
+                                "digest": digest, "rows": rows, "loss": loss.item(), "phase": state.phase}) + "\n")
+        state.step += 1
+        done = state.step - state.phase_start
+        if state.phase in (0, 2) and done >= args.steps_per_phase:
+            if rank == 0:
+                Path(args.hosts).write_text("localhost:3\n" if state.phase == 0 else "localhost:2\n")
+            state.phase, state.phase_start = state.phase + 1, state.step
+        elif state.phase in (1, 3) and size == (3 if state.phase == 1 else 2):
+            state.phase, state.phase_start = state.phase + 1, state.step
+        elif state.phase == 4 and done >= args.steps_per_phase:
+            state.phase = 5
+        elif state.phase in (1, 3) and done > 300:
+            raise SystemExit(f"the job never reached the new size (phase {state.phase})")
+        if state.phase in (1, 3):
+            time.sleep(0.1)  # let the discovery script's change reach the driver
+        state.commit()
+
+
+train(state)
+h = hashlib.sha256()
+for _, p in sorted(model.named_parameters()):
+    h.update(p.detach().numpy().tobytes())
+digests = hvd.allgather_object(h.hexdigest())
+if hvd.rank() == 0:
+    Path(args.out, "final.json").write_text(json.dumps({"size": hvd.size(), "param_digests": digests,
+                                                         "step": state.step}))
