@@ -806,8 +806,9 @@ def DistributedOptimizer(
         codec: "uniform" (shared-scale uniform levels: the only summable codes, so allreduce is
             among its transports), any level codec (``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``,
             ``terngrad``, ``alq``, ``amq``) or "jointsq" (with ``ratio``).
-        bits: bit width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get 4;
-            where several keys match a layer, the last one wins), or a function of the layer name. 0 = the layer is not sent at all (its gradient waits
+        bits: bit width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get
+            4; where several keys match a layer, the last one wins), or a function of the layer
+            name. 0 = the layer is not sent at all (its gradient waits
             in error feedback).
         ratio: jointsq's compression ratio against float32 (e.g. 20 or 1000).
         bucket_size: elements per bucket of the level codecs (one float32 norm per bucket).
