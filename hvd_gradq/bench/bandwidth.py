@@ -130,7 +130,8 @@ def derive(rows: list[dict], compute: dict[str, float]) -> None:
 def write_report(rows: list[dict], compute: dict[str, float], args, out: Path, seconds: float) -> None:
     (out / "results.json").write_text(json.dumps({"rows": rows, "compute_s": compute, "args": vars(args)}, indent=1))
     cmd = "sudo .venv/bin/python -m hvd_gradq.bench.bandwidth " + " ".join(
-        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items() if k != "rate_label")
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
+        if k not in ("rate_label", "merge"))
     lines = ["# Bandwidth-limited speedups (measured on the emulated cluster)", "",
              f"Command: `{cmd}` ({seconds / 60:.0f} min).", "",
              "Cluster: `launch/cluster.sh` namespaces on one 2-core machine, 1 process per node and 1 thread "
@@ -226,6 +227,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cell-timeout", type=float, default=600)
     ap.add_argument("--out", default="docs/bandwidth")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of --out/results.json that this run does not redo (e.g. a failed cell)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("the benchmark brings up network namespaces: run it as root")
@@ -238,8 +241,15 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     started = time.perf_counter()
-    compute = {m: compute_only(m, args, out) for m in models}
     rows: list[dict] = []
+    compute: dict[str, float] = {}
+    if args.merge and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        redo = {(c[0], c[1], c[2], c[3]) for c in cells}
+        rows = [r for r in old["rows"] if (r["rate"], r["model"], r["compressor"].replace("ddp-", ""), r["size"])
+                not in redo]
+        compute = dict(old["compute_s"])
+    compute.update({m: compute_only(m, args, out) for m in models if m not in compute})
     bar = tqdm(total=len(cells), desc="cells", dynamic_ncols=True)
     try:
         for rate in args.rates.split(","):

@@ -150,6 +150,7 @@ def main(argv=None) -> dict:
     }
     if hasattr(opt, "allocation_overhead") and getattr(opt, "allocator", None) is not None:
         result["allocation"] = opt.allocation_overhead()
+        result["bits"] = {p.name: p.bits for p in opt.layer_plans()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     return result
