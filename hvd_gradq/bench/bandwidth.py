@@ -127,13 +127,16 @@ def derive(rows: list[dict], compute: dict[str, float]) -> None:
         r["of_ideal"] = r["speedup"] / ideal if ideal > 0 else float("nan")
 
 
-def write_report(rows: list[dict], compute: dict[str, float], args, out: Path, seconds: float) -> None:
+def write_report(rows: list[dict], compute: dict[str, float], args, out: Path, seconds: float,
+                 kept: list[str] = ()) -> None:
     (out / "results.json").write_text(json.dumps({"rows": rows, "compute_s": compute, "args": vars(args)}, indent=1))
     cmd = "sudo .venv/bin/python -m hvd_gradq.bench.bandwidth " + " ".join(
         f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
         if k not in ("rate_label", "merge"))
     lines = ["# Bandwidth-limited speedups (measured on the emulated cluster)", "",
-             f"Command: `{cmd}` ({seconds / 60:.0f} min).", "",
+             f"Command: `{cmd}` ({seconds / 60:.0f} min)."
+             + (f" Rows kept from an earlier run of this directory (`--merge`): {', '.join(kept)}." if kept else ""),
+             "",
              "Cluster: `launch/cluster.sh` namespaces on one 2-core machine, 1 process per node and 1 thread "
              "per process, links shaped with tc tbf in both directions, MTU 9000. Step time: the slowest rank's "
              f"median over {args.steps} timed steps after {args.warmup} warm-up steps. Bytes: sent per step and "
@@ -242,12 +245,14 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     rows: list[dict] = []
+    kept: list[str] = []
     compute: dict[str, float] = {}
     if args.merge and (out / "results.json").exists():
         old = json.loads((out / "results.json").read_text())
         redo = {(c[0], c[1], c[2], c[3]) for c in cells}
         rows = [r for r in old["rows"] if (r["rate"], r["model"], r["compressor"].replace("ddp-", ""), r["size"])
                 not in redo]
+        kept = [f"{r['rate']} {r['model']} {r['compressor']} np{r['size']}" for r in rows]
         compute = dict(old["compute_s"])
     compute.update({m: compute_only(m, args, out) for m in models if m not in compute})
     bar = tqdm(total=len(cells), desc="cells", dynamic_ncols=True)
@@ -274,12 +279,12 @@ def main(argv=None) -> None:
                                f"{row['tx_per_step'] / 1e6:.2f} MB/step sent")
                 bar.update()
                 derive(rows, compute)
-                write_report(rows, compute, args, out, time.perf_counter() - started)
+                write_report(rows, compute, args, out, time.perf_counter() - started, kept)
     finally:
         _run([str(CLUSTER), "down"], 120)
         bar.close()
     derive(rows, compute)
-    write_report(rows, compute, args, out, time.perf_counter() - started)
+    write_report(rows, compute, args, out, time.perf_counter() - started, kept)
     print(f"wrote {out / 'BANDWIDTH.md'}, {out / 'results.json'}, {out / 'speedup.png'}, {out / 'breakdown.png'}")
 
 
