@@ -282,15 +282,21 @@ LEVEL_CODECS = {
 
 def make_codec(name: str, bits: int | None = None, *, bucket_size: int = 1024, norm: str | None = None,
                ratio: float | None = None) -> Codec:
-    """A codec by name: one of ``sorted(LEVEL_CODECS)`` (with ``bits``), or "jointsq" (with ``ratio``)."""
+    """A codec by name: one of ``sorted(LEVEL_CODECS)`` (with ``bits``), or "jointsq" or "topk" (with ``ratio``)."""
     if name == "jointsq":
         from hvd_gradq.codecs.jointsq import JointSQCodec
 
         if ratio is None:
             raise ValueError("jointsq takes a compression ratio, e.g. make_codec('jointsq', ratio=20)")
         return JointSQCodec(ratio)
+    if name == "topk":
+        from hvd_gradq.codecs.topk import TopKCodec
+
+        if ratio is None:
+            raise ValueError("topk takes a compression ratio, e.g. make_codec('topk', ratio=20)")
+        return TopKCodec(ratio)
     if name not in LEVEL_CODECS:
-        raise ValueError(f"unknown codec {name!r}; choose one of {[*sorted(LEVEL_CODECS), 'jointsq']}")
+        raise ValueError(f"unknown codec {name!r}; choose one of {[*sorted(LEVEL_CODECS), 'jointsq', 'topk']}")
     if bits is None:
         raise ValueError(f"{name} needs bits=, e.g. make_codec({name!r}, bits=4)")
     return LEVEL_CODECS[name](bits, bucket_size, norm)
