@@ -2,7 +2,8 @@
 
 ``hvd_gradq.UniformCompressor`` plugs into ``hvd.DistributedOptimizer(compression=...)``;
 ``hvd_gradq.DistributedOptimizer`` is a drop-in for ``hvd.DistributedOptimizer`` that also moves
-non-summable codecs (allgather, two-phase exchange), choosing per layer with the cost model.
+non-summable codecs (allgather, two-phase exchange), choosing per layer with the cost model;
+``hvd_gradq.SimulatedWorkers`` runs the same coding for N workers in one process (studies).
 The pure layers (``codecs``, ``packing``, ``wire``, ``codebook``) import without Horovod; the
 Horovod glue is loaded on first use of a name that needs it.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "LossProbe",
     "PayloadInfo",
     "ReductionMismatchError",
+    "SimulatedWorkers",
     "StateMismatchError",
     "TransportCost",
     "Trigger",
@@ -31,7 +33,8 @@ __all__ = [
 ]
 
 _GLUE = {"UniformCompressor": "compressor", "PayloadInfo": "compressor", "WireStats": "compressor",
-         "DistributedOptimizer": "optimizer", "measure_link": "transport"}
+         "DistributedOptimizer": "optimizer", "measure_link": "transport",
+         "SimulatedWorkers": "simulate"}
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
 from hvd_gradq.codecs import DitherSource, ErrorFeedback
 from hvd_gradq.codecs.uniform import abs_max, dequantize_lanes, quantize_to_lanes
 from hvd_gradq.packing import lane_layout, pack_lanes
+from hvd_gradq.transport import HorovodCollectives
 
 try:
     import horovod.torch as hvd
@@ -121,6 +122,7 @@ class UniformCompressor(_HorovodCompressor):
         seed: int = 0,
         process_set=None,
         codebook: Codebook | None = None,
+        collectives=None,
     ) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
@@ -145,9 +147,14 @@ class UniformCompressor(_HorovodCompressor):
         self.op = _op_name(op)
         self.min_elements = min_elements
         self.seed = int(seed)
-        self.process_set = hvd.global_process_set if process_set is None else process_set
-        if not isinstance(self.process_set, hvd.ProcessSet):
-            raise ValueError(f"process_set must be a horovod.torch ProcessSet, got {process_set!r}")
+        if collectives is None:  # the stock path: Horovod's process set
+            self.process_set = hvd.global_process_set if process_set is None else process_set
+            if not isinstance(self.process_set, hvd.ProcessSet):
+                raise ValueError(f"process_set must be a horovod.torch ProcessSet, got {process_set!r}")
+            collectives = HorovodCollectives(self.process_set)
+        else:  # inside hvd_gradq.DistributedOptimizer or hvd_gradq.simulate: rank, size and barrier from there
+            self.process_set = getattr(collectives, "process_set", None)
+        self._coll = collectives
         self.codebook = Codebook() if codebook is None else codebook
         #: per-layer bit widths that override ``bits`` (set by ``hvd_gradq.DistributedOptimizer``)
         self.layer_bits: dict[str, int] = {}
@@ -185,7 +192,7 @@ class UniformCompressor(_HorovodCompressor):
     @property
     def rng(self) -> DitherSource:
         if self._rng is None:
-            self._rng = DitherSource([self.seed, self.process_set.rank()])
+            self._rng = DitherSource([self.seed, self._coll.rank()])
         return self._rng
 
     def _code(self, name: str, numel: int, size: int) -> LayerCode:
@@ -217,7 +224,7 @@ class UniformCompressor(_HorovodCompressor):
         does not require grad now (Horovod still sends zeros for it): it goes as exact float32,
         its residual is neither added nor replaced, so a frozen layer stays where it is; its
         scale is recalibrated when it is unfrozen."""
-        rank, size = self.process_set.rank(), self.process_set.size()
+        rank, size = self._coll.rank(), self._coll.size()
         code = self._code(name, tensor.numel(), size)
         quantized = code.bits != FLOAT_BITS
         g = tensor.detach().reshape(-1).to(torch.float32)  # a view when the gradient is flat float32
@@ -250,7 +257,7 @@ class UniformCompressor(_HorovodCompressor):
 
     def decompress(self, payload: torch.Tensor, ctx):
         name, shape, dtype, packed, track = ctx
-        size = self.process_set.size()
+        size = self._coll.size()
         code = self.codebook[name]
         hlen = wire.header_len(payload.dtype, size)
         try:
@@ -260,7 +267,7 @@ class UniformCompressor(_HorovodCompressor):
             # Every rank reaches this verdict from the same reduced words, but a fast rank must not
             # exit (shutting Horovod down) while a slow one is still submitting this step's
             # gradients: meet in a barrier first, so that every rank raises this error.
-            hvd.barrier(process_set=self.process_set)
+            self._coll.barrier()
             raise
         code.version += 1
         if head.nonfinite:  # some rank had NaN/Inf: every rank decodes NaN, residuals stay as they were
@@ -291,7 +298,7 @@ class UniformCompressor(_HorovodCompressor):
                 "rng": None if self._rng is None else self._rng.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        size = self.process_set.size()
+        size = self._coll.size()
         numel = {n: p.numel() for n, p in self._params}
         self.layer_bits = dict(state["layer_bits"])
         for name, code in state["codebook"].items():
@@ -325,12 +332,12 @@ class UniformCompressor(_HorovodCompressor):
             raise TypeError("load_compression_state_dict() takes what compression_state_dict() returned, got "
                             f"{type(state).__name__}")
         numel = {n: p.numel() for n, p in self._params}
-        size = self.process_set.size()
+        size = self._coll.size()
         if reset and checkpoint.mismatches(state, size=size, layers=numel, config=self._config()):
             self.codebook.layers.clear()
             self.error_feedback.residuals.clear()
             return
-        self.load_state_dict(checkpoint.select(state, rank=self.process_set.rank(), size=size, layers=numel,
+        self.load_state_dict(checkpoint.select(state, rank=self._coll.rank(), size=size, layers=numel,
                                                config=self._config(), owner=type(self).__name__))
 
     # ---- reporting ------------------------------------------------------------------------------
@@ -347,7 +354,7 @@ class UniformCompressor(_HorovodCompressor):
 
     def payload_bytes(self, numel: int, packed: bool = True, bits: int | None = None) -> int:
         """Predicted payload bytes of a layer of ``numel`` elements (packed, or sent as float32)."""
-        size = self.process_set.size()
+        size = self._coll.size()
         if packed and numel >= self.min_elements:
             container = torch.int64 if self.op == wire.SUM else torch.float64
             layout = lane_layout(bits or self.bits, size, container)

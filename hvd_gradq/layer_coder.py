@@ -56,6 +56,10 @@ class GatherCoder:
         self.what = "the optimizer"
         #: this step the parameter does not require grad: its worker residual is left alone
         self.frozen = False
+        #: measure the coding error of this rank's encoding (``last_error``): two extra reductions
+        self.track_error = False
+        #: (||decoded - x||^2, ||x||^2) of this rank's latest encoding of the layer (worker side)
+        self.last_error: tuple[float, float] | None = None
 
     # ---- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -117,6 +121,8 @@ class GatherCoder:
         return x, not math.isfinite(abs_max(x))
 
     def _stage_worker(self, x: torch.Tensor, decoded: torch.Tensor) -> None:
+        if self.track_error:
+            self.last_error = (float(torch.sub(decoded, x).square_().sum()), float(x.square().sum()))
         if self.worker_feedback is not None and not self.frozen:
             torch.sub(x, decoded, out=self.worker_feedback.staging(self.name, x))
             self._staged = True

@@ -28,20 +28,30 @@ from hvd_gradq import checkpoint, cost_model, wire
 from hvd_gradq.alloc import AllocationEvent, Allocator
 from hvd_gradq.broadcast import broadcast_codebook, broadcast_decision, gather_objects, transport_name
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
-from hvd_gradq.codecs import LEVEL_CODECS, Codec, DitherSource, ErrorFeedback, make_codec
+from hvd_gradq.codecs import LEVEL_CODECS, AdaptiveLevelCodec, Codec, DitherSource, ErrorFeedback, make_codec
 from hvd_gradq.codecs.uniform import abs_max
 from hvd_gradq.compressor import UniformCompressor
 from hvd_gradq.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, NONE, TRANSPORTS, TWO_PHASE, LinkModel, TransportCost
 from hvd_gradq.layer_coder import GatherCoder
 from hvd_gradq.packing import lane_layout
-from hvd_gradq.transport import Allgather, Exchange, LaneAllreduce, Skip, TwoPhase, measure_link
+from hvd_gradq.transport import (
+    Allgather,
+    Exchange,
+    HorovodCollectives,
+    LaneAllreduce,
+    Skip,
+    TwoPhase,
+    measure_link,
+)
 from hvd_gradq.trigger import Trigger
 
 _log = logging.getLogger("hvd_gradq")
 
 #: codecs the optimizer takes: "uniform" (shared scale: summable, so allreduce is open to it;
-#: gathered as qsgdinf, the same uniform levels with a per-bucket scale), every level codec, jointsq
-CODECS = ("uniform", *sorted(LEVEL_CODECS), "jointsq")
+#: gathered as qsgdinf, the same uniform levels with a per-bucket scale), every level codec, and the
+#: sparse codecs that take a ratio instead of bits: jointsq and DGC-style top-k
+RATIO_CODECS = ("jointsq", "topk")
+CODECS = ("uniform", *sorted(LEVEL_CODECS), *RATIO_CODECS)
 
 
 @dataclass
@@ -90,15 +100,19 @@ def _per_layer(spec, names: list[str], default, what: str) -> dict[str, object]:
 class GradientExchange:
     """The per-layer plan, codebook, codecs and error feedback behind the optimizer."""
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]], *, op, process_set, codec: str, bits, ratio,
-                 bucket_size: int, transport, link: LinkModel, min_elements: int, error_feedback: bool | str,
-                 seed: int) -> None:
+    def __init__(self, named: list[tuple[str, torch.Tensor]], *, op, collectives: HorovodCollectives, codec: str,
+                 bits, ratio, bucket_size: int, transport, link: LinkModel, min_elements: int,
+                 error_feedback: bool | str, seed: int, refit_levels: int = 0) -> None:
         self.op = op
-        self.process_set = process_set
-        self.size = process_set.size()
-        self.rank = process_set.rank()
+        #: the collectives the exchanges run on: Horovod's (a job) or hvd_gradq.simulate's (N ranks in one process)
+        self.collectives = collectives
+        self.size = collectives.size()
+        self.rank = collectives.rank()
         self.link = link
         self.codebook = Codebook()
+        self._track_error = False
+        #: refit adaptive levels (ALQ/AMQ) after every this many steps (0: never)
+        self.refit_levels = refit_levels
         self.seed = seed
         self.rng = DitherSource([seed, self.rank])
         self._coders_made = 0  # each coder draws from its own stream (see _plan)
@@ -108,7 +122,7 @@ class GradientExchange:
         self.zero_bit_feedback = ErrorFeedback()
         # lanes (uniform codec on allreduce, and float32 for tiny layers) ride the same codebook
         self.lanes = UniformCompressor(bits=1, named_parameters=named, op=hvd.Sum, min_elements=min_elements,
-                                       seed=seed, process_set=process_set, codebook=self.codebook)
+                                       seed=seed, codebook=self.codebook, collectives=collectives)
         self.lanes.label = "hvd_gradq.DistributedOptimizer"
         self.coders: dict[str, GatherCoder] = {}
         self.plans: dict[str, LayerPlan] = {}
@@ -201,6 +215,52 @@ class GradientExchange:
 
         return quantize
 
+    # ---- adaptive levels (ALQ / AMQ) ---------------------------------------------------------------
+    def fit_levels(self, grads: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+        """Rank 0: fit the level set of every layer coded with an adaptive codec (ALQ, AMQ; 3 bits
+        or more) to that layer's aggregated gradient in ``grads``; returns {layer: codec state}
+        for every rank's ``set_levels``."""
+        out = {}
+        for name, coder in self.coders.items():
+            if isinstance(coder.codec, AdaptiveLevelCodec) and coder.codec.bits > 2 and name in grads:
+                coder.codec.fit(grads[name])
+                out[name] = coder.codec.state_dict()
+        return out
+
+    def refit_due(self, step: int) -> bool:
+        """Whether rank 0 refits the adaptive levels after ``step`` (the same answer on every rank)."""
+        return bool(self.refit_levels) and step % self.refit_levels == 0 and any(
+            isinstance(c.codec, AdaptiveLevelCodec) and c.codec.bits > 2 for c in self.coders.values())
+
+    def set_levels(self, levels: Mapping[str, dict]) -> None:
+        """Adopt rank 0's fitted levels (every rank, the same step). They enter the layer's
+        codebook digest, so a rank that missed them is caught at the next exchange."""
+        for name, state in levels.items():
+            coder = self.coders[name]
+            coder.codec.load_state_dict(state)
+            fitted = zlib.crc32(coder.codec.levels.numpy().tobytes())
+            self.codebook[name].codec_key = f"bucket={self.bucket_size};levels={fitted:08x}"
+
+    def coding_error(self) -> tuple[float, float]:
+        """(sum of ||decoded - x||^2, sum of ||x||^2) over the gather-coded layers of this rank's
+        latest step (its normalised coding variance is their ratio); needs ``track_error``."""
+        err = energy = 0.0
+        for coder in self.coders.values():
+            if coder.last_error is not None:
+                err += coder.last_error[0]
+                energy += coder.last_error[1]
+        return err, energy
+
+    @property
+    def track_error(self) -> bool:
+        return self._track_error
+
+    @track_error.setter
+    def track_error(self, on: bool) -> None:
+        self._track_error = bool(on)
+        for coder in self.coders.values():
+            coder.track_error = self._track_error
+
     def wire_bits(self, name: str, bits: int) -> float:
         """Bits handed to the collectives per step if layer ``name`` were coded at ``bits``."""
         if bits == 0:
@@ -270,8 +330,8 @@ class GradientExchange:
 
     # ---- planning -------------------------------------------------------------------------------------
     def _gather_codec(self, codec: str, bits: int, ratio, bucket_size: int) -> Codec:
-        if codec == "jointsq":
-            return make_codec("jointsq", ratio=ratio)
+        if codec in RATIO_CODECS:
+            return make_codec(codec, ratio=ratio)
         return make_codec("qsgdinf" if codec == "uniform" else codec, bits, bucket_size=bucket_size)
 
     def _plan(self, name: str, numel: int, codec: str, bits: int, ratio, bucket_size: int, forced: str,
@@ -299,6 +359,7 @@ class GradientExchange:
                             worker_feedback=self.worker_feedback if ef else None,
                             server_feedback=self.server_feedback if ef else None)
         coder.what = "hvd_gradq.DistributedOptimizer"
+        coder.track_error = self._track_error
         costs = self._costs(name, numel, codec, bits, coder)
         if forced == "auto":
             choice = cost_model.cheapest([costs[t] for t in TRANSPORTS if t in costs]).transport
@@ -309,7 +370,7 @@ class GradientExchange:
             )
         else:
             choice = forced
-        key = f"ratio={ratio}" if codec == "jointsq" else f"bucket={bucket_size}"
+        key = f"ratio={ratio}" if codec in RATIO_CODECS else f"bucket={bucket_size}"
         if choice == ALLREDUCE:
             layout = lane_layout(bits, n, torch.int64)
             self.codebook.add(LayerCode(name, numel, bits, layout, codec="uniform", transport=ALLREDUCE))
@@ -352,13 +413,13 @@ class GradientExchange:
         if plan.transport in (ALLREDUCE, FLOAT32):
             payload, ctx = self.lanes.compress_layer(name, grad, frozen=frozen)
             return LaneAllreduce(name, payload, lambda out, ctx=ctx: self.lanes.decompress(out, ctx).reshape(-1),
-                                 self.process_set, plan.transport)
+                                 self.collectives, plan.transport)
         coder = self.coders[name]
         coder.stamp = (self.codebook.version, self.codebook.digest(name, self.size))
         coder.frozen = frozen
         if plan.transport == ALLGATHER:
-            return Allgather(name, coder, grad, self.process_set)
-        return TwoPhase(name, coder, grad, self.process_set)
+            return Allgather(name, coder, grad, self.collectives)
+        return TwoPhase(name, coder, grad, self.collectives)
 
     def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
         """The layer's aggregate (float32, flat): sum over ranks, or mean for ``op=hvd.Average``."""
@@ -370,6 +431,70 @@ class GradientExchange:
         if self.op == hvd.Average:
             out = out / self.size
         return out
+
+
+def decide_bits(allocator: Allocator, exchange: GradientExchange, params: dict[str, torch.Tensor], step: int,
+                lr: float) -> dict:
+    """Rank 0's allocation at ``step`` as the payload every rank applies with ``apply_bits``: the
+    new codebook version and bits per layer, or the error (so that no rank waits for a decision
+    that will not come)."""
+    try:
+        alloc, cost = allocator.allocate(params, exchange.quantizer(seed=step), lr=lr, wire_bits=exchange.wire_bits)
+    except Exception as e:  # every rank must leave the broadcast: send the error instead
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "summary": alloc.summary(),
+            "forwards": cost["forwards"], "backwards": cost["backwards"]}
+
+
+def apply_bits(payload: dict, exchange: GradientExchange, step: int) -> None:
+    """Switch ``exchange`` to the codebook in rank 0's ``decide_bits`` payload (raises its error)."""
+    if "error" in payload:
+        raise RuntimeError(f"bit allocation on rank 0 failed at step {step}: {payload['error']}")
+    exchange.replan(payload["bits"], payload["version"])
+
+
+def check_coding(*, codec: str, ratio, error_feedback, bucket_size, min_elements, allocator, trigger) -> Trigger | None:
+    """Validate the coding settings shared by ``DistributedOptimizer`` and ``hvd_gradq.simulate``;
+    returns the trigger to use (the default one when an allocator comes without)."""
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+    if codec in RATIO_CODECS and ratio is None:
+        raise ValueError(f"codec={codec!r} needs ratio=, e.g. ratio=20 (20x fewer bytes than float32)")
+    if error_feedback not in (True, False, "auto"):
+        raise ValueError(f"error_feedback must be True, False or 'auto', got {error_feedback!r}")
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+        raise ValueError(f"bucket_size must be an integer >= 1, got {bucket_size!r}")
+    if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
+        raise ValueError(f"min_elements must be an integer >= 0, got {min_elements!r}")
+    if allocator is None:
+        if trigger is not None:
+            raise ValueError("a trigger needs an allocator= to decide the bits when it fires")
+        return None
+    if not isinstance(allocator, Allocator):
+        raise TypeError(f"allocator must be a hvd_gradq.Allocator, got {type(allocator).__name__}")
+    if codec in RATIO_CODECS:
+        raise ValueError(f"codec={codec!r} sets its own element-level budget (ratio=); an allocator needs a codec "
+                         f"with bit widths, one of {[c for c in CODECS if c not in RATIO_CODECS]}")
+    for b in allocator.options:
+        if b:
+            try:
+                make_codec("qsgdinf" if codec == "uniform" else codec, b)
+            except ValueError as e:
+                raise ValueError(f"allocator option {b} bits does not suit codec {codec!r}: {e}") from e
+    trigger = Trigger() if trigger is None else trigger
+    if not isinstance(trigger, Trigger):
+        raise TypeError(f"trigger must be a hvd_gradq.Trigger, got {type(trigger).__name__}")
+    return trigger
+
+
+def check_refit(refit_levels: int | None, codec: str) -> int:
+    """The refit interval of adaptive levels: None -> 100 steps for alq/amq (0 for other codecs)."""
+    if refit_levels is None:
+        return 100 if codec in ("alq", "amq") else 0
+    if isinstance(refit_levels, bool) or not isinstance(refit_levels, int) or refit_levels < 0:
+        raise ValueError(f"refit_levels must be an integer >= 0 (steps between level fits; 0: never), "
+                         f"got {refit_levels!r}")
+    return refit_levels
 
 
 def _check_groups(groups, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]] | None:
@@ -531,14 +656,17 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self._gq_step += 1
         if self._gq_started is None:
             self._gq_started = time.perf_counter()
-        if self.allocator is None:
-            return
         ex = self.gradient_exchange
         ps = self.process_set
-        start = time.perf_counter()
-        names = ex.allocatable
         by_name = self._gq_by_name
         is_root = ps.rank() == 0
+        if ex.refit_due(step):  # every rank knows when: only the levels travel
+            fitted = ex.fit_levels({n: p.grad for n, p in by_name.items() if p.grad is not None}) if is_root else None
+            ex.set_levels(broadcast_codebook(fitted, ps))
+        if self.allocator is None:
+            return
+        start = time.perf_counter()
+        names = ex.allocatable
         fire = False
         if is_root:
             norms = [float(by_name[n].grad.detach().float().norm()) if by_name[n].grad is not None else 0.0
@@ -551,18 +679,10 @@ class _GradqOptimizer(torch.optim.Optimizer):
         payload = None
         via = transport_name(ps)  # asked before the broadcast: after it, a finished peer may end MPI
         if is_root:
-            try:
-                alloc, cost = self.allocator.allocate(
-                    {n: by_name[n] for n in names}, ex.quantizer(seed=step), lr=float(self.param_groups[0]["lr"]),
-                    wire_bits=ex.wire_bits)
-                payload = {"version": ex.codebook.version + 1, "step": step, "bits": alloc.bits,
-                           "summary": alloc.summary(), "forwards": cost["forwards"], "backwards": cost["backwards"]}
-            except Exception as e:  # every rank must leave the broadcast: send the error instead
-                payload = {"error": f"{type(e).__name__}: {e}"}
+            payload = decide_bits(self.allocator, ex, {n: by_name[n] for n in names}, step,
+                                  float(self.param_groups[0]["lr"]))
         payload = broadcast_codebook(payload, ps)
-        if "error" in payload:
-            raise RuntimeError(f"bit allocation on rank 0 failed at step {step}: {payload['error']}")
-        ex.replan(payload["bits"], payload["version"])
+        apply_bits(payload, ex, step)
         seconds = time.perf_counter() - start
         self._gq_alloc_seconds += seconds
         event = AllocationEvent(step, payload["version"], payload["summary"], seconds, payload["forwards"],
@@ -794,6 +914,7 @@ def DistributedOptimizer(
     seed: int = 0,
     allocator: Allocator | None = None,
     trigger: Trigger | None = None,
+    refit_levels: int | None = None,
 ):
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging coded gradients.
 
@@ -805,12 +926,13 @@ def DistributedOptimizer(
     Args:
         codec: "uniform" (shared-scale uniform levels: the only summable codes, so allreduce is
             among its transports), any level codec (``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``,
-            ``terngrad``, ``alq``, ``amq``) or "jointsq" (with ``ratio``).
+            ``terngrad``, ``alq``, ``amq``), "jointsq" or "topk" (DGC's top-k by magnitude, float32
+            values + int32 indices; both with ``ratio`` and error feedback).
         bits: bit width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get
             4; where several keys match a layer, the last one wins), or a function of the layer
             name. 0 = the layer is not sent at all (its gradient waits
             in error feedback).
-        ratio: jointsq's compression ratio against float32 (e.g. 20 or 1000).
+        ratio: jointsq's / topk's compression ratio against float32 (e.g. 20 or 1000).
         bucket_size: elements per bucket of the level codecs (one float32 norm per bucket).
         transport: "auto" (the cost model's cheapest), one of "allreduce", "allgather",
             "two_phase", or a ``{name or regex: transport}`` mapping.
@@ -828,6 +950,9 @@ def DistributedOptimizer(
             ranks switch at the same step. ``bits=`` is then only the start.
         trigger: a ``hvd_gradq.Trigger`` (default: similarity, tau 0.95, k_min 20, first
             allocation after step 0).
+        refit_levels: for the adaptive codecs (``alq``, ``amq``; 3 bits or more): rank 0 refits
+            every layer's level set to its aggregated gradient after step 0 and then every this
+            many steps, and broadcasts it (default 100; 0: keep the initial exponential levels).
 
     ``opt.layer_plans()`` lists each layer's bits, transport, predicted and measured payload bytes;
     ``opt.transport_summary()`` gives one line for a progress report; ``opt.codebook`` is the shared
@@ -858,16 +983,9 @@ def DistributedOptimizer(
     if num_groups:
         warnings.warn("num_groups is deprecated (as in Horovod); pass groups=", DeprecationWarning, stacklevel=2)
         groups = num_groups if groups is None else groups
-    if codec not in CODECS:
-        raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
-    if codec == "jointsq" and ratio is None:
-        raise ValueError("codec='jointsq' needs ratio=, e.g. ratio=20 (20x fewer bytes than float32)")
-    if error_feedback not in (True, False, "auto"):
-        raise ValueError(f"error_feedback must be True, False or 'auto', got {error_feedback!r}")
-    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
-        raise ValueError(f"bucket_size must be an integer >= 1, got {bucket_size!r}")
-    if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
-        raise ValueError(f"min_elements must be an integer >= 0, got {min_elements!r}")
+    trigger = check_coding(codec=codec, ratio=ratio, error_feedback=error_feedback, bucket_size=bucket_size,
+                           min_elements=min_elements, allocator=allocator, trigger=trigger)
+    refit_levels = check_refit(refit_levels, codec)
     process_set = hvd.global_process_set if process_set is None else process_set
     if not isinstance(process_set, hvd.ProcessSet):
         raise ValueError(f"process_set must be a horovod.torch ProcessSet, got {process_set!r}")
@@ -901,28 +1019,12 @@ def DistributedOptimizer(
     trainable = [(n, p) for n, p in named if p.requires_grad]
 
     def make_exchange() -> GradientExchange:  # again after an elastic reset, for the new process set
-        return GradientExchange(trainable, op=op, process_set=process_set, codec=codec, bits=bits, ratio=ratio,
-                                bucket_size=bucket_size, transport=transport, link=link, min_elements=min_elements,
-                                error_feedback=error_feedback, seed=seed)
+        return GradientExchange(trainable, op=op, collectives=HorovodCollectives(process_set), codec=codec,
+                                bits=bits, ratio=ratio, bucket_size=bucket_size, transport=transport, link=link,
+                                min_elements=min_elements, error_feedback=error_feedback, seed=seed,
+                                refit_levels=refit_levels)
 
     exchange = make_exchange() if process_set.included() else None  # settings errors surface here
-    if allocator is not None:
-        if not isinstance(allocator, Allocator):
-            raise TypeError(f"allocator must be a hvd_gradq.Allocator, got {type(allocator).__name__}")
-        if codec == "jointsq":
-            raise ValueError("codec='jointsq' sets its own element-level budget (ratio=); an allocator needs a codec "
-                             f"with bit widths, one of {[c for c in CODECS if c != 'jointsq']}")
-        for b in allocator.options:
-            if b:
-                try:
-                    make_codec("qsgdinf" if codec == "uniform" else codec, b)
-                except ValueError as e:
-                    raise ValueError(f"allocator option {b} bits does not suit codec {codec!r}: {e}") from e
-        trigger = Trigger() if trigger is None else trigger
-        if not isinstance(trigger, Trigger):
-            raise TypeError(f"trigger must be a hvd_gradq.Trigger, got {type(trigger).__name__}")
-    elif trigger is not None:
-        raise ValueError("a trigger needs an allocator= to decide the bits when it fires")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_GradqOptimizer.__dict__))
     GradqOptimizer.register(cls)
     made = iter([exchange])

@@ -7,6 +7,11 @@ of the process set. Bits are not touched here: the payloads come from ``compress
 ``layer_coder`` (frames). Every exchange counts the bytes it hands to Horovod (``payload_bytes``),
 the figure the cost model predicts.
 
+The collectives themselves come from a ``Collectives`` object: ``HorovodCollectives`` (Horovod's
+asynchronous allreduce / allgather / alltoall on one process set) in a real job, or
+``hvd_gradq.simulate``'s in-process ranks for the single-process studies, so that both run the
+very same exchanges on the very same bytes.
+
 Collective names are ``hvd_gradq.<layer>`` for the first collective of every transport, so ranks
 that disagree about a layer's transport meet under one name and Horovod reports the mismatch on
 all of them instead of waiting forever.
@@ -25,6 +30,42 @@ from hvd_gradq.layer_coder import GatherCoder
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class HorovodCollectives:
+    """Horovod's asynchronous collectives on one process set: what the exchanges below call.
+
+    Another implementation (``hvd_gradq.simulate.SimulatedRank``) provides the same methods for N
+    ranks held in one process."""
+
+    def __init__(self, process_set=None) -> None:
+        self.process_set = hvd.global_process_set if process_set is None else process_set
+
+    def size(self) -> int:
+        return self.process_set.size()
+
+    def rank(self) -> int:
+        return self.process_set.rank()
+
+    def allreduce_sum_async(self, tensor: torch.Tensor, name: str):
+        return hvd.allreduce_async_(tensor, name=name, op=hvd.Sum, process_set=self.process_set)
+
+    def allgather_async(self, tensor: torch.Tensor, name: str):
+        return hvd.allgather_async(tensor, name=name, process_set=self.process_set)
+
+    def alltoall_async(self, tensor: torch.Tensor, splits: list[int], name: str):
+        """Returns a handle whose ``synchronize`` gives (received tensor, received splits)."""
+        return hvd.alltoall_async(tensor, splits=torch.tensor(splits, dtype=torch.int32), name=name,
+                                  process_set=self.process_set)
+
+    def synchronize(self, handle):
+        return hvd.synchronize(handle)
+
+    def poll(self, handle) -> bool:
+        return hvd.poll(handle)
+
+    def barrier(self) -> None:
+        hvd.barrier(process_set=self.process_set)
 
 
 class Exchange:
@@ -54,14 +95,15 @@ class LaneAllreduce(Exchange):
     transport = "allreduce"
 
     def __init__(self, layer: str, payload: torch.Tensor, finish: Callable[[torch.Tensor], torch.Tensor],
-                 process_set, transport: str = "allreduce") -> None:
+                 coll: HorovodCollectives, transport: str = "allreduce") -> None:
         self.transport = transport
         self.payload_bytes = _nbytes(payload)
         self._finish = finish
-        self._handle = hvd.allreduce_async_(payload, name=f"hvd_gradq.{layer}", op=hvd.Sum, process_set=process_set)
+        self._coll = coll
+        self._handle = coll.allreduce_sum_async(payload, f"hvd_gradq.{layer}")
 
     def result(self) -> torch.Tensor:
-        return self._finish(hvd.synchronize(self._handle))
+        return self._finish(self._coll.synchronize(self._handle))
 
 
 class Allgather(Exchange):
@@ -69,14 +111,15 @@ class Allgather(Exchange):
 
     transport = "allgather"
 
-    def __init__(self, layer: str, coder: GatherCoder, grad: torch.Tensor, process_set) -> None:
+    def __init__(self, layer: str, coder: GatherCoder, grad: torch.Tensor, coll: HorovodCollectives) -> None:
         self._coder = coder
+        self._coll = coll
         frame = coder.encode_layer(grad)
         self.payload_bytes = _nbytes(frame)
-        self._handle = hvd.allgather_async(frame, name=f"hvd_gradq.{layer}", process_set=process_set)
+        self._handle = coll.allgather_async(frame, f"hvd_gradq.{layer}")
 
     def result(self) -> torch.Tensor:
-        return self._coder.sum_frames(hvd.synchronize(self._handle))
+        return self._coder.sum_frames(self._coll.synchronize(self._handle))
 
 
 class TwoPhase(Exchange):
@@ -84,14 +127,13 @@ class TwoPhase(Exchange):
 
     transport = "two_phase"
 
-    def __init__(self, layer: str, coder: GatherCoder, grad: torch.Tensor, process_set) -> None:
+    def __init__(self, layer: str, coder: GatherCoder, grad: torch.Tensor, coll: HorovodCollectives) -> None:
         self._coder = coder
         self._layer = layer
-        self._process_set = process_set
+        self._coll = coll
         stream, splits = coder.encode_chunks(grad)
         self.payload_bytes = _nbytes(stream)
-        self._phase1 = hvd.alltoall_async(stream, splits=torch.tensor(splits, dtype=torch.int32),
-                                          name=f"hvd_gradq.{layer}", process_set=process_set)
+        self._phase1 = coll.alltoall_async(stream, splits, f"hvd_gradq.{layer}")
         self._phase2 = None
         self._error: Exception | None = None
 
@@ -101,17 +143,16 @@ class TwoPhase(Exchange):
         if self._phase2 is not None:
             return
         try:
-            received, _splits = hvd.synchronize(self._phase1)
+            received, _splits = self._coll.synchronize(self._phase1)
             frame = self._coder.reduce_own_chunk(received)
         except Exception as e:  # kept: every later call reports the same error
             self._error = e
             raise
         self.payload_bytes += _nbytes(frame)
-        self._phase2 = hvd.allgather_async(frame, name=f"hvd_gradq.{self._layer}.phase2",
-                                           process_set=self._process_set)
+        self._phase2 = self._coll.allgather_async(frame, f"hvd_gradq.{self._layer}.phase2")
 
     def advance_if_ready(self) -> None:
-        if self.waiting and hvd.poll(self._phase1):
+        if self.waiting and self._coll.poll(self._phase1):
             self.advance()
 
     @property
@@ -120,7 +161,7 @@ class TwoPhase(Exchange):
 
     def result(self) -> torch.Tensor:
         self.advance()
-        return self._coder.assemble(hvd.synchronize(self._phase2))
+        return self._coder.assemble(self._coll.synchronize(self._phase2))
 
 
 class Skip(Exchange):

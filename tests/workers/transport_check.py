@@ -248,12 +248,12 @@ def optim_case(out):
         report[f"{kind}.groups_list"] = train(
             kind, sgd, groups_fn=lambda m: [[m.fc1.weight, m.fc1.bias], [m.fc3.weight]])
     # every codec through the drop-in (auto transport), two steps
-    from hvd_gradq.optimizer import CODECS
+    from hvd_gradq.optimizer import CODECS, RATIO_CODECS
 
     for codec in CODECS:
         report[f"dropin.codec.{codec}"] = train(
             "dropin", sgd, steps=2, codec_kw={"codec": codec, "bits": 2 if codec == "terngrad" else 3,
-                                              "ratio": 50 if codec == "jointsq" else None})
+                                              "ratio": 50 if codec in RATIO_CODECS else None})
     link = hvd_gradq.measure_link()
     report["link"] = hvd.allgather(torch.tensor([[link.latency_s, link.bandwidth]], dtype=torch.float64),
                                    name="optim.link").tolist()

@@ -1,0 +1,466 @@
+"""The training loop the examples share: one script, two ways to run it.
+
+* a real Horovod job: ``horovodrun -np N -H ... python examples/<x>.py ...`` (or ``launch/hvdrun``);
+* N workers simulated in one process: ``python examples/<x>.py --workers N ...``
+  (``hvd_gradq.SimulatedWorkers``: the same exchange code on N micro-batches, averaged).
+
+Both see the same data: at step s, worker r trains on micro-batch s * N + r of the epoch's order,
+so a simulated run and a real one with the same seed and N start from the same aggregate.
+
+Compressors (``--compressor``): ``none``; ``fp16`` (Horovod's, real jobs only); ``uniform`` (the
+shared-scale lanes: ``hvd_gradq.UniformCompressor`` on the stock ``hvd.DistributedOptimizer`` in a
+job, the same lanes inside ``SimulatedWorkers``); and through ``hvd_gradq.DistributedOptimizer``
+(``SimulatedWorkers`` when simulated) every codec: ``gradq-uniform``, ``qsgd``, ``qsgdinf``,
+``nuqsgd``, ``natural``, ``terngrad``, ``alq``, ``amq``, ``jointsq`` and ``topk`` (with ``--ratio``).
+``--allocator lad|lad_first_order|mse|ampa`` lets rank 0 re-decide the bits per layer under
+``--budget`` when the trigger fires.
+
+``--log FILE`` writes a JSON log: the arguments and the command, per-step loss, wire bytes, seconds
+and normalised coding variance (sum ||Q(x) - x||^2 / sum ||x||^2 over the gather-coded layers),
+every evaluation, the bits per layer at every codebook version, the allocation events.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import hvd_gradq
+from hvd_gradq.alloc.layer_types import layer_types
+from hvd_gradq.optimizer import CODECS
+
+#: codecs that run through hvd_gradq.DistributedOptimizer / SimulatedWorkers
+DROPIN = ["gradq-uniform", *[c for c in CODECS if c != "uniform"]]
+COMPRESSORS = ["none", "fp16", "uniform", *DROPIN]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Task:
+    """What an example defines: the model, its loss, the data and the evaluation.
+
+    ``micro_batch(step, worker, workers, epoch)`` is worker ``worker``'s (inputs, targets) at
+    ``step`` of ``epoch``; ``steps_per_epoch(workers)`` how many steps make an epoch;
+    ``evaluate(model)`` a dict of metrics on held-out data (the first one is the headline);
+    ``probe(k, generator)`` k random training batches for the allocator's loss probe."""
+
+    name: str
+    model: nn.Module
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    micro_batch: Callable[[int, int, int, int], Batch]
+    steps_per_epoch: Callable[[int], int]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    probe: Callable[[int, torch.Generator], list[Batch]]
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+    clip: float | None = None  # gradient-norm clipping after the exchange (language models)
+    extra: dict = field(default_factory=dict)
+
+
+def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05, batch_size: int = 64,
+                  epochs: int = 1) -> None:
+    """The arguments every example takes (examples add their own model/data ones)."""
+    p.add_argument("--compressor", choices=COMPRESSORS, default="uniform",
+                   help="none/fp16/uniform: Horovod's optimizer with that compression (uniform: hvd_gradq's lanes); "
+                        "any other: hvd_gradq.DistributedOptimizer with that codec")
+    p.add_argument("--bits", type=int, default=bits,
+                   help="bit width of every coded layer (the start with --allocator)")
+    p.add_argument("--ratio", type=float, default=20.0, help="jointsq / topk: compression ratio against float32")
+    p.add_argument("--bucket-size", type=int, default=1024, help="level codecs: elements per bucket (one norm each)")
+    p.add_argument("--error-feedback", choices=["auto", "on", "off"], default="auto",
+                   help="keep what coding drops and add it back next step (auto: for biased codecs)")
+    p.add_argument("--transport", default="auto", choices=["auto", "allreduce", "allgather", "two_phase"],
+                   help="per-layer transport (auto: the cost model picks)")
+    p.add_argument("--min-elements", type=int, default=1024, help="layers smaller than this go as float32")
+    p.add_argument("--refit-every", type=int, default=None,
+                   help="alq/amq: refit the levels on rank 0 after step 0 and then every this many steps "
+                        "(default 100; 0: never)")
+    p.add_argument("--allocator", default="none", choices=["none", "lad", "lad_first_order", "mse", "ampa"],
+                   help="re-decide per-layer bits on rank 0 with this distortion metric")
+    p.add_argument("--solver", default="lagrangian", choices=["lagrangian", "greedy", "uniform", "mckp_dp", "ampa"])
+    p.add_argument("--budget", type=float, default=2.0, help="allocator: average bits per element")
+    p.add_argument("--options", default="0,2,3,4,5,6,8", help="allocator: the bit widths a layer may get")
+    p.add_argument("--group", default="layer", choices=["layer", "type"], help="allocator: a width per layer or type")
+    p.add_argument("--probe-batches", type=int, default=2, help="allocator: batches of the loss probe (K)")
+    p.add_argument("--trigger", default="similarity", choices=["similarity", "interval", "static"])
+    p.add_argument("--tau", type=float, default=0.95)
+    p.add_argument("--k-min", type=int, default=20)
+    p.add_argument("--interval", type=int, default=50)
+    p.add_argument("--op", choices=["sum", "average"], default="sum",
+                   help="real jobs with --compressor none/fp16/uniform: Horovod's allreduce op")
+    p.add_argument("--workers", type=int, default=0,
+                   help="simulate this many workers in one process (0: a real job; launch it with horovodrun)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: full epoch)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many steps (0: per epoch)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", default="", help="write the JSON log here (rank 0)")
+    p.add_argument("--summary-json", default="", help="write a short JSON summary here (rank 0)")
+    p.add_argument("--checkpoint", default="", help="save model, optimizer and compression state here after every "
+                                                    "epoch")
+    p.add_argument("--resume", action="store_true", help="start from --checkpoint (same number of workers)")
+    p.add_argument("--reset-compression", action="store_true",
+                   help="with --resume: start the compression state afresh (e.g. another number of workers)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad combinations before any work, with the fix."""
+    if args.workers < 0:
+        raise SystemExit("--workers must be >= 0 (0: a real Horovod job)")
+    if args.workers and int(os.environ.get("HOROVOD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))) > 1:
+        raise SystemExit("--workers N simulates N workers in one process; do not launch it with horovodrun")
+    if args.workers and args.compressor == "fp16":
+        raise SystemExit("--compressor fp16 is Horovod's own compression: run it under horovodrun (no --workers)")
+    if args.allocator != "none" and args.compressor not in DROPIN:
+        raise SystemExit(f"--allocator needs a hvd_gradq codec, e.g. --compressor gradq-uniform or one of {DROPIN}")
+    if args.resume and not args.checkpoint:
+        raise SystemExit("--resume needs --checkpoint PATH")
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+
+
+class _Job:
+    """The distributed side of a run: a Horovod job or ``SimulatedWorkers``."""
+
+    def __init__(self, args: argparse.Namespace, task: Task) -> None:
+        self.args = args
+        self.task = task
+        self.simulated = args.workers > 0
+        model = task.model
+        base = task.make_optimizer(model)
+        named = list(model.named_parameters())
+        if self.simulated:
+            self.hvd = None
+            self.rank, self.size = 0, args.workers
+        else:
+            import horovod.torch as hvd
+
+            self.hvd = hvd
+            self.rank, self.size = hvd.rank(), hvd.size()
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            hvd.broadcast_optimizer_state(base, root_rank=0)
+        self.allocation = self._allocation()
+        c = args.compressor
+        self.stock = not self.simulated and c in ("none", "fp16", "uniform")
+        self.compression = None
+        if self.stock:
+            hvd = self.hvd
+            self.op = hvd.Sum if args.op == "sum" else hvd.Average
+            if c == "uniform":
+                self.compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named, op=self.op,
+                                                               seed=args.seed)
+            compression = self.compression or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
+            self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=compression, op=self.op)
+            return
+        kw = {"bits": args.bits, "ratio": args.ratio, "bucket_size": args.bucket_size, "seed": args.seed,
+              "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
+              "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
+        codec = {"none": None, "uniform": "uniform", "gradq-uniform": "uniform"}.get(c, c)
+        if c == "uniform":  # the lanes, as UniformCompressor sends them in a job
+            kw["transport"] = "allreduce"
+        if self.simulated:
+            self.opt = hvd_gradq.SimulatedWorkers(base, named, args.workers, codec=codec, **kw)
+            self.opt.track_error = True
+        else:
+            self.op = self.hvd.Average  # the mean, as the simulation forms it
+            self.opt = hvd_gradq.DistributedOptimizer(base, named_parameters=named, op=self.op, codec=codec, **kw)
+            self.opt.gradient_exchange.track_error = True
+
+    def _allocation(self) -> dict:
+        args, task = self.args, self.task
+        if args.allocator == "none":
+            return {}
+        self.probe_gen = torch.Generator().manual_seed(args.seed + 1)
+        options = tuple(int(b) for b in args.options.split(","))
+        probe = hvd_gradq.LossProbe(task.model, task.criterion, lambda: task.probe(args.probe_batches, self.probe_gen))
+        return {"allocator": hvd_gradq.Allocator(args.budget, metric=args.allocator, solver=args.solver,
+                                                 options=options, probe=probe, group=args.group),
+                "trigger": hvd_gradq.Trigger(args.trigger, tau=args.tau, k_min=args.k_min, interval=args.interval)}
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def step(self, step: int, epoch: int) -> float:
+        """One training step; returns the mean loss over the workers."""
+        task, model, opt = self.task, self.task.model, self.opt
+        losses = []
+        opt.zero_grad()
+        if self.simulated:
+            for r in range(self.size):
+                x, y = task.micro_batch(step, r, self.size, epoch)
+                loss = task.criterion(model(x), y)
+                opt.backward(loss)
+                losses.append(float(loss.detach()))
+        else:
+            x, y = task.micro_batch(step, self.rank, self.size, epoch)
+            loss = task.criterion(model(x), y)
+            scale = self.size if self.stock and self.op == self.hvd.Sum else 1  # Sum adds the ranks' gradients
+            (loss / scale).backward()
+            losses.append(float(loss.detach()))
+        if task.clip is None:
+            opt.step()
+        else:
+            opt.synchronize()
+            nn.utils.clip_grad_norm_(model.parameters(), task.clip)
+            if self.simulated:
+                opt.step()
+            else:
+                with opt.skip_synchronize():
+                    opt.step()
+        if not self.simulated:  # every rank logs the mean over ranks
+            losses = [float(self.hvd.allreduce(torch.tensor(losses[0]), op=self.hvd.Average, name="loss"))]
+        return sum(losses) / len(losses)
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    def wire(self) -> tuple[int, int]:
+        """(payload bytes this rank handed to the collectives in the latest step, float32 bytes)."""
+        fp32 = sum(4 * p.numel() for p in self.task.model.parameters() if p.requires_grad)
+        if self.compression is not None:
+            w = self.compression.wire_stats()
+            return w.payload_bytes, w.fp32_bytes
+        if self.stock:
+            return (fp32 // 2 if self.args.compressor == "fp16" else fp32), fp32
+        if self.simulated:
+            return self.opt.payload_bytes()
+        return sum(p.payload_bytes for p in self.opt.layer_plans()), fp32
+
+    def coding_variance(self) -> float | None:
+        """Normalised coding variance of the latest step over the gather-coded layers (all
+        simulated workers, or this rank in a job); None where nothing was measured."""
+        if self.stock or self.opt.codebook is None:
+            return None
+        if self.simulated:
+            return self.opt.coding_variance()
+        err, energy = self.opt.gradient_exchange.coding_error()
+        return err / energy if energy > 0 else None
+
+    def bits(self) -> dict[str, int]:
+        if self.stock:
+            b = 16 if self.args.compressor == "fp16" else 32
+            if self.compression is not None:
+                return {c.name: c.bits for c in self.compression.codebook}
+            return {n: b for n, p in self.task.model.named_parameters() if p.requires_grad}
+        return {p.name: p.bits for p in self.opt.layer_plans()} if self.opt.layer_plans() else self.opt.bits()
+
+    def version(self) -> int:
+        return 0 if self.stock or self.opt.codebook is None else self.opt.codebook.version
+
+    def events(self) -> list[dict]:
+        return [asdict(e) for e in getattr(self.opt, "allocation_events", [])]
+
+    def overhead(self) -> dict | None:
+        return self.opt.allocation_overhead() if self.allocation else None
+
+    def transports(self) -> dict[str, str]:
+        if self.stock:
+            return {}
+        return {p.name: p.transport for p in self.opt.layer_plans()}
+
+    # ---- checkpoint ----------------------------------------------------------------------------------
+    def compression_state(self):
+        holder = self.compression if self.stock else self.opt
+        return None if holder is None else holder.compression_state_dict()
+
+    def load_compression_state(self, state, reset: bool) -> None:
+        holder = self.compression if self.stock else self.opt
+        if holder is not None and state is not None:
+            holder.load_compression_state_dict(state, reset=reset)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Namespace) -> dict:
+    """Train ``task_factory(args)`` as the arguments say; returns the summary (rank 0 writes the logs)."""
+    check_arguments(args)
+    if not args.workers:
+        import horovod.torch as hvd
+
+        hvd.init()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every mode
+    task = task_factory(args)
+    job = _Job(args, task)
+    rank, size = job.rank, job.size
+    lead = rank == 0
+    if lead and job.allocation:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    model = task.model
+    n_params = sum(p.numel() for p in model.parameters())
+    mode = f"{size} simulated workers" if job.simulated else f"{size} Horovod workers"
+    if lead:
+        print(f"{task.name} ({n_params} parameters), {mode}, compressor={args.compressor}"
+              + (f" bits={args.bits}" if args.compressor not in ("none", "fp16") else "")
+              + (f", allocator={args.allocator}/{args.solver} budget={args.budget}" if job.allocation else ""),
+              flush=True)
+
+    first_epoch = 0
+    if args.resume:
+        ckpt = torch.load(args.checkpoint, weights_only=False)  # every rank reads the same file
+        model.load_state_dict(ckpt["model"])
+        job.opt.load_state_dict(ckpt["optimizer"])
+        job.load_compression_state(ckpt["compression"], args.reset_compression)
+        if job.allocation and ckpt.get("probe_rng") is not None:
+            job.probe_gen.set_state(ckpt["probe_rng"])
+        if ckpt.get("torch_rng") is not None:
+            torch.set_rng_state(ckpt["torch_rng"])
+        first_epoch = ckpt["epoch"]
+        if lead:
+            print(f"resumed from {args.checkpoint} after epoch {first_epoch}", flush=True)
+
+    log = {"example": task.name, "command": command_line(), "args": vars(args), "mode": "simulated" if job.simulated
+           else "horovod", "workers": size, "parameters": n_params,
+           "layers": {n: p.numel() for n, p in model.named_parameters() if p.requires_grad},
+           "layer_types": layer_types(model), "steps": [], "evals": [], "codebooks": [], "allocations": []}
+    steps_per_epoch = task.steps_per_epoch(size)
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    global_step = first_epoch * steps_per_epoch
+    seen_version = -1
+    started = time.perf_counter()
+    train_seconds = 0.0
+
+    def evaluate(epoch: int) -> dict:
+        metrics = task.evaluate(model)
+        entry = {"step": global_step, "epoch": epoch, "train_seconds": train_seconds, **metrics}
+        log["evals"].append(entry)
+        if lead:
+            tqdm.write(f"step {global_step} (epoch {epoch}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    for epoch in range(first_epoch, args.epochs):
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not lead,
+                   dynamic_ncols=True, mininterval=2.0)
+        for step in bar:
+            t = time.perf_counter()
+            loss = job.step(step, epoch)
+            dt = time.perf_counter() - t
+            train_seconds += dt
+            sent, fp32 = job.wire()
+            log["steps"].append({"step": global_step, "loss": loss, "wire_bytes": sent, "fp32_bytes": fp32,
+                                 "seconds": dt, "coding_variance": job.coding_variance()})
+            version = job.version()
+            if version != seen_version or global_step == 0:
+                log["codebooks"].append({"step": global_step, "version": version, "bits": job.bits()})
+                seen_version = version
+            global_step += 1
+            if not math.isfinite(loss):
+                raise SystemExit(f"the loss is {loss} at step {global_step - 1}: training diverged")
+            if lead and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", wire=f"{8 * sent / max(fp32 / 4, 1):.2f} b/el")
+            if args.eval_every and global_step % args.eval_every == 0 and step + 1 < steps_per_epoch:
+                evaluate(epoch + 1)
+        metrics = evaluate(epoch + 1)
+        if lead:
+            head = next(iter(metrics))
+            print(f"epoch {epoch + 1}: {head.replace('_', ' ')} {metrics[head]:.4f}", flush=True)
+        if args.checkpoint:  # the compression state is collective (every rank's residuals); rank 0 saves
+            state = job.compression_state()
+            if lead:
+                torch.save({"model": model.state_dict(), "optimizer": job.opt.state_dict(), "compression": state,
+                            "epoch": epoch + 1, "torch_rng": torch.get_rng_state(),
+                            "probe_rng": job.probe_gen.get_state() if job.allocation else None}, args.checkpoint)
+
+    sent, fp32 = job.wire()
+    mean_sent = sum(s["wire_bytes"] for s in log["steps"]) / max(len(log["steps"]), 1)
+    final = log["evals"][-1] if log["evals"] else {}
+    summary = {"example": task.name, "workers": size, "mode": log["mode"], "compressor": args.compressor,
+               "bits": args.bits, "op": args.op, "seconds": time.perf_counter() - started,
+               "train_seconds": train_seconds, "steps": global_step,
+               "payload_bytes_per_step": sent, "fp32_bytes_per_step": fp32, "wire_ratio": sent / fp32,
+               "mean_wire_ratio": mean_sent / fp32, "bits_per_element": 32 * sent / fp32,
+               "transports": job.transports(), "final": {k: v for k, v in final.items() if k not in ("step",)},
+               "allocation": job.overhead(), "final_bits": job.bits()}
+    head = next((k for k in final if k not in ("step", "epoch", "train_seconds")), None)
+    if head is not None:
+        summary[head] = [e[head] for e in log["evals"]]
+    log["allocations"] = job.events()
+    log["summary"] = summary
+    if lead:
+        if not job.stock or job.compression is not None:
+            print(f"wire per step: {sent} B vs {fp32} B fp32 ({fp32 / max(sent, 1):.1f}x fewer; mean over steps "
+                  f"{fp32 / max(mean_sent, 1):.1f}x)" + (f"; {job.opt.transport_summary()}" if not job.stock
+                                                         and not job.simulated else ""), flush=True)
+            print(f"wire reduction: {fp32 / max(sent, 1):.1f}x fewer bytes than fp32 ({sent} vs {fp32} bytes per step)",
+                  flush=True)
+        if args.log:
+            with open(args.log, "w") as f:
+                json.dump(log, f)
+        if args.summary_json:
+            with open(args.summary_json, "w") as f:
+                json.dump(summary, f, indent=1)
+    if isinstance(job.opt, hvd_gradq.SimulatedWorkers):
+        job.opt.close()
+    return summary
+
+
+def add_language_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab", type=int, default=10_000, help="the most frequent training tokens kept (others: <unk>)")
+    p.add_argument("--bptt", type=int, default=35, help="tokens per training sequence")
+    p.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out tokens (0: all)")
+
+
+def language_model_task(args: argparse.Namespace, name: str, model: nn.Module,
+                        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], clip: float) -> Task:
+    """Word-level language modelling of Jane Austen's six novels (``hvd_gradq.datasets.austen_lm``:
+    the first 90% of the tokens train, the next 5% validate, the last 5% test). Training sequences
+    are the non-overlapping ``--bptt``-token windows of the training split, shuffled per epoch;
+    a micro-batch is ``--batch-size`` of them. Perplexity: exp of the mean token cross-entropy over
+    all windows of a held-out split."""
+    from hvd_gradq.datasets import austen_lm
+
+    data = austen_lm(args.vocab)
+    train, T, b = data["train"], args.bptt, args.batch_size
+    starts = torch.arange(0, len(train) - T - 1, T)
+    orders: dict[int, torch.Tensor] = {}
+
+    def windows(ids: torch.Tensor, at: torch.Tensor) -> Batch:
+        seq = ids[at.unsqueeze(1) + torch.arange(T + 1)]
+        return seq[:, :-1], seq[:, 1:]
+
+    def criterion(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+    def micro_batch(step: int, worker: int, workers: int, epoch: int) -> Batch:
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = starts[torch.randperm(len(starts), generator=torch.Generator().manual_seed(
+                args.seed * 1000 + epoch))]
+        i = (step * workers + worker) * b
+        return windows(train, orders[epoch][i:i + b])
+
+    def perplexity(model: nn.Module, ids: torch.Tensor) -> float:
+        if args.eval_limit:
+            ids = ids[:args.eval_limit]
+        at = torch.arange(0, len(ids) - T - 1, T)
+        total, count = 0.0, 0
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(at), 64):
+                x, y = windows(ids, at[i:i + 64])
+                total += float(criterion(model(x), y)) * y.numel()
+                count += y.numel()
+        model.train()
+        return math.exp(total / count)
+
+    def probe(k: int, gen: torch.Generator) -> list[Batch]:
+        return [windows(train, starts[torch.randint(len(starts), (b,), generator=gen)]) for _ in range(k)]
+
+    return Task(name=name, model=model, criterion=criterion, micro_batch=micro_batch,
+                steps_per_epoch=lambda workers: len(starts) // (b * workers),
+                evaluate=lambda m: {"valid_ppl": perplexity(m, data["valid"]), "test_ppl": perplexity(m, data["test"])},
+                probe=probe, make_optimizer=make_optimizer, clip=clip, extra={"vocab": data["vocab"]})

@@ -1,0 +1,188 @@
+"""SimulatedWorkers: N workers in one process give the aggregate of a real horovodrun -np N job
+(the same exchange code on the same bytes), and the in-process collectives route bytes as
+Horovod does."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hvd_gradq
+from hvd_gradq.simulate import SimulatedWorld
+from tests.hvdrun import WORKERS, horovodrun
+from tests.workers.sim_cases import STEPS, flat_grads, setup
+
+
+def simulate(case: str, size: int):
+    torch.set_num_threads(1)  # as the workers: the same kernels, so the same float32 gradients
+    model, base, kw, micro_batch = setup(case)
+    sim = hvd_gradq.SimulatedWorkers(base, model.named_parameters(), size, **kw)
+    aggregates = []
+    for step in range(STEPS):
+        sim.zero_grad()
+        for r in range(size):
+            x, y = micro_batch(step, r, size)
+            sim.backward(F.cross_entropy(model(x), y))
+        sim.synchronize()
+        aggregates.append(flat_grads(model).clone())
+        sim.step()
+    return sim, aggregates
+
+
+@pytest.mark.parametrize("case,size", [("lanes", 2), ("gather", 2), ("jointsq", 2), ("topk", 2), ("alq", 2),
+                                       ("gather", 4)])
+def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size):
+    run = horovodrun(WORKERS / "sim_check.py", "--case", case, "--out", tmp_path, np=size, timeout=240)
+    assert run.returncode == 0, run.output[-6000:]
+    real = torch.load(tmp_path / "real.pt")
+    sim, aggregates = simulate(case, size)
+    assert {p.name: p.bits for p in sim.layer_plans()} == real["bits"]
+    assert {p.name: p.transport for p in sim.layer_plans()} == real["transports"]
+    assert [p.payload_bytes for p in sim.layer_plans()] == real["payload"]
+    assert [e.version for e in sim.allocation_events] == real["versions"]
+    if case == "lanes":
+        assert len(real["versions"]) == 2, "the interval trigger should have fired at steps 0 and 2"
+    if case == "alq":
+        assert real["levels"] and real["levels"] == levels_of(sim.exchanges[0])
+    for step, (s, r) in enumerate(zip(aggregates, real["aggregates"])):
+        if size == 2:  # a + b == b + a: the same bits
+            assert torch.equal(s, r), f"step {step}: simulated aggregate differs from the real one"
+            continue
+        # with more ranks MPI may sum the float32 layers in another order; codes are decoded alike
+        scale = float(r.abs().max())
+        err = float((s - r).abs().max())
+        assert err <= 1e-6 * scale, f"step {step}: simulated aggregate differs from the real one by {err} ({scale})"
+
+
+def levels_of(exchange) -> dict:
+    return {n: c.codec.levels.tolist() for n, c in exchange.coders.items()}
+
+
+def test_adaptive_levels_are_refit_on_rank_0_and_shared_by_every_rank():
+    model, base, kw, micro_batch = setup("alq")
+    sim = hvd_gradq.SimulatedWorkers(base, model.named_parameters(), 3, **kw)
+    sim.track_error = True
+    initial = levels_of(sim.exchanges[0])
+    variance = []
+    for step in range(3):
+        sim.zero_grad()
+        for r in range(3):
+            x, y = micro_batch(step, r, 3)
+            sim.backward(F.cross_entropy(model(x), y))
+        sim.step()
+        variance.append(sim.coding_variance())
+    fitted = levels_of(sim.exchanges[0])
+    assert fitted != initial and all(levels_of(e) == fitted for e in sim.exchanges[1:])
+    keys = {c.codec_key for c in sim.codebook if c.transport == "allgather"}
+    assert keys and all("levels=" in k for k in keys)
+    # step 0 coded with the initial exponential levels, step 1 with levels fitted to step 0's gradient
+    assert variance[1] < 0.5 * variance[0], variance
+
+
+def test_world_routes_bytes_as_horovod_collectives_do():
+    world = SimulatedWorld(3)
+    ranks = [world.rank(r) for r in range(3)]
+    hs = [rk.allreduce_sum_async(torch.tensor([r, 10 * r], dtype=torch.int64), "sum") for r, rk in enumerate(ranks)]
+    assert all(torch.equal(rk.synchronize(h), torch.tensor([3, 30])) for rk, h in zip(ranks, hs))
+    hs = [rk.allgather_async(torch.full((r + 1,), r, dtype=torch.uint8), "gather") for r, rk in enumerate(ranks)]
+    assert all(rk.synchronize(h).tolist() == [0, 1, 1, 2, 2, 2] for rk, h in zip(ranks, hs))
+    # rank i sends i*10 + j to rank j, (j + 1) copies of it
+    hs = [rk.alltoall_async(torch.cat([torch.full((j + 1,), 10 * i + j) for j in range(3)]), [1, 2, 3], "a2a")
+          for i, rk in enumerate(ranks)]
+    for j, (rk, h) in enumerate(zip(ranks, hs)):
+        got, splits = rk.synchronize(h)
+        assert splits.tolist() == [j + 1] * 3
+        assert got.tolist() == [10 * i + j for i in range(3) for _ in range(j + 1)]
+    assert world.pending() == []
+
+
+def test_world_refuses_reads_before_every_rank_submitted_and_mixed_collectives():
+    world = SimulatedWorld(2)
+    a, b = world.rank(0), world.rank(1)
+    h = a.allgather_async(torch.zeros(2), "x")
+    assert not a.poll(h)
+    with pytest.raises(RuntimeError, match="before ranks \\[1\\] submitted"):
+        a.synchronize(h)
+    with pytest.raises(RuntimeError, match="rank 1 called allreduce, another rank allgather"):
+        b.allreduce_sum_async(torch.zeros(2), "x")
+    with pytest.raises(ValueError, match="integer >= 1"):
+        SimulatedWorld(0)
+
+
+def test_simulated_workers_check_their_use():
+    model, base, kw, micro_batch = setup("gather")
+    sim = hvd_gradq.SimulatedWorkers(base, model.named_parameters(), 2, **kw)
+    x, y = micro_batch(0, 0, 2)
+    sim.backward(F.cross_entropy(model(x), y))
+    with pytest.raises(RuntimeError, match="after 1 of 2 workers"):
+        sim.step()
+    with pytest.raises(RuntimeError, match="zero_grad\\(\\) after 1 of 2"):
+        sim.zero_grad()
+    sim.backward(F.cross_entropy(model(x), y))
+    with pytest.raises(RuntimeError, match="more than workers=2"):
+        sim.backward(F.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match="codec=None sends float32"):
+        hvd_gradq.SimulatedWorkers(base, model.named_parameters(), 2, codec=None,
+                                   allocator=hvd_gradq.Allocator(2, probe=hvd_gradq.LossProbe(model, F.cross_entropy,
+                                                                                                [(x, y)])))
+    with pytest.raises(ValueError, match="codec must be one of"):
+        hvd_gradq.SimulatedWorkers(base, model.named_parameters(), 2, codec="qsgd8")
+
+
+def test_uncompressed_simulation_is_the_exact_mean_of_the_workers_gradients():
+    model, base, _, micro_batch = setup("gather")
+    sim = hvd_gradq.SimulatedWorkers(base, model.named_parameters(), 3, codec=None)
+    grads = []
+    for r in range(3):
+        model.zero_grad()
+        x, y = micro_batch(0, r, 3)
+        F.cross_entropy(model(x), y).backward()
+        grads.append(flat_grads(model).clone())
+    model.zero_grad()
+    sim.zero_grad()
+    for r in range(3):
+        x, y = micro_batch(0, r, 3)
+        sim.backward(F.cross_entropy(model(x), y))
+    sim.synchronize()
+    assert torch.allclose(flat_grads(model), (grads[0] + grads[1] + grads[2]) / 3, rtol=0, atol=1e-7)
+    assert sim.payload_bytes() == (4 * sum(p.numel() for p in model.parameters()),) * 2
+
+
+def train(case: str, size: int, steps: range, state=None):
+    """Train ``case`` over ``steps``, optionally from a saved (model, optimizer, compression) state."""
+    model, base, kw, micro_batch = setup(case)
+    sim = hvd_gradq.SimulatedWorkers(base, model.named_parameters(), size, **kw)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        base.load_state_dict(state["optimizer"])
+        sim.load_compression_state_dict(state["compression"])
+    for step in steps:
+        sim.zero_grad()
+        for r in range(size):
+            x, y = micro_batch(step, r, size)
+            sim.backward(F.cross_entropy(model(x), y))
+        sim.step()
+    saved = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(base.state_dict()),
+             "compression": copy.deepcopy(sim.compression_state_dict())}
+    return sim, model, saved
+
+
+@pytest.mark.parametrize("case", ["lanes", "gather", "jointsq", "alq"])
+def test_simulated_resume_is_bit_identical_to_uninterrupted_training(case):
+    _, full, _ = train(case, 2, range(8))
+    _, _, saved = train(case, 2, range(4))
+    sim, resumed, _ = train(case, 2, range(4, 8), state=saved)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+    if case == "lanes":
+        assert [e.step for e in sim.allocation_events] == [0, 2, 4, 6]
+
+
+def test_simulated_checkpoint_of_another_size_is_refused_or_reset():
+    _, _, saved = train("gather", 2, range(2))
+    model, base, kw, _ = setup("gather")
+    sim = hvd_gradq.SimulatedWorkers(base, model.named_parameters(), 3, **kw)
+    with pytest.raises(hvd_gradq.StateMismatchError, match="saved by 2 ranks and this job has 3"):
+        sim.load_compression_state_dict(saved["compression"])
+    sim.load_compression_state_dict(saved["compression"], reset=True)
+    assert all(not ex.worker_feedback.residuals for ex in sim.exchanges)

@@ -1,0 +1,49 @@
+"""The set-ups tests/test_simulate.py runs both under horovodrun (worker: sim_check.py) and in
+``SimulatedWorkers``: the same model, data and coding arguments, so the two must give the same
+aggregates."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import hvd_gradq
+from hvd_gradq.datasets import fashion_mnist
+from hvd_gradq.models import FashionCNN
+
+STEPS = 4
+
+
+def setup(case: str, seed: int = 0):
+    """(model, base optimizer, coding kwargs, micro_batch(step, rank, size)) for ``case``."""
+    torch.manual_seed(seed)
+    x_all, y_all = fashion_mnist("test")
+    model = FashionCNN(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def micro_batch(step: int, rank: int, size: int, n: int = 32):
+        i = ((step * size + rank) * n) % (len(x_all) - n)
+        return x_all[i:i + n], y_all[i:i + n]
+
+    if case == "lanes":  # shared-scale lanes on allreduce, float32 layers, the allocator every 2 steps
+        probe = hvd_gradq.LossProbe(model, F.cross_entropy, [micro_batch(999, 0, 1, 64)])
+        kw = {"codec": "uniform", "bits": 4, "transport": "allreduce",
+              "allocator": hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(0, 2, 3, 4, 8),
+                                               probe=probe),
+              "trigger": hvd_gradq.Trigger("interval", interval=2)}
+    elif case == "gather":  # QSGD over allgather and two-phase, one 0-bit layer
+        kw = {"codec": "qsgd", "bits": {".*": 4, "features.2.body.0.weight": 0, "classifier.weight": 2},
+              "transport": {".*": "allgather", "features.3.*": "two_phase", "features.4.*": "two_phase"},
+              "min_elements": 256}
+    elif case == "jointsq":
+        kw = {"codec": "jointsq", "ratio": 20, "transport": "two_phase"}
+    elif case == "alq":  # adaptive levels refit on rank 0 after steps 0 and 2, broadcast to every rank
+        kw = {"codec": "alq", "bits": 3, "transport": "allgather", "refit_levels": 2}
+    elif case == "topk":
+        kw = {"codec": "topk", "ratio": 20, "transport": "allgather"}
+    else:
+        raise ValueError(case)
+    return model, opt, kw, micro_batch
+
+
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
