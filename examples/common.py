@@ -15,7 +15,7 @@ job, the same lanes inside ``SimulatedWorkers``); and through ``hvd_gradq.Distri
 ``--allocator lad|lad_first_order|mse|ampa`` lets rank 0 re-decide the bits per layer under
 ``--budget`` when the trigger fires.
 
-``--log FILE`` writes a JSON log: the arguments and the command, per-step loss, wire bytes, seconds
+``--log-json FILE`` writes a JSON log: the arguments and the command, per-step loss, wire bytes, seconds
 and normalised coding variance (sum ||Q(x) - x||^2 / sum ||x||^2 over the gather-coded layers),
 every evaluation, the bits per layer at every codebook version, the allocation events.
 """
@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many steps (0: per epoch)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log", default="", help="write the JSON log here (rank 0)")
+    p.add_argument("--log-json", dest="log", default="", help="write the JSON log here (rank 0)")
     p.add_argument("--summary-json", default="", help="write a short JSON summary here (rank 0)")
     p.add_argument("--checkpoint", default="", help="save model, optimizer and compression state here after every "
                                                     "epoch")

@@ -4,7 +4,7 @@
     python examples/fashion_mnist_cnn.py --workers 4 --compressor qsgd --bits 3       # 4 simulated workers
 
 Prints a progress bar, the test accuracy after every epoch and the bytes per step handed to the
-collectives against float32; ``--log`` writes the JSON log (see examples/common.py). Data:
+collectives against float32; ``--log-json`` writes the JSON log (see examples/common.py). Data:
 Debian's dataset-fashion-mnist (60k training / 10k test images), nothing downloaded.
 """
 from __future__ import annotations

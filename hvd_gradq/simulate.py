@@ -278,6 +278,18 @@ class SimulatedWorkers:
         self.steps += 1
         return self.optimizer.step(closure)
 
+    # ---- the wrapped optimizer's own state -------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's ``state_dict()`` (the compression state: ``compression_state_dict``)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
     def _after_step(self) -> None:
         """As a job's rank 0: refit adaptive levels when due; the trigger sees the aggregated
         norms, and when it fires, allocate and switch every simulated rank to the new codebook

@@ -42,7 +42,7 @@ def test_commands(grid):
     lad = grid.rows["A-cnn-lad"]
     cmd = lad.command("docs/study/runs/A-cnn-lad.json")
     assert cmd[:2] == ["python", "examples/fashion_mnist_cnn.py"]
-    assert cmd[-4:] == ["--log", "docs/study/runs/A-cnn-lad.json", "--threads", "1"]
+    assert cmd[-4:] == ["--log-json", "docs/study/runs/A-cnn-lad.json", "--threads", "1"]
     assert " ".join(cmd).count("--allocator lad --solver lagrangian --budget 2 ") == 1
     assert "--workers 4" in " ".join(cmd) and "--seed 0" in " ".join(cmd)
     assert "--max-steps 3" in " ".join(lad.command("x", smoke=True))

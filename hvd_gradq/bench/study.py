@@ -4,7 +4,7 @@
     python -m hvd_gradq.bench.study run --jobs 2                # the rows not yet done, in priority order
     python -m hvd_gradq.bench.study report                      # docs/RESULTS.md and the plots in docs/study/
 
-A row is one run of an example (examples/*.py) with ``--log <out>/runs/<id>.json --threads 1``;
+A row is one run of an example (examples/*.py) with ``--log-json <out>/runs/<id>.json --threads 1``;
 it is done when that log exists. Identical commands in several tables run once and are shared.
 Tables (the shapes of the LAD, JointSQ and ALQ papers; the numbers are ours):
 
@@ -75,7 +75,7 @@ LAYER_GROUPS = ("embedding", "attention", "FFN", "decoder", "other")
 @dataclass
 class Row:
     """One run: ``launcher`` (empty: the interpreter directly) + python + ``argv`` (the example and
-    its arguments, without --log/--threads). ``base`` is the row a seed copy was made from."""
+    its arguments, without --log-json/--threads). ``base`` is the row a seed copy was made from."""
 
     id: str
     tables: tuple[str, ...]
@@ -100,7 +100,7 @@ class Row:
 
     def command(self, log: str, python: str = "python", smoke: bool = False) -> list[str]:
         extra = SMOKE_ARGS[self.example] if smoke else ()
-        return [*self.launcher, python, *self.argv, *extra, "--log", log, "--threads", "1"]
+        return [*self.launcher, python, *self.argv, *extra, "--log-json", log, "--threads", "1"]
 
     def with_seed(self, seed: int) -> Row:
         argv = list(self.argv)
