@@ -86,6 +86,8 @@ def run_cell(model: str, compressor: str, size: int, args, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if compressor == "powersgd":
         ddp_args = ["--model", model, "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(cell_dir)]
+        if args.ddp_bucket_mb:
+            ddp_args += ["--bucket-cap-mb", str(args.ddp_bucket_mb)]
         rc, text = run_on_nodes("hvd_gradq.bench.ddp_worker", ddp_args, size, args.cell_timeout, env)
     else:
         cmd = [str(CLUSTER), "run", "-np", str(size), py, "-m", "hvd_gradq.bench.step_worker", "--model", model,
@@ -229,6 +231,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=7)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cell-timeout", type=float, default=600)
+    ap.add_argument("--ddp-bucket-mb", type=float, default=0,
+                    help="DDP + PowerSGD: DDP's bucket size, MB (0: DDP's default; larger than the model: one bucket)")
     ap.add_argument("--out", default="docs/bandwidth")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of --out/results.json that this run does not redo (e.g. a failed cell)")

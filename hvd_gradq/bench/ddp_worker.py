@@ -26,6 +26,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--hook", choices=["none", "powersgd"], default="powersgd")
     ap.add_argument("--powersgd-rank", type=int, default=4)
     ap.add_argument("--start-iter", type=int, default=4, help="PowerSGD starts after DDP's bucket rebuild")
+    ap.add_argument("--bucket-cap-mb", type=float, default=None,
+                    help="DDP's bucket size (default: DDP's own, 25 MB; a value larger than the model makes one "
+                         "bucket, so that PowerSGD's chained gloo collectives of different buckets cannot interleave)")
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", required=True)
@@ -37,7 +40,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world)
     model, batch, loss_fn = make_task(args.model, args.rank, args.world)
-    ddp = DistributedDataParallel(model)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
     if args.hook == "powersgd":
         state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
                                        start_powerSGD_iter=args.start_iter)
