@@ -189,7 +189,8 @@ class _Job:
         options = tuple(int(b) for b in args.options.split(","))
         probe = hvd_gradq.LossProbe(task.model, task.criterion, lambda: task.probe(args.probe_batches, self.probe_gen))
         return {"allocator": hvd_gradq.Allocator(args.budget, metric=args.allocator, solver=args.solver,
-                                                 options=options, probe=probe, group=args.group),
+                                                 options=options, probe=probe, group=args.group,
+                                                 max_grad_norm=task.clip),
                 "trigger": hvd_gradq.Trigger(args.trigger, tau=args.tau, k_min=args.k_min, interval=args.interval)}
 
     # ---- one step ------------------------------------------------------------------------------------

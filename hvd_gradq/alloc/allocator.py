@@ -54,6 +54,10 @@ class Allocator:
         probe: a ``LossProbe`` (model, loss, batches); needed by the LAD metrics, and by every
             metric to compute the gradient it quantizes.
         lr: the step size eta of the LAD metrics; None: the optimizer's current learning rate.
+        max_grad_norm: if training clips the gradient norm (``clip_grad_norm_``), the same bound:
+            the LAD metrics then take the step eta * min(1, max_grad_norm / ||g||) that training
+            takes, not eta * g (with lr 20 and a clip of 0.25, as for LSTM language models, the
+            unclipped step would be many times the real one).
         group: "layer" (one width per layer) or "type" (QODA: one width per layer type, the
             types' R-D curves being the sums of their layers'; see ``alloc.layer_types``).
     """
@@ -61,7 +65,7 @@ class Allocator:
     def __init__(self, budget: float, *, metric: str = "lad", solver: str = "lagrangian",
                  options: Sequence[int] = (2, 3, 4, 5, 6, 7, 8), rate: str = "paper", probe: LossProbe | None = None,
                  lr: float | None = None, eps: float = 1e-9, dp_units: int = 4000,
-                 ampa: AMPASchedule | None = None, group: str = "layer") -> None:
+                 ampa: AMPASchedule | None = None, group: str = "layer", max_grad_norm: float | None = None) -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
             raise ValueError(f"budget (average bits per element) must be a finite number >= 0, got {budget!r}")
         opts = tuple(options)
@@ -88,6 +92,10 @@ class Allocator:
             raise TypeError(f"probe must be a hvd_gradq.LossProbe, got {type(probe).__name__}")
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number > 0 or None, got {lr!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
+                                              and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
         self.budget = float(budget)
         self.metric = metric
         self.solver = solver
@@ -108,6 +116,9 @@ class Allocator:
         start = time.perf_counter()
         eta = self.lr if self.lr is not None else lr
         grads, counts = distortion.probe_gradients(self.probe, params)
+        if self.max_grad_norm is not None:  # the step training takes after clip_grad_norm_
+            norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+            eta *= min(1.0, self.max_grad_norm / norm) if norm > 0 else 1.0
         if self.solver == "ampa":
             current = {n: self.ampa.bits.get(n, self.ampa.levels[0]) for n in grads}
             sens = {n: float(g.abs().mean() * (g - quantize(n, current[n], g)).abs().mean()) for n, g in grads.items()}

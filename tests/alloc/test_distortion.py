@@ -142,3 +142,25 @@ def test_layer_types_and_per_type_allocation():
     assert set(alloc.info["types"]) == {"embedding", "attention", "conv", "linear"}
     n = {k: p.numel() for k, p in params.items()}
     assert sum(alloc.bits[k] * n[k] for k in n) <= 3.0 * sum(n.values())
+
+
+def test_lad_with_clipping_measures_the_clipped_step():
+    """max_grad_norm: the LAD step is lr * min(1, c / ||g||) * g, as training takes after clipping."""
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    probe = LossProbe(model, F.mse_loss, [(x, y)])
+    params = dict(model.named_parameters())
+    grads, _ = D.probe_gradients(probe, params)
+    norm = float(torch.cat(list(grads.values())).norm())
+    clip = 0.1 * norm
+    clipped = Allocator(2.0, metric="lad", probe=probe, options=(0, 2, 4), max_grad_norm=clip)
+    clipped.allocate(params, halve, lr=5.0)
+    scaled = Allocator(2.0, metric="lad", probe=probe, options=(0, 2, 4))
+    scaled.allocate(params, halve, lr=5.0 * clip / norm)
+    unclipped = Allocator(2.0, metric="lad", probe=probe, options=(0, 2, 4))
+    unclipped.allocate(params, halve, lr=5.0)
+    assert np.allclose(clipped.last_curves.distortion, scaled.last_curves.distortion, rtol=1e-6, atol=0)
+    assert not np.allclose(clipped.last_curves.distortion, unclipped.last_curves.distortion)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        Allocator(2.0, probe=probe, max_grad_norm=0.0)
