@@ -220,6 +220,8 @@ def build_grid() -> Grid:
               _example(CNN, ["--compressor", codec, "--bits", str(bits), *refit.get(codec, [])]), seed=2,
               key=(codec, bits))
 
+    g.add("G", "G-trf-fp32", "FP32", _example(TRF, ["--compressor", "none"]), seed=1, key=("fp32",))
+    g.add("G", "G-trf-uniform3", "Uniform, 3 bits", _example(TRF, _uni(3)), seed=1, key=("uniform", 3))
     for budget in (3, 2):
         g.add("G", f"G-trf-lad{budget}", f"LAD, {budget} bits", _example(TRF, _lad("lagrangian", budget)), seed=1,
               key=(budget,))
@@ -738,7 +740,7 @@ def _intro(grid: Grid, res: Results) -> list[str]:
         f"Jane Austen's novels ({params(LSTM)}vocabulary 10k, batch 20 x 35 tokens per worker, SGD lr 20, clip "
         "0.25), validation and test perplexity every 100 steps;",
         f"* TRF: `examples/transformer_lm.py`, a 2-block causal Transformer (dim 128, 4 heads, FFN 512) on the same "
-        f"text ({params(TRF)}batch 16 x 35 tokens per worker, Adam lr 1e-3, clip 1.0).",
+        f"text ({params(TRF)}batch 16 x 35 tokens per worker, SGD lr 5, clip 0.25).",
         "",
         "Compression vs fp32 is the float32 gradient's bytes over the bytes one worker hands to the collectives "
         "per step, averaged over the steps (1 / the log's `summary.mean_wire_ratio`); bits/element is 32 times "
