@@ -17,7 +17,7 @@ def test_grid_has_every_table(grid):
     tables = {e.table for e in grid.entries}
     assert tables == set("ABCDEFG") | {"R"} == set(study.TABLES)
     assert len(grid.table("A")) == 8 and len(grid.table("B")) == 4 and len(grid.table("C")) == 9
-    assert len(grid.table("R")) == 8 and len(grid.table("G")) == 2
+    assert len(grid.table("R")) == 8 and len(grid.table("G")) == 4
 
 
 def test_ids_and_commands_are_unique(grid):
@@ -197,7 +197,7 @@ def test_report_from_synthetic_logs(tmp_path, grid):
     assert "116,602 parameters" in text
     assert "python examples/fashion_mnist_cnn.py --workers 4 --compressor none --seed 0" in text  # the log's command
     assert "python examples/transformer_lm.py --workers 4" in text  # a planned command (G-trf-lad2: not run)
-    assert "Status: 5 of 56 rows done, 1 failed, 50 not run." in text
+    assert "Status: 5 of 58 rows done, 1 failed, 52 not run." in text
     for png in ("table_a_curves.png", "bits_A-cnn-lad.png", "bits_G-trf-lad3.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert not (tmp_path / "bits_G-trf-lad2.png").exists()  # not run
