@@ -80,10 +80,19 @@ def quantize_to_lanes(
     ``layout``'s words, in one pass on CPU.
 
     Error feedback: ``residual_out`` (float32, like ``x``; may be ``residual`` itself) receives
-    ``v - level``. The C kernel and the torch path give identical words and residuals for the same
-    ``rng`` state.
+    ``v - level`` (at 1 bit only the clipping error ``v - clamp(v, -scale, scale)``: its rounding
+    error feedback would be unstable). The C kernel and the torch path give identical words and
+    residuals for the same ``rng`` state.
     """
     _check(scale, bits)
+    if bits == 1 and residual_out is not None:
+        # One bit: a level step is 2s, so feeding the rounding error back would let max|x + r|, and
+        # with it the shared scale, grow geometrically (measured: 1e37 after 260 steps of a CNN).
+        # Keep only what clipping to [-s, s] cut; the rounding itself is unbiased.
+        v = x.to(torch.float32) if residual is None else x + residual
+        words = quantize_to_lanes(x, scale, bits, layout, rng, residual=residual)
+        torch.sub(v, v.clamp(-scale, scale), out=residual_out)
+        return words
     n = x.numel()
     lib = native.load() if _native_ok(x, residual, residual_out) else None
     if lib is None:

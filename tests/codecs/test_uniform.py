@@ -57,3 +57,27 @@ def test_bad_arguments():
         quantize_stochastic(torch.zeros(3), 0.0, 2, DitherSource(0))
     with pytest.raises(ValueError, match="scale"):
         quantize_stochastic(torch.zeros(3), float("nan"), 2, DitherSource(0))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_lane_error_feedback_keeps_the_scale_bounded(bits):
+    """The lanes' loop: quantize g + r at the scale max|g + r| of the previous step, keep r. With a
+    level step of 2s at 1 bit, feeding the rounding error back would grow the scale geometrically;
+    1 bit keeps only the clipping error, so the scale stays within a small factor of max|g|."""
+    from hvd_gradq.codecs.uniform import quantize_to_lanes
+    from hvd_gradq.packing import lane_layout
+
+    gen = torch.Generator().manual_seed(bits)
+    rng = DitherSource(bits)
+    layout = lane_layout(bits, 2, torch.int64)
+    r = torch.zeros(5000)
+    scale = 1.0
+    for _ in range(300):
+        g = torch.randn(5000, generator=gen) * 0.01
+        v = g + r
+        nxt = float(v.abs().max())
+        quantize_to_lanes(g, scale, bits, layout, rng, residual=r, residual_out=r)
+        if bits == 1:  # only what clipping cut is kept
+            assert torch.equal(r, v - v.clamp(-scale, scale))
+        scale = nxt
+    assert scale < 0.2, f"the scale grew to {scale} (gradients are ~0.04 at most)"
