@@ -305,7 +305,8 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
     mode = f"{size} simulated workers" if job.simulated else f"{size} Horovod workers"
     if lead:
         print(f"{task.name} ({n_params} parameters), {mode}, compressor={args.compressor}"
-              + (f" bits={args.bits}" if args.compressor not in ("none", "fp16") else "")
+              + (f" ratio={args.ratio:g}" if args.compressor in ("jointsq", "topk") else
+                 f" bits={args.bits}" if args.compressor not in ("none", "fp16") else "")
               + (f", allocator={args.allocator}/{args.solver} budget={args.budget}" if job.allocation else ""),
               flush=True)
 

@@ -84,7 +84,8 @@ def test_run_records_failures_and_goes_on(tmp_path, grid):
     its log."""
     fail = Row("fail", ("A",), "fail", 0, ("-c", "raise ValueError('boom')"))
     slow = Row("slow", ("A",), "slow", 0, ("-c", "import time; time.sleep(60)"))
-    ok = Row("ok", ("A",), "ok", 0, ("-c", "import sys; open(sys.argv[sys.argv.index('--log-json') + 1], 'w').write('{}')"))
+    ok = Row("ok", ("A",), "ok", 0,
+             ("-c", "import sys; open(sys.argv[sys.argv.index('--log-json') + 1], 'w').write('{}')"))
     alone = Row("alone", ("R",), "no launcher", 0, ("-c", "pass"), launcher=("./no-such-launcher",))
     statuses = study.run_rows([fail, slow, alone, ok], tmp_path, tmp_path / "RESULTS.md", jobs=2, timeout=3,
                               grid=grid)

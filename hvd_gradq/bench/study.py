@@ -236,8 +236,9 @@ def build_grid() -> Grid:
             g.add("D", f"D-{codec}{bits}", f"{codec}, {bits} bits", _example(CNN, base), seed=0,
                   key=(codec, bits, "fixed"))
             opts = _options(codec)
-            if "1" not in opts.split(","):
-                g.notes.setdefault("D", []).append(f"{codec} has no 1-bit code: its allocator chooses among {opts}")
+            note = f"{codec} has no 1-bit code: its allocator chooses among {opts}"
+            if "1" not in opts.split(",") and note not in g.notes.get("D", []):
+                g.notes.setdefault("D", []).append(note)
             g.add("D", f"D-{codec}{bits}-lad", f"{codec}, LAD budget {bits}",
                   _example(CNN, [*base, "--allocator", "lad", "--solver", "lagrangian", "--budget", str(bits),
                                  "--options", opts]),
