@@ -497,6 +497,30 @@ def check_refit(refit_levels: int | None, codec: str) -> int:
     return refit_levels
 
 
+def rank_state(step: int, exchange: GradientExchange, trigger: Trigger | None, allocator: Allocator | None,
+               events: list[AllocationEvent], alloc_seconds: float) -> dict:
+    """One rank's part of a compression checkpoint (``checkpoint.bundle`` collects every rank's),
+    the same for ``DistributedOptimizer`` and ``hvd_gradq.simulate``."""
+    return {"step": step, "exchange": exchange.state_dict(),
+            "trigger": None if trigger is None else trigger.state_dict(),
+            "allocator": None if allocator is None else allocator.state_dict(),
+            "events": [asdict(e) for e in events], "alloc_seconds": alloc_seconds}
+
+
+def coding_config(exchange: GradientExchange, allocator: Allocator | None, trigger: Trigger | None) -> dict:
+    """The settings a saved compression state must have been made with to resume."""
+    return {**exchange.config, "allocator": None if allocator is None else repr(allocator),
+            "trigger": None if trigger is None else repr(trigger)}
+
+
+def allocation_overhead(events: list[AllocationEvent], seconds: float, started: float | None, version: int) -> dict:
+    """Allocations, seconds deciding bits, forward passes, and that time as a fraction of the
+    wall clock since ``started`` (time.perf_counter())."""
+    wall = time.perf_counter() - started if started is not None else 0.0
+    return {"allocations": len(events), "seconds": seconds, "forwards": sum(e.forwards for e in events),
+            "fraction": seconds / wall if wall > 0 else 0.0, "version": version}
+
+
 def _check_groups(groups, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]] | None:
     if groups is None or groups == 0:
         return None
@@ -695,11 +719,9 @@ class _GradqOptimizer(torch.optim.Optimizer):
     def allocation_overhead(self) -> dict:
         """Time spent deciding bits (trigger broadcasts, allocations, codebook broadcasts), the
         number of allocations and forward passes, and that time as a fraction of training time."""
-        wall = time.perf_counter() - self._gq_started if self._gq_started is not None else 0.0
-        return {"allocations": len(self.allocation_events), "seconds": self._gq_alloc_seconds,
-                "forwards": sum(e.forwards for e in self.allocation_events),
-                "fraction": self._gq_alloc_seconds / wall if wall > 0 else 0.0,
-                "version": self.gradient_exchange.codebook.version if self.gradient_exchange else 0}
+        ex = self.gradient_exchange
+        return allocation_overhead(self.allocation_events, self._gq_alloc_seconds, self._gq_started,
+                                   ex.codebook.version if ex else 0)
 
     # ---- checkpoint ----------------------------------------------------------------------------------------
     def compression_state_dict(self) -> dict | None:
@@ -716,10 +738,8 @@ class _GradqOptimizer(torch.optim.Optimizer):
         ex = self.gradient_exchange
         if ex is None:
             return None
-        local = {"step": self._gq_step, "exchange": ex.state_dict(),
-                 "trigger": None if self.trigger is None else self.trigger.state_dict(),
-                 "allocator": None if self.allocator is None else self.allocator.state_dict(),
-                 "events": [asdict(e) for e in self.allocation_events], "alloc_seconds": self._gq_alloc_seconds}
+        local = rank_state(self._gq_step, ex, self.trigger, self.allocator, self.allocation_events,
+                           self._gq_alloc_seconds)
         return checkpoint.bundle(gather_objects(local, self.process_set), layers=ex.numel, config=self._gq_config())
 
     def load_compression_state_dict(self, state: dict, reset: bool = False) -> None:
@@ -816,9 +836,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
             self.allocator.load_state_dict(state["allocator"])
 
     def _gq_config(self) -> dict:
-        ex = self.gradient_exchange
-        return {**ex.config, "allocator": None if self.allocator is None else repr(self.allocator),
-                "trigger": None if self.trigger is None else repr(self.trigger)}
+        return coding_config(self.gradient_exchange, self.allocator, self.trigger)
 
     @contextmanager
     def skip_synchronize(self):

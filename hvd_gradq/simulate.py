@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
 
 import horovod.torch as hvd  # the op constant and the glue's imports; hvd.init() is never called
 import torch
@@ -36,7 +35,16 @@ import torch
 from hvd_gradq import checkpoint
 from hvd_gradq.alloc import AllocationEvent, Allocator
 from hvd_gradq.cost_model import LinkModel
-from hvd_gradq.optimizer import GradientExchange, apply_bits, check_coding, check_refit, decide_bits
+from hvd_gradq.optimizer import (
+    GradientExchange,
+    allocation_overhead,
+    apply_bits,
+    check_coding,
+    check_refit,
+    coding_config,
+    decide_bits,
+    rank_state,
+)
 from hvd_gradq.trigger import Trigger
 
 
@@ -172,6 +180,7 @@ class SimulatedWorkers:
         if codec is None:
             if allocator is not None or trigger is not None:
                 raise ValueError("codec=None sends float32: there are no bits to allocate")
+            self.trigger = None
             self.exchanges = []
         else:
             self.trigger = check_coding(codec=codec, ratio=ratio, error_feedback=error_feedback,
@@ -184,8 +193,6 @@ class SimulatedWorkers:
                                  link=link if link is not None else LinkModel(), min_elements=min_elements,
                                  error_feedback=error_feedback, seed=seed, refit_levels=refit_levels)
                 for r in range(workers)]
-        if codec is None:
-            self.trigger = None
         self.allocator = allocator
         #: every codebook switch: step, version, summary, cost (as ``DistributedOptimizer``)
         self.allocation_events: list[AllocationEvent] = []
@@ -361,29 +368,23 @@ class SimulatedWorkers:
         return {p.name: p.bits for p in self.layer_plans()}
 
     def allocation_overhead(self) -> dict:
-        wall = time.perf_counter() - self._started if self._started is not None else 0.0
-        return {"allocations": len(self.allocation_events), "seconds": self._alloc_seconds,
-                "forwards": sum(e.forwards for e in self.allocation_events),
-                "fraction": self._alloc_seconds / wall if wall > 0 else 0.0,
-                "version": self.codebook.version if self.codebook is not None else 0}
+        return allocation_overhead(self.allocation_events, self._alloc_seconds, self._started,
+                                   self.codebook.version if self.codebook is not None else 0)
 
     # ---- checkpoint --------------------------------------------------------------------------------
     def _config(self) -> dict:
         if not self.exchanges:
             return {"codec": None}
-        return {**self.exchanges[0].config, "allocator": None if self.allocator is None else repr(self.allocator),
-                "trigger": None if self.trigger is None else repr(self.trigger)}
+        return coding_config(self.exchanges[0], self.allocator, self.trigger)
 
     def compression_state_dict(self) -> dict:
         """Every simulated rank's compression state in the bundle format of ``DistributedOptimizer``
         (residuals, codebook, dither streams, coder state), with the trigger's and the allocator's."""
         if self._rank:
             raise RuntimeError("compression_state_dict() in the middle of a step; call it after step()")
-        per_rank = [{"step": self.steps, "exchange": ex.state_dict(),
-                     "trigger": None if self.trigger is None else self.trigger.state_dict(),
-                     "allocator": None if self.allocator is None else self.allocator.state_dict(),
-                     "events": [asdict(e) for e in self.allocation_events], "alloc_seconds": self._alloc_seconds}
-                    for ex in self.exchanges] or [{"step": self.steps} for _ in range(self.workers)]
+        per_rank = [rank_state(self.steps, ex, self.trigger, self.allocator, self.allocation_events,
+                               self._alloc_seconds) for ex in self.exchanges] \
+            or [{"step": self.steps} for _ in range(self.workers)]
         layers = {n: p.numel() for n, p in self._named}
         return checkpoint.bundle(per_rank, layers=layers, config=self._config())
 
