@@ -65,13 +65,14 @@ def broadcast_decision(fire: bool, step: int, process_set) -> bool:
     return bool(out[0])
 
 
-def broadcast_codebook(payload, process_set):
-    """Rank 0's ``payload`` (a picklable dict) to every rank of ``process_set``."""
+def broadcast_codebook(payload, process_set, root: int | None = None):
+    """The ``payload`` (a picklable dict) of global rank ``root`` (default: the process set's first
+    member, its rank 0) to every rank of ``process_set``."""
+    root = root_rank(process_set) if root is None else root
     comm = _world_comm(process_set)
-    if comm is not None:
-        return comm.bcast(payload, root=0)
-    return hvd.broadcast_object(payload, root_rank=root_rank(process_set), process_set=process_set,
-                                name="hvd_gradq.codebook")
+    if comm is not None:  # the world communicator: its ranks are Horovod's global ranks
+        return comm.bcast(payload, root=root)
+    return hvd.broadcast_object(payload, root_rank=root, process_set=process_set, name="hvd_gradq.codebook")
 
 
 def gather_objects(obj, process_set, name: str = "hvd_gradq.state") -> list:

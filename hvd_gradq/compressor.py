@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hvd_gradq import checkpoint, wire
-from hvd_gradq.broadcast import gather_objects
+from hvd_gradq.broadcast import broadcast_codebook, gather_objects
 from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
 from hvd_gradq.codecs import DitherSource, ErrorFeedback
 from hvd_gradq.codecs.uniform import abs_max, dequantize_lanes, quantize_to_lanes
@@ -109,7 +109,11 @@ class UniformCompressor(_HorovodCompressor):
             ``hvd.DistributedOptimizer``); N in the lane headroom is its size.
 
     The decoded gradient follows Horovod's op: the sum over ranks for ``hvd.Sum``, the mean for
-    ``hvd.Average``.
+    ``hvd.Average``; under ``hvd.join()`` the joined ranks add nothing and Average still divides by
+    N, as in Horovod (afterwards call ``sync_codebook(root_rank=<what hvd.join() returned>)``).
+    Sparse gradients: with ``sparse_as_dense=False`` Horovod sends them itself, exactly, without
+    calling the compressor; with ``sparse_as_dense=True`` they are coded. In Horovod elastic, pass
+    the compressor to the ``TorchState`` (``compressor=comp``). More in docs/HOROVOD_COMPAT.md.
     """
 
     def __init__(
@@ -129,15 +133,17 @@ class UniformCompressor(_HorovodCompressor):
         if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
             raise ValueError(f"min_elements must be a non-negative integer, got {min_elements!r}")
         if named_parameters is None:
-            raise ValueError("pass named_parameters=model.named_parameters()")
+            raise ValueError("pass named_parameters=model.named_parameters() (or model.parameters())")
         params = list(named_parameters)
+        if params and all(isinstance(p, torch.Tensor) for p in params):  # model.parameters(): name by position
+            params = [(f"allreduce.noname.{i}", p) for i, p in enumerate(params)]
         if not params or not all(
             isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], torch.Tensor)
             for p in params
         ):
             raise ValueError(
                 "named_parameters must be a non-empty iterable of (name, tensor) pairs, "
-                "e.g. model.named_parameters()"
+                "e.g. model.named_parameters(), or of tensors (model.parameters())"
             )
         names = [n for n, _ in params]
         dups = sorted({n for n in names if names.count(n) > 1})
@@ -156,6 +162,9 @@ class UniformCompressor(_HorovodCompressor):
             self.process_set = getattr(collectives, "process_set", None)
         self._coll = collectives
         self.codebook = Codebook() if codebook is None else codebook
+        #: the number of ranks the codebook is for; None when the owner of a shared codebook
+        #: (hvd_gradq.DistributedOptimizer) rebuilds it itself after the world size changed
+        self._codebook_size = self._coll.size() if codebook is None else None
         #: per-layer bit widths that override ``bits`` (set by ``hvd_gradq.DistributedOptimizer``)
         self.layer_bits: dict[str, int] = {}
         #: what error messages tell the user to construct identically on every rank
@@ -165,9 +174,12 @@ class UniformCompressor(_HorovodCompressor):
         self._index = {n: i for i, n in enumerate(names)}
         self._cursor = 0  # where the last gradient was found; backward visits layers in order
         self._grad_names: dict[int, str] = {}
+        #: layers found by their sparse gradient (sparse_as_dense=True) and not yet decompressed
+        self._densified: set[str] = set()
         self._rng: DitherSource | None = None  # seeded from (seed, rank) at the first step
         #: per layer, what its latest compress handed to Horovod
         self.payloads: dict[str, PayloadInfo] = {}
+        import hvd_gradq.elastic  # noqa: F401 - hvd.elastic.TorchState(compressor=...) keeps its state
 
     # ---- naming ---------------------------------------------------------------------------------
     def _name_of(self, grad: torch.Tensor) -> str:
@@ -182,12 +194,40 @@ class UniformCompressor(_HorovodCompressor):
                 self._cursor = i
                 self._grad_names[id(grad)] = pname
                 return pname
+        name = self._densified_name(grad)
+        if name is not None:
+            return name
+        if any(p is grad for _, p in self._params):
+            raise ValueError(
+                f"{type(self).__name__} was given a parameter instead of its gradient: that is "
+                "hvd.DistributedOptimizer with op=hvd.Adasum, whose reduction is not a sum of codes. "
+                "Use op=hvd.Average or op=hvd.Sum (the same in the optimizer and the compressor)."
+            )
         raise ValueError(
             f"{type(self).__name__} was given a tensor of shape {tuple(grad.shape)} that is not the "
             "gradient of any parameter in its named_parameters. Pass the same model's "
             "named_parameters() to the compressor and to hvd.DistributedOptimizer; the compressor "
             "cannot be used with hvd.allreduce on arbitrary tensors."
         )
+
+    def _densified_name(self, dense: torch.Tensor) -> str | None:
+        """The layer whose sparse gradient ``dense`` is a dense copy of (Horovod's
+        ``sparse_as_dense=True`` hands ``compress`` ``p.grad.to_dense()``, not ``p.grad``)."""
+        found = [n for n, p in self._params if p.grad is not None and p.grad.is_sparse
+                 and p.grad.shape == dense.shape and n not in self._densified]
+        if len(found) > 1:  # several sparse layers of this shape: the one with these values
+            by_name = dict(self._params)
+            found = [n for n in found if torch.equal(by_name[n].grad.to_dense(), dense)]
+        if len(found) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: the sparse gradients of {found} are equal this step, so the "
+                "dense copy Horovod made (sparse_as_dense=True) cannot be told apart; build these "
+                "layers with sparse=False, or use hvd_gradq.DistributedOptimizer"
+            )
+        if not found:
+            return None
+        self._densified.add(found[0])
+        return found[0]
 
     @property
     def rng(self) -> DitherSource:
@@ -210,11 +250,12 @@ class UniformCompressor(_HorovodCompressor):
 
     # ---- Horovod Compressor interface -----------------------------------------------------------
     def compress(self, tensor: torch.Tensor):
-        if tensor.is_sparse:
+        if tensor.is_sparse:  # Horovod's grouped path (groups=) hands sparse gradients over as they are
             raise ValueError(
                 f"{type(self).__name__} compresses dense gradients only; this parameter has a sparse "
-                "gradient (e.g. nn.Embedding(sparse=True)). Pass sparse_as_dense=True to "
-                "hvd.DistributedOptimizer, or build the layer with sparse=False."
+                "gradient (e.g. nn.Embedding(sparse=True)) and hvd.DistributedOptimizer(groups=...) does not "
+                "densify it. Leave groups unset (sparse gradients then work with sparse_as_dense=True or "
+                "False), build the layer with sparse=False, or use hvd_gradq.DistributedOptimizer."
             )
         name = self._name_of(tensor)
         return self.compress_layer(name, tensor, frozen=not self._params[self._index[name]][1].requires_grad)
@@ -225,6 +266,8 @@ class UniformCompressor(_HorovodCompressor):
         its residual is neither added nor replaced, so a frozen layer stays where it is; its
         scale is recalibrated when it is unfrozen."""
         rank, size = self._coll.rank(), self._coll.size()
+        if self._codebook_size not in (None, size):
+            self.restart_codebook()
         code = self._code(name, tensor.numel(), size)
         quantized = code.bits != FLOAT_BITS
         g = tensor.detach().reshape(-1).to(torch.float32)  # a view when the gradient is flat float32
@@ -256,38 +299,78 @@ class UniformCompressor(_HorovodCompressor):
         return payload, (name, tensor.shape, tensor.dtype, packed, track)
 
     def decompress(self, payload: torch.Tensor, ctx):
+        if ctx is None:
+            # Horovod's own sparse path (a sparse gradient, sparse_as_dense=False): it allgathered the
+            # values and indices exactly, without calling compress; there is nothing to decode
+            return payload
         name, shape, dtype, packed, track = ctx
+        self._densified.discard(name)
         size = self._coll.size()
         code = self.codebook[name]
         hlen = wire.header_len(payload.dtype, size)
         try:
             head = wire.read_header(payload[:hlen], size=size, op=self.op, layer=name,
                                     compressor=self.label)
-        except (wire.ReductionMismatchError, wire.CodebookMismatchError):
+        except (wire.ReductionMismatchError, wire.CodebookMismatchError) as e:
             # Every rank reaches this verdict from the same reduced words, but a fast rank must not
             # exit (shutting Horovod down) while a slow one is still submitting this step's
-            # gradients: meet in a barrier first, so that every rank raises this error.
-            self._coll.barrier()
+            # gradients: meet in a barrier first, so that every rank raises this error. Not when
+            # ranks have joined (hvd.join()): they take no part in a barrier.
+            if e.ranks in (None, size):
+                self._coll.barrier()
             raise
         code.version += 1
         if head.nonfinite:  # some rank had NaN/Inf: every rank decodes NaN, residuals stay as they were
             return torch.full(shape, float("nan"), dtype=dtype, device=payload.device)
         if track:  # packed: the staged residual; float32: sent exactly, nothing left
             self.error_feedback.commit(name, zero=not packed)
-        count = size if self.op == wire.AVERAGE else 1  # Horovod's op: mean or sum over ranks
+        k = head.ranks  # the ranks that contributed: all, or those that have not called hvd.join()
         if packed:
-            out = dequantize_lanes(payload[hlen:], code.numel, code.scale, code.bits, code.layout, size,
-                                   head.multiplier)  # the mean over ranks
-            if count == 1:
-                out.mul_(size)
-            ratio = head.stat_sum / (size * _STAT_ONE)
+            out = dequantize_lanes(payload[hlen:], code.numel, code.scale, code.bits, code.layout, k,
+                                   head.multiplier)  # the mean over the contributing ranks
+            # Horovod's op: the sum over ranks, or that sum divided by N (also when ranks joined)
+            factor = k if self.op == wire.SUM else k / size
+            if factor != 1:
+                out.mul_(factor)
+            ratio = head.stat_sum / (k * _STAT_ONE)
             code.scale = code.scale * ratio if ratio > 0 else None
         else:
-            out = payload[hlen:] * (head.multiplier / count)
+            out = payload[hlen:] * (head.multiplier / (size if self.op == wire.AVERAGE else 1))
             if code.bits != FLOAT_BITS:
-                mean_max = head.stat_sum / size
+                mean_max = head.stat_sum / k
                 code.scale = mean_max if mean_max > 0 else None
         return out.view(shape).to(dtype)
+
+    def restart_codebook(self) -> None:
+        """Start a fresh codebook for the current number of ranks: every layer's lanes are laid
+        out anew and its scale is recalibrated by one float32 step (residuals stay). It happens by
+        itself at the first step after the world size changed (Horovod elastic), on every rank at
+        the same step, since lanes sized for fewer ranks could carry into each other."""
+        self.codebook.layers.clear()
+        self._densified.clear()
+        self._codebook_size = self._coll.size()
+
+    def sync_codebook(self, root_rank: int) -> None:
+        """Take the codebook (per-layer scales and reduction counts) of global rank ``root_rank``.
+
+        After ``hvd.join()``: the ranks that joined early missed the reductions the others went
+        on with, so their codebooks are behind. Call it on every rank of the process set after the
+        join, with what ``hvd.join()`` returned (the rank that joined last), next to
+        ``hvd.broadcast_parameters(model.state_dict(), root_rank=...)``. Residuals stay local.
+        Horovod elastic calls it (root 0) on sync when the compressor is in the ``TorchState``."""
+        if self._codebook_size not in (None, self._coll.size()):
+            self.restart_codebook()
+        mine = None
+        if hvd.rank() == root_rank:
+            mine = {"layer_bits": dict(self.layer_bits),
+                    "layers": {c.name: (c.numel, c.scale, c.version) for c in self.codebook}}
+        shared = broadcast_codebook(mine, self.process_set, root=root_rank)
+        self.layer_bits = dict(shared["layer_bits"])
+        for name in [n for n in self.codebook.layers if n not in shared["layers"]]:
+            del self.codebook.layers[name]
+        for name, (numel, scale, version) in shared["layers"].items():
+            entry = self._code(name, numel, self._coll.size())
+            entry.scale, entry.version = scale, version
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -301,6 +384,8 @@ class UniformCompressor(_HorovodCompressor):
         size = self._coll.size()
         numel = {n: p.numel() for n, p in self._params}
         self.layer_bits = dict(state["layer_bits"])
+        for name in [n for n in self.codebook.layers if n not in state["codebook"]]:
+            del self.codebook.layers[name]  # made after the state was taken (elastic restore)
         for name, code in state["codebook"].items():
             entry = self._code(name, numel[name], size)
             if entry.bits != code["bits"]:

@@ -192,7 +192,8 @@ class GradientExchange:
                 "layers": {c.name: (c.bits, c.scale, c.version) for c in self.codebook}}
 
     def adopt(self, shared: dict) -> None:
-        """Follow the root's ``shared_codebook()`` (a fresh exchange, before its first step)."""
+        """Follow the root's ``shared_codebook()`` (between steps: a fresh exchange after the set of
+        workers changed, or this one after ``hvd.join()``)."""
         bits = {n: b for n, (b, _, _) in shared["layers"].items() if self.plans[n].transport != FLOAT32}
         self.replan(bits, shared["version"])
         for name, (_, scale, version) in shared["layers"].items():
@@ -544,6 +545,22 @@ def _check_groups(groups, params: list[torch.Tensor]) -> list[tuple[torch.Tensor
     return [g for g in out if g]
 
 
+def _materialising_step(self, closure=None):
+    """The wrapped optimizer's update with the parameters put back afterwards: only the optimizer
+    state comes into being. ``hvd.broadcast_optimizer_state`` calls it (as
+    ``super(type(opt), opt).step()``) on ranks whose state is empty, with zero gradients, before it
+    broadcasts the root's state; it must not launch collectives (the other ranks do not step) nor
+    move the parameters (a zero-gradient step still applies weight decay; Horovod's own optimizer
+    lets it move them, so that ranks resumed from a checkpoint on rank 0 diverge)."""
+    params = [p for g in self.param_groups for p in g["params"]]
+    kept = [p.detach().clone() for p in params]
+    out = super(type(self)._gq_update_class, self).step(closure)
+    with torch.no_grad():
+        for p, k in zip(params, kept):
+            p.copy_(k)
+    return out
+
+
 class GradqOptimizer(abc.ABC):  # noqa: B024 - a marker: no abstract methods
     """``isinstance(opt, GradqOptimizer)`` holds for every optimizer ``DistributedOptimizer`` returns
     (their classes are made at run time from the wrapped optimizer's class)."""
@@ -556,6 +573,11 @@ class _GradqOptimizer(torch.optim.Optimizer):
                  backward_passes_per_step: int, groups, sparse_as_dense: bool, process_set,
                  allocator: Allocator | None = None, trigger: Trigger | None = None) -> None:
         super(self.__class__, self).__init__(params)
+        # hvd.broadcast_optimizer_state recognises Horovod's optimizer by its module and then
+        # materialises empty state with super(type(opt), opt).step(), which bypasses the gradient
+        # exchange; any other optimizer it steps in full, launching collectives on the ranks with
+        # empty state only (a hang). Ours is recognised too, and that step is _materialising_step.
+        self.__module__ = hvd.DistributedOptimizer.__module__
         self._gq_make_exchange = make_exchange
         exchange = make_exchange() if process_set.included() else None
         self.allocator = allocator
@@ -572,6 +594,8 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self._gq_names = {p: n for n, p in named}
         self._gq_by_name = {n: p for n, p in named}
         self._gq_params = [p for _, p in named if p.requires_grad]
+        #: frozen when the optimizer was built: no exchange exists for them (as in Horovod)
+        self._gq_untracked = [p for _, p in named if not p.requires_grad]
         self._gq_delay = dict.fromkeys(self._gq_params, backward_passes_per_step)
         self._gq_pending: dict[torch.Tensor, Exchange] = {}
         self._gq_waiting: list[Exchange] = []  # exchanges whose next phase is not started yet
@@ -587,9 +611,9 @@ class _GradqOptimizer(torch.optim.Optimizer):
     # ---- hooks ------------------------------------------------------------------------------------------
     def _gq_hook(self, p: torch.Tensor) -> None:
         if self._gq_delay[p] <= 0:
-            raise AssertionError(
-                "Gradients were computed more than backward_passes_per_step times before step(). "
-                "Raise backward_passes_per_step to accumulate gradients locally."
+            raise AssertionError(  # Horovod's words
+                "Gradients were computed more than backward_passes_per_step times before call to step(). "
+                "Increase backward_passes_per_step to accumulate gradients locally."
             )
         self._gq_delay[p] -= 1
         if self._gq_delay[p] > 0:
@@ -615,12 +639,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
         grad = p.grad
         if grad is None:  # unused on this rank, maybe not on others: contribute zeros
             grad = p.grad = torch.zeros_like(p)
-        if grad.is_sparse:
-            if not self.sparse_as_dense:
-                raise ValueError(
-                    f"parameter {self._gq_names[p]!r} has a sparse gradient; hvd_gradq codes dense gradients. "
-                    "Pass sparse_as_dense=True, or build the layer with sparse=False."
-                )
+        if grad.is_sparse:  # coded like any layer (the plan is per layer and every rank runs it)
             grad = grad.to_dense()
         ex = self._gq_pending[p] = self.gradient_exchange.launch(self._gq_names[p], grad,
                                                                  frozen=not p.requires_grad)
@@ -651,8 +670,8 @@ class _GradqOptimizer(torch.optim.Optimizer):
             except Exception as e:
                 errors.append(e)
                 continue
-            if p.grad.is_sparse:
-                p.grad.zero_().add_(out.view(p.shape).to(p.grad.dtype).to_sparse())
+            if p.grad.is_sparse:  # handed back sparse, as it came (e.g. for torch.optim.SparseAdam)
+                p.grad.zero_().add_(out.view(p.shape).to(p.grad.dtype).to_sparse(p.grad.sparse_dim()))
             else:
                 p.grad.copy_(out.view(p.grad.shape))
         self._gq_pending.clear()
@@ -660,6 +679,13 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self._gq_ready.clear()
         for p in self._gq_delay:
             self._gq_delay[p] = self.backward_passes_per_step
+        late = [self._gq_names[p] for p in self._gq_untracked if p.requires_grad and p.grad is not None]
+        if late and not errors:  # Horovod would apply each rank's own gradient to them, silently
+            errors.append(ValueError(
+                f"parameters {late} have gradients but did not require grad when the DistributedOptimizer was "
+                "built, so no exchange exists for them and each rank would apply its own gradient. Build the "
+                "optimizer with requires_grad=True on every parameter that will train (one frozen later is "
+                "exchanged as zeros), or build a new DistributedOptimizer after unfreezing."))
         if errors:
             err = errors[0]
             if isinstance(err, (wire.CodebookMismatchError, wire.ReductionMismatchError)):
@@ -812,6 +838,24 @@ class _GradqOptimizer(torch.optim.Optimizer):
         _log.info("rank %d of %d: codebook v%d adopted after the set of workers changed", fresh.rank, fresh.size,
                   fresh.codebook.version)
 
+    def sync_codebook(self, root_rank: int) -> None:
+        """Take the codebook (bits, shared scales, reduction counts, version) and the step count of
+        global rank ``root_rank``. After ``hvd.join()``: the ranks that joined early missed the
+        exchanges the others went on with. Call it on every rank of the process set after the join,
+        with what ``hvd.join()`` returned (the rank that joined last), next to
+        ``hvd.broadcast_parameters(model.state_dict(), root_rank=...)``. Residuals stay local.
+
+        Under ``hvd.join()`` Horovod reduces only by allreduce: layers on the lanes (codec
+        "uniform" with transport "allreduce", and the float32 ones) work; allgather, two-phase and
+        the allocator's broadcasts raise Horovod's "not supported with Join" error."""
+        ex = self.gradient_exchange
+        if ex is None or not self.process_set.included():
+            return
+        mine = {"codebook": ex.shared_codebook(), "step": self._gq_step} if hvd.rank() == root_rank else None
+        shared = broadcast_codebook(mine, self.process_set, root=root_rank)
+        ex.adopt(shared["codebook"])
+        self._gq_step = shared["step"]
+
     def local_compression_state(self) -> dict:
         """This rank's compression state (not collective; for Horovod elastic's commit/restore)."""
         ex = self.gradient_exchange
@@ -850,19 +894,21 @@ class _GradqOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         if self._should_synchronize:
             if self._synchronized:
-                warnings.warn(
-                    "optimizer.step() called after optimizer.synchronize() without the "
-                    "optimizer.skip_synchronize() context; gradients are exchanged again", stacklevel=2
+                warnings.warn(  # Horovod's words, which users and tests look for
+                    "optimizer.step() called without optimizer.skip_synchronize() context after "
+                    "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
+                    "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your "
+                    "code.", stacklevel=2
                 )
             self.synchronize()
         self._synchronized = False
-        return super(self.__class__, self).step(closure)
+        return super(self._gq_update_class, self).step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._gq_pending:
-            raise AssertionError(
+            raise AssertionError(  # Horovod's words
                 "optimizer.zero_grad() was called after loss.backward() but before optimizer.step() or "
-                "optimizer.synchronize(): the exchanges in flight still read the gradients."
+                "optimizer.synchronize(). This is prohibited as it can cause a race condition."
             )
         return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
 
@@ -938,8 +984,12 @@ def DistributedOptimizer(
 
     The positional arguments are Horovod's and mean what they mean there (``op``: the sum or the
     mean over the process set's ranks; ``gradient_predivide_factor`` is accepted for compatibility
-    and changes nothing, since the sum is formed in float32 after decoding). The keyword-only
-    ones choose the coding:
+    and changes nothing, since the sum is formed in float32 after decoding; sparse gradients are
+    densified and coded like any layer whatever ``sparse_as_dense`` says, and handed back sparse).
+    Horovod's helpers work with it as with its own optimizer (``hvd.broadcast_optimizer_state``
+    materialises missing state without exchanging or moving parameters, ``hvd.elastic.TorchState``
+    keeps the compression state, after ``hvd.join()`` call ``sync_codebook``): see
+    docs/HOROVOD_COMPAT.md. The keyword-only ones choose the coding:
 
     Args:
         codec: "uniform" (shared-scale uniform levels: the only summable codes, so allreduce is
@@ -1043,8 +1093,13 @@ def DistributedOptimizer(
                                 refit_levels=refit_levels)
 
     exchange = make_exchange() if process_set.included() else None  # settings errors surface here
-    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_GradqOptimizer.__dict__))
+    base = optimizer.__class__
+    # Between the wrapped class and ours: the step Horovod's broadcast_optimizer_state takes when it
+    # materialises the state of a rank whose state is empty (see _materialising_step)
+    local = type(base.__name__, (base,), {"step": _materialising_step, "__module__": __name__})
+    cls = type(base.__name__, (local,), {**_GradqOptimizer.__dict__, "_gq_update_class": local})
     GradqOptimizer.register(cls)
+    import hvd_gradq.elastic  # noqa: F401 - hvd.elastic.TorchState then keeps the compression state too
     made = iter([exchange])
     return cls(optimizer.param_groups, named, lambda: next(made, None) or make_exchange(), backward_passes_per_step,
                groups, sparse_as_dense, process_set, allocator, trigger)

@@ -10,7 +10,7 @@ Cases:
   optim      Horovod-style optimizer checks with compression, for the stock optimizer with
              UniformCompressor and for the drop-in: every torch.optim optimizer, backward passes
              per step = 2, groups, a layer unused on one rank, dynamic requires_grad, and the
-             clear errors for Adasum and sparse gradients.
+             clear errors for Adasum; sparse gradients with and without sparse_as_dense.
   version_mismatch / bits_mismatch   one rank's codebook differs: every rank must raise.
 """
 import argparse
@@ -278,7 +278,7 @@ def optim_case(out):
             errors[label] = None
         except ValueError as e:
             errors[label] = str(e)
-    # sparse gradients: a clear error without sparse_as_dense, training with it
+    # sparse gradients: coded like any layer, with or without sparse_as_dense
     for sad in (False, True):
         emb = torch.nn.Embedding(2000, 16, sparse=True)
         opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1),
