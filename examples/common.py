@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import hvd_gradq
 from hvd_gradq.alloc.layer_types import layer_types
-from hvd_gradq.optimizer import CODECS
+from hvd_gradq.plan.planner import CODECS
 
 #: codecs that run through hvd_gradq.DistributedOptimizer / SimulatedWorkers
 DROPIN = ["gradq-uniform", *[c for c in CODECS if c != "uniform"]]

@@ -2,44 +2,50 @@
 
 ``hvd_gradq.UniformCompressor`` plugs into ``hvd.DistributedOptimizer(compression=...)``;
 ``hvd_gradq.DistributedOptimizer`` is a drop-in for ``hvd.DistributedOptimizer`` that also moves
-non-summable codecs (allgather, two-phase exchange), choosing per layer with the cost model;
-``hvd_gradq.SimulatedWorkers`` runs the same coding for N workers in one process (studies).
-The pure layers (``codecs``, ``packing``, ``wire``, ``codebook``) import without Horovod; the
-Horovod glue is loaded on first use of a name that needs it.
+non-summable codecs (allgather, two-phase exchange), choosing per layer with the cost model, and
+re-decides the bits with an ``Allocator`` when a ``Trigger`` fires; ``hvd_gradq.SimulatedWorkers``
+runs the same coding for N workers in one process (studies). ``Coding`` holds the coding
+settings. The layers below (``bits``, ``codecs``, ``codebook``, ``wire``, ``plan``, ``alloc``,
+``exchange``) import without Horovod; the names that need it (from ``hvd_gradq.horovod``) are
+loaded on first use.
 """
-from hvd_gradq.alloc import Allocator, AMPASchedule, LossProbe
-from hvd_gradq.checkpoint import StateMismatchError
-from hvd_gradq.cost_model import LinkModel, TransportCost
-from hvd_gradq.trigger import Trigger
-from hvd_gradq.wire import CodebookMismatchError, ReductionMismatchError
+from hvd_gradq.alloc import Allocator, AMPASchedule, LossProbe, Trigger
+from hvd_gradq.exchange.state import StateMismatchError
+from hvd_gradq.plan.cost_model import LinkModel
+from hvd_gradq.plan.planner import CODECS
+from hvd_gradq.settings import Coding
+from hvd_gradq.simulate import SimulatedWorkers
+from hvd_gradq.wire.header import CodebookMismatchError, ReductionMismatchError
 
 __version__ = "0.1.0"
 __all__ = [
+    "CODECS",
     "AMPASchedule",
     "Allocator",
     "CodebookMismatchError",
+    "Coding",
     "DistributedOptimizer",
     "LinkModel",
     "LossProbe",
-    "PayloadInfo",
     "ReductionMismatchError",
     "SimulatedWorkers",
     "StateMismatchError",
-    "TransportCost",
     "Trigger",
     "UniformCompressor",
-    "WireStats",
     "measure_link",
 ]
 
-_GLUE = {"UniformCompressor": "compressor", "PayloadInfo": "compressor", "WireStats": "compressor",
-         "DistributedOptimizer": "optimizer", "measure_link": "transport",
-         "SimulatedWorkers": "simulate"}
+_LAZY = {"UniformCompressor": "hvd_gradq.horovod.compressor", "DistributedOptimizer": "hvd_gradq.horovod.optimizer",
+         "measure_link": "hvd_gradq.horovod.collectives"}
 
 
 def __getattr__(name: str):
-    if name in _GLUE:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"hvd_gradq.{_GLUE[name]}"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hvd_gradq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

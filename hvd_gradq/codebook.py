@@ -1,19 +1,28 @@
 """The codebook: the per-layer coding decision that every rank must share exactly.
 
-A layer's entry says how its gradient is coded this step (bit width, lane layout, shared scale)
-and carries a version that advances with every reduction. Its digest travels in every payload
-header (see ``wire``), so ranks that disagree are caught at the step where they diverge.
+A layer's entry says how its gradient is coded this step (bit width, lane layout, shared scale,
+codec and its shared parameters, transport) and carries a version that advances with every
+reduction. Its digest travels in every payload header (``wire``), so ranks that disagree are
+caught at the step where they diverge.
+
+``Codebook.state_dict()`` is the one serialisation of it: checkpoints, the root's codebook that
+a rebuilt or re-joined rank adopts (elastic, ``hvd.join()``), and the stock compressor's state
+all use it. The lane layout is not in it: it follows from the bits and the number of ranks.
 """
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from hvd_gradq.packing import LaneLayout
-from hvd_gradq.wire import DIGEST_BITS
+from hvd_gradq.bits.lanes import LaneLayout
 
+#: bits of the per-layer digest in every payload header
+DIGEST_BITS = 20
 #: bit width that means "sent as float32" (layers below ``min_elements``)
 FLOAT_BITS = 32
+#: the codec name of the summable lane codes (one scale shared by every rank)
+SHARED_SCALE = "shared_scale"
 
 
 @dataclass
@@ -22,17 +31,17 @@ class LayerCode:
 
     name: str
     numel: int
-    bits: int  # 1..8, or FLOAT_BITS for a layer always sent as float32
-    layout: LaneLayout | None  # lane layout of the packed codes; None for float32 layers
-    scale: float | None = None  # shared clipping scale of the quantizer
+    bits: int  # 0..8, or FLOAT_BITS for a layer always sent as float32
+    layout: LaneLayout | None  # lane layout of the packed codes; None unless summed in lanes
+    scale: float | None = None  # shared clipping scale of the lane quantizer
     version: int = 0  # number of reductions this entry has gone through
-    codec: str = "uniform"  # codec name (``codecs.make_codec``) of the packed codes
-    transport: str = "allreduce"  # how the layer crosses the ranks (``cost_model``)
+    codec: str = SHARED_SCALE  # codec name (``codecs.make_codec``) of the coded values
+    transport: str = "allreduce"  # how the layer crosses the ranks (``plan.cost_model``)
     codec_key: str = ""  # the codec's shared parameters (e.g. fitted levels), as text
 
     @property
     def packed(self) -> bool:
-        """True when this step sends packed codes, False when it sends float32."""
+        """True when this step sends packed lane codes, False when it sends float32."""
         return self.bits != FLOAT_BITS and self.scale is not None
 
     def digest(self, size: int, codebook_version: int = 0) -> int:
@@ -45,8 +54,13 @@ class LayerCode:
         return zlib.crc32(key.encode()) & ((1 << DIGEST_BITS) - 1)
 
     def state_dict(self) -> dict:
-        return {"bits": self.bits, "scale": self.scale, "version": self.version, "numel": self.numel,
-                "codec": self.codec, "transport": self.transport}
+        return {"numel": self.numel, "bits": self.bits, "scale": self.scale, "version": self.version,
+                "codec": self.codec, "transport": self.transport, "codec_key": self.codec_key}
+
+    def follow(self, state: Mapping) -> None:
+        """Take the values that evolve while training (scale, reduction count, codec parameters)
+        from another rank's or a saved ``state_dict()`` of this layer."""
+        self.scale, self.version, self.codec_key = state["scale"], state["version"], state["codec_key"]
 
 
 class Codebook:
@@ -70,15 +84,20 @@ class Codebook:
         self.layers[code.name] = code
         return code
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[LayerCode]:
         return iter(self.layers.values())
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def clear(self) -> None:
+        self.layers.clear()
 
     def digest(self, name: str, size: int) -> int:
         """The digest of layer ``name`` under this codebook's version."""
         return self.layers[name].digest(size, self.version)
 
     def state_dict(self) -> dict:
+        """``{"version": v, "layers": {name: {numel, bits, scale, version, codec, transport,
+        codec_key}}}``: picklable, the form every owner saves, broadcasts and adopts."""
         return {"version": self.version, "layers": {name: code.state_dict() for name, code in self.layers.items()}}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hvd_gradq import checkpoint
+from hvd_gradq.exchange import state as checkpoint
 from tests.hvdrun import WORKERS, horovodrun
 
 WORKER = WORKERS / "resume_check.py"

@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from hvd_gradq import cost_model as cm
-from hvd_gradq.cost_model import LinkModel
+from hvd_gradq.bits.chunks import chunk_bounds
+from hvd_gradq.plan import cost_model as cm
+from hvd_gradq.plan.cost_model import LinkModel
 
 
 def test_allreduce_ring_figures():
@@ -52,7 +53,7 @@ def test_cheapest_picks_the_fastest_and_breaks_ties_by_bytes():
 
 @pytest.mark.parametrize("numel,size,align", [(0, 2, 8), (7, 4, 8), (1000, 3, 8), (4096, 4, 512), (10**6, 7, 1024)])
 def test_chunk_bounds_cover_the_layer_on_aligned_boundaries(numel, size, align):
-    b = cm.chunk_bounds(numel, size, align)
+    b = chunk_bounds(numel, size, align)
     assert len(b) == size + 1 and b[0] == 0 and b[-1] == numel
     assert all(x <= y for x, y in zip(b, b[1:]))
     assert all(x % align == 0 for x in b[1:-1] if x < numel)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hvd_gradq.packing import lane_layout
+from hvd_gradq.bits.lanes import lane_layout
 from tests.hvdrun import WORKERS, run_command
 
 WORKER = WORKERS / "elastic_check.py"

@@ -1,11 +1,14 @@
 """GatherCoder (frames, error feedback, two-phase chunks) with N ranks simulated in one process:
-the byte routing of allgather and alltoall is done here by hand, exactly as Horovod delivers it."""
+the byte routing of allgather and alltoall is done here by hand, exactly as Horovod delivers it.
+Each coder's codebook stamp is kept beside it here (``c.stamp``) and passed to every call, as the
+engine does."""
 import pytest
 import torch
 
-from hvd_gradq import wire
-from hvd_gradq.codecs import DitherSource, ErrorFeedback, make_codec
-from hvd_gradq.layer_coder import GatherCoder
+from hvd_gradq.bits.dither import DitherSource
+from hvd_gradq.codecs import ErrorFeedback, make_codec
+from hvd_gradq.wire.gather_coder import GatherCoder, chunk_frame_bytes, frame_bytes
+from hvd_gradq.wire.header import CodebookMismatchError
 
 
 def coders(size, numel, codec_name="qsgd", bits=4, **kw):
@@ -21,14 +24,15 @@ def coders(size, numel, codec_name="qsgd", bits=4, **kw):
 
 
 def allgather(cs, grads):
-    buf = torch.cat([c.encode_layer(g) for c, g in zip(cs, grads)])
+    buf = torch.cat([c.encode_layer(g, stamp=c.stamp) for c, g in zip(cs, grads)])
     return [c.sum_frames(buf) for c in cs]
 
 
 def two_phase(cs, grads):
-    sent = [c.encode_chunks(g) for c, g in zip(cs, grads)]
+    sent = [c.encode_chunks(g, stamp=c.stamp) for c, g in zip(cs, grads)]
     pieces = [torch.split(stream, splits) for stream, splits in sent]  # pieces[i][j]: rank i -> rank j
-    frames2 = [c.reduce_own_chunk(torch.cat([pieces[i][j] for i in range(len(cs))])) for j, c in enumerate(cs)]
+    frames2 = [c.reduce_own_chunk(torch.cat([pieces[i][j] for i in range(len(cs))]), stamp=c.stamp)
+               for j, c in enumerate(cs)]
     buf = torch.cat(frames2)
     return [c.assemble(buf) for c in cs]
 
@@ -68,10 +72,10 @@ def test_frames_have_the_predicted_size(exchange):
     cs = coders(4, 5000, "qsgd", 3)
     grads = [torch.randn(5000) for _ in range(4)]
     if exchange is allgather:
-        assert cs[0].encode_layer(grads[0]).numel() == cs[0].frame_bytes()
+        assert cs[0].encode_layer(grads[0], stamp=cs[0].stamp).numel() == frame_bytes(cs[0].codec, 5000)
     else:
-        _, splits = cs[1].encode_chunks(grads[1])
-        assert splits == cs[1].chunk_frame_bytes()
+        _, splits = cs[1].encode_chunks(grads[1], stamp=cs[1].stamp)
+        assert splits == chunk_frame_bytes(cs[1].codec, 5000, 4)
 
 
 @pytest.mark.parametrize("exchange", [allgather, two_phase])
@@ -79,13 +83,13 @@ def test_a_different_stamp_on_one_rank_raises_on_every_rank(exchange):
     cs = coders(3, 2000)
     cs[2].stamp = (4, 12345)  # one rank a codebook version ahead
     grads = [torch.randn(2000) for _ in range(3)]
-    with pytest.raises(wire.CodebookMismatchError, match="different codebook versions"):
+    with pytest.raises(CodebookMismatchError, match="different codebook versions"):
         exchange(cs, grads)
     cs = coders(3, 2000)
     cs[0].stamp = (3, 999)  # same version, different layer digest (e.g. bits)
-    sent = [c.encode_layer(g) for c, g in zip(cs, grads)]
+    sent = [c.encode_layer(g, stamp=c.stamp) for c, g in zip(cs, grads)]
     for c in cs:
-        with pytest.raises(wire.CodebookMismatchError, match="different codebooks"):
+        with pytest.raises(CodebookMismatchError, match="different codebooks"):
             c.sum_frames(torch.cat(sent))
 
 
@@ -103,9 +107,9 @@ def test_nan_on_one_rank_gives_nan_everywhere_and_keeps_residuals(exchange):
 
 def test_malformed_bytes_are_reported_not_decoded():
     cs = coders(2, 1000)
-    frame = cs[0].encode_layer(torch.randn(1000))
-    with pytest.raises(wire.CodebookMismatchError, match="too few"):
+    frame = cs[0].encode_layer(torch.randn(1000), stamp=cs[0].stamp)
+    with pytest.raises(CodebookMismatchError, match="too few"):
         cs[0].sum_frames(frame)  # one frame where two are expected
     junk = torch.zeros(64, dtype=torch.uint8)
-    with pytest.raises(wire.CodebookMismatchError, match="not an hvd_gradq frame"):
+    with pytest.raises(CodebookMismatchError, match="not an hvd_gradq frame"):
         cs[0].sum_frames(torch.cat([frame, junk]))

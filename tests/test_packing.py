@@ -2,14 +2,7 @@
 import pytest
 import torch
 
-from hvd_gradq.packing import (
-    USABLE_BITS,
-    lane_bits_for,
-    lane_layout,
-    pack_lanes,
-    unpack_lanes,
-    words_to_int64,
-)
+from hvd_gradq.bits.lanes import USABLE_BITS, lane_bits_for, lane_layout, pack_lanes, unpack_lanes, words_to_int64
 
 CONTAINERS = [torch.int64, torch.float64]
 

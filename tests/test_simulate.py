@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import hvd_gradq
-from hvd_gradq.simulate import SimulatedWorld
+from hvd_gradq.exchange.collectives import SimulatedWorld
 from tests.hvdrun import WORKERS, horovodrun
 from tests.workers.sim_cases import STEPS, flat_grads, setup
 
@@ -185,4 +185,4 @@ def test_simulated_checkpoint_of_another_size_is_refused_or_reset():
     with pytest.raises(hvd_gradq.StateMismatchError, match="saved by 2 ranks and this job has 3"):
         sim.load_compression_state_dict(saved["compression"])
     sim.load_compression_state_dict(saved["compression"], reset=True)
-    assert all(not ex.worker_feedback.residuals for ex in sim.exchanges)
+    assert all(not ex.residuals.worker.residuals for ex in sim.exchanges)

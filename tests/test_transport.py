@@ -82,7 +82,7 @@ def test_optimizer_features_with_compression(tmp_path, mode):
                 assert res["frozen_unchanged"], f"{key}: a frozen layer moved"
         kinds = {k.split(".")[0] for k in rep if "." in k}
         assert kinds == {"stock", "dropin"}
-        from hvd_gradq.optimizer import CODECS
+        from hvd_gradq.plan.planner import CODECS
 
         assert all(f"dropin.codec.{c}" in rep for c in CODECS)
         link = rep["link"]

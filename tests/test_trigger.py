@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hvd_gradq.trigger import Trigger
+from hvd_gradq.alloc.trigger import Trigger
 
 
 def rotating(steps, start_deg=0.0, deg_per_step=1.0):

@@ -4,12 +4,12 @@ would; the real collectives are exercised in test_horovodrun.py."""
 import pytest
 import torch
 
-from hvd_gradq import wire
+from hvd_gradq.wire import header as wire
 
 
 def headers(size, digests, container, stat=0.0):
     return torch.stack([
-        wire.header(rank=r, size=size, digest=d, nonfinite=False, stat=stat, container=container)
+        wire.header_words(rank=r, size=size, digest=d, nonfinite=False, stat=stat, container=container)
         for r, d in enumerate(digests)
     ])
 
@@ -50,7 +50,7 @@ def test_any_codebook_disagreement_is_caught(container, digests):
 
 def test_nonfinite_flag_is_seen_by_all():
     h = torch.stack([
-        wire.header(rank=0, size=2, digest=3, nonfinite=True, stat=0, container=torch.float32),
-        wire.header(rank=1, size=2, digest=3, nonfinite=False, stat=0, container=torch.float32),
+        wire.header_words(rank=0, size=2, digest=3, nonfinite=True, stat=0, container=torch.float32),
+        wire.header_words(rank=1, size=2, digest=3, nonfinite=False, stat=0, container=torch.float32),
     ])
     assert wire.read_header(h.sum(0), size=2, op=wire.SUM, layer="l", compressor="C").nonfinite

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +48,8 @@ class Allocator:
     Args:
         budget: average bits per element over the allocated layers (e.g. 2 or 3).
         metric: "lad" (exact, Eq. 2-3), "lad_first_order" (Eq. 7-8), "mse" or "ampa".
-        solver: "lagrangian" (Algorithm 1), "greedy", "uniform", "mckp_dp" or "ampa" (AMPA's
+        solver: "lagrangian" (Algorithm 1), "greedy", "same_bits" (the uniform-allocation
+            baseline: one width for every layer), "mckp_dp" or "ampa" (AMPA's
             interval schedule; the budget then only seeds the start level).
         options: the bit widths a layer may get (0 = not sent).
         rate: "paper" (b * N_l) or "wire" (real payload bits of the layer's transport).
@@ -79,6 +81,9 @@ class Allocator:
             )
         if metric not in distortion.METRICS:
             raise ValueError(f"metric must be one of {distortion.METRICS}, got {metric!r}")
+        if solver == "uniform":
+            warnings.warn("solver='uniform' is now called 'same_bits'", DeprecationWarning, stacklevel=2)
+            solver = "same_bits"
         if solver not in (*SOLVERS, "ampa"):
             raise ValueError(f"solver must be one of {[*SOLVERS, 'ampa']}, got {solver!r}")
         if group not in ("layer", "type"):

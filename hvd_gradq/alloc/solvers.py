@@ -10,7 +10,8 @@ bits of the layer's transport). All solvers return an ``Allocation`` that never 
                   leave budget unused; ``mckp_dp`` measures that gap.
 * ``greedy``      the paper's Greedy baseline: start every layer at its cheapest option and keep
                   raising the layer with the highest current distortion while the next option fits.
-* ``uniform``     the Uniform baseline: the largest single option that fits for every layer.
+* ``same_bits``   the uniform-allocation baseline of the papers: the largest single option
+                  that fits, for every layer.
 * ``mckp_dp``     exact multiple-choice knapsack by dynamic programming on rates discretised into
                   ``units`` steps (rounded up, so its answer is feasible; exact when the rates are
                   multiples of the unit).
@@ -172,8 +173,8 @@ def greedy(curves: RDCurves, budget: float) -> Allocation:
     return curves.allocation(choice, "greedy")
 
 
-def uniform(curves: RDCurves, budget: float) -> Allocation:
-    """The Uniform baseline: the same option index for every layer, the largest that fits."""
+def same_bits(curves: RDCurves, budget: float) -> Allocation:
+    """The papers' uniform-allocation baseline: the same option index for every layer, the largest that fits."""
     budget = _check_budget(curves, budget)
     fits = [k for k in range(len(curves.options)) if curves.rate[:, k].sum() <= budget + 1e-9]
     if not fits:
@@ -182,7 +183,7 @@ def uniform(curves: RDCurves, budget: float) -> Allocation:
             f"(smallest needs {curves.rate.sum(axis=0).min():.0f}); raise the budget"
         )
     k = max(fits, key=lambda k: (curves.rate[:, k].sum(), -curves.distortion[:, k].sum()))
-    return curves.allocation(np.full(len(curves.names), k), "uniform")
+    return curves.allocation(np.full(len(curves.names), k), "same_bits")
 
 
 def mckp_dp(curves: RDCurves, budget: float, *, units: int = 4000) -> Allocation:
@@ -239,7 +240,7 @@ def brute_force(curves: RDCurves, budget: float) -> Allocation:
     return curves.allocation(grids[int(np.argmin(dist))], "brute_force")
 
 
-SOLVERS = {"lagrangian": lagrangian, "greedy": greedy, "uniform": uniform, "mckp_dp": mckp_dp}
+SOLVERS = {"lagrangian": lagrangian, "greedy": greedy, "same_bits": same_bits, "mckp_dp": mckp_dp}
 
 
 @dataclass

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from hvd_gradq import native
+from hvd_gradq.bits import native
+from hvd_gradq.bits.lanes import lane_layout
 from hvd_gradq.codecs import DitherSource, JointSQState, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
-from hvd_gradq.codecs.uniform import dequantize_lanes, quantize_to_lanes
-from hvd_gradq.packing import lane_layout
+from hvd_gradq.codecs.shared_scale import dequantize_lanes, quantize_to_lanes
 
 
 def best_of(fn, reps: int) -> float:

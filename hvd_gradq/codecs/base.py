@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvd_gradq.codecs.random import DitherSource
+from hvd_gradq.bits.dither import DitherSource
 
 
 @dataclass

@@ -8,7 +8,7 @@ incremental profit densities (Eq. 14)
 
     0.469 g^2,   0.0293 g^2,   0.00097 g^2     (per bit, up to the common 1/||g||^2).
 
-**Greedy Allocation** (MCKP greedy, Sec. 3.3.1) takes upgrades in order of density while they fit
+**Greedy ClassCounts** (MCKP greedy, Sec. 3.3.1) takes upgrades in order of density while they fit
 the budget. Since an element's densities fall with each upgrade, the chosen upgrades are prefixes
 of the magnitude order: the largest k8 elements get 8 bits, the next k4 get 4, the next k2 get 2.
 **Reallocation** (Sec. 3.3.2) then moves k = k8 + k4 + k2 one element at a time towards
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hvd_gradq.bits.bitstream import pack_bits, packed_nbytes, unpack_bits
+from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
-from hvd_gradq.codecs.random import DitherSource
-from hvd_gradq.packing import pack_bits, packed_nbytes, unpack_bits
 
 WIDTHS = (8, 4, 2)  # the non-zero classes, largest first
 # incremental profit densities (Eq. 14) of the upgrades 0->2, 2->4, 4->8, with p(b) = 1 - 4^-b (Eq. 13)
@@ -45,7 +45,7 @@ _BITMAP, _DELTA = 0, 1
 
 
 @dataclass(frozen=True)
-class Allocation:
+class ClassCounts:
     """How many of the largest elements get 8, 4 and 2 bits (in that order of magnitude)."""
 
     k8: int
@@ -61,7 +61,7 @@ class Allocation:
         return 8 * self.k8 + 4 * self.k4 + 2 * self.k2
 
 
-def noise(sq_desc: torch.Tensor, alloc: Allocation, total: float | None = None) -> float:
+def noise(sq_desc: torch.Tensor, alloc: ClassCounts, total: float | None = None) -> float:
     """h' (Eq. 6 with the per-element model of Eq. 11): sum g^2 4^-b / ||g||^2. ``sq_desc``: the
     largest g^2 in descending order (all of them, or a prefix with ``total`` the sum of all)."""
     s = sq_desc.double()
@@ -73,7 +73,7 @@ def noise(sq_desc: torch.Tensor, alloc: Allocation, total: float | None = None) 
     return (float(sent) + total - float(s[:c].sum())) / total
 
 
-def greedy_allocation(sq_desc: torch.Tensor, budget: int) -> Allocation:
+def greedy_allocation(sq_desc: torch.Tensor, budget: int) -> ClassCounts:
     """MCKP greedy (Sec. 3.3.1): upgrades in descending incremental profit density while they fit,
     then the next upgrades that still fit (cost-2 ones: 0->2 or 2->4).
 
@@ -83,7 +83,7 @@ def greedy_allocation(sq_desc: torch.Tensor, budget: int) -> Allocation:
     sq = sq_desc.double()
     pos = int((sq > 0).sum())
     if pos == 0 or budget < 2:
-        return Allocation(0, 0, 0)
+        return ClassCounts(0, 0, 0)
     neg = -sq[:pos]  # ascending, for searchsorted
 
     def counts(t: float) -> tuple[int, int, int]:
@@ -95,7 +95,7 @@ def greedy_allocation(sq_desc: torch.Tensor, budget: int) -> Allocation:
 
     lo, hi = 0.0, float(sq[0]) * _DENSITY[0]  # at hi one item is taken at most
     if cost(counts(hi)) > budget:
-        return Allocation(0, 0, 0) if budget < 2 else Allocation(0, 0, 1)
+        return ClassCounts(0, 0, 0) if budget < 2 else ClassCounts(0, 0, 1)
     for _ in range(200):  # smallest density threshold whose prefix fits
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:
@@ -115,28 +115,28 @@ def greedy_allocation(sq_desc: torch.Tensor, budget: int) -> Allocation:
             n_ge2 += 1
         elif up24 > 0:
             n_ge4 += 1
-    return Allocation(n8, n_ge4 - n8, n_ge2 - n_ge4)
+    return ClassCounts(n8, n_ge4 - n8, n_ge2 - n_ge4)
 
 
-def _moves(alloc: Allocation, up: bool):
+def _moves(alloc: ClassCounts, up: bool):
     """Budget-neutral moves changing k by +1 (up) or -1, as (new allocation, [(index, old, new)])."""
     k8, k4, k2 = alloc.k8, alloc.k4, alloc.k2
     b4, b2 = k8 + k4, k8 + k4 + k2  # first index of the 2-bit and of the 0-bit class
     out = []
     if up:
         if k8 >= 1 and k2 >= 1:  # min 8 -> 4, max 2 -> 4, max 0 -> 2
-            out.append((Allocation(k8 - 1, k4 + 2, k2), [(k8 - 1, 8, 4), (b4, 2, 4), (b2, 0, 2)]))
+            out.append((ClassCounts(k8 - 1, k4 + 2, k2), [(k8 - 1, 8, 4), (b4, 2, 4), (b2, 0, 2)]))
         if k4 >= 1:  # min 4 -> 2, max 0 -> 2
-            out.append((Allocation(k8, k4 - 1, k2 + 2), [(b4 - 1, 4, 2), (b2, 0, 2)]))
+            out.append((ClassCounts(k8, k4 - 1, k2 + 2), [(b4 - 1, 4, 2), (b2, 0, 2)]))
     else:
         if k4 >= 2 and k2 >= 1:  # max 4 -> 8, min 4 -> 2, min 2 -> 0
-            out.append((Allocation(k8 + 1, k4 - 2, k2), [(k8, 4, 8), (b4 - 1, 4, 2), (b2 - 1, 2, 0)]))
+            out.append((ClassCounts(k8 + 1, k4 - 2, k2), [(k8, 4, 8), (b4 - 1, 4, 2), (b2 - 1, 2, 0)]))
         if k2 >= 2:  # max 2 -> 4, min 2 -> 0
-            out.append((Allocation(k8, k4 + 1, k2 - 2), [(b4, 2, 4), (b2 - 1, 2, 0)]))
+            out.append((ClassCounts(k8, k4 + 1, k2 - 2), [(b4, 2, 4), (b2 - 1, 2, 0)]))
     return out
 
 
-def reallocate(sq_desc: torch.Tensor, alloc: Allocation, k_target: int, max_moves: int = 4096) -> Allocation:
+def reallocate(sq_desc: torch.Tensor, alloc: ClassCounts, k_target: int, max_moves: int = 4096) -> ClassCounts:
     """Reallocation (Sec. 3.3.2): step k towards ``k_target``, taking the first noise-reducing move."""
     n = sq_desc.numel()
     s = sq_desc.detach().cpu().double().numpy()  # a view: each move reads only a few entries
@@ -213,7 +213,7 @@ class JointSQCodec(Codec):
         return self.target_bytes(numel)
 
     @staticmethod
-    def size_of(alloc: Allocation, order: torch.Tensor, n: int) -> int:
+    def size_of(alloc: ClassCounts, order: torch.Tensor, n: int) -> int:
         """Exact payload bytes that ``alloc`` produces (``order``: indices by magnitude, desc)."""
         k = alloc.k
         if k == 0:
@@ -228,7 +228,7 @@ class JointSQCodec(Codec):
                 + packed_nbytes(alloc.k2, 2))
 
     # ---- encode / decode ------------------------------------------------------------------------
-    def allocate(self, x: torch.Tensor, state: JointSQState | None = None) -> tuple[Allocation, torch.Tensor]:
+    def allocate(self, x: torch.Tensor, state: JointSQState | None = None) -> tuple[ClassCounts, torch.Tensor]:
         """The allocation for flat float32 ``x`` and the element order (indices by magnitude, desc).
 
         The value budget c starts from the worst case of the position cost (``value_budget``) and
@@ -274,7 +274,7 @@ class JointSQCodec(Codec):
 
     def _fit_budget(self, sq_desc, order, n, target, R, state):
         """(allocation, R used, value budget c) with the payload within ``target`` bytes."""
-        def solve(c: int) -> tuple[Allocation, float | None]:
+        def solve(c: int) -> tuple[ClassCounts, float | None]:
             a = greedy_allocation(sq_desc, c)
             r = R
             if self.reallocation and state is not None and c > 0:
@@ -300,7 +300,7 @@ class JointSQCodec(Codec):
         x = flat_float32(x).contiguous()
         n = x.numel()
         if not bool(torch.isfinite(x).all()):
-            alloc, order = Allocation(0, 0, 0), torch.zeros(0, dtype=torch.long)
+            alloc, order = ClassCounts(0, 0, 0), torch.zeros(0, dtype=torch.long)
             scales = torch.full((3,), float("nan"))
         else:
             alloc, order = self.allocate(x, state)

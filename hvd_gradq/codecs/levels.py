@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from hvd_gradq import native
+from hvd_gradq.bits import native
+from hvd_gradq.bits.bitstream import pack_bits, packed_nbytes, unpack_bits
+from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.codecs.adaptive import (
     exponential_levels,
     fit_alq,
@@ -32,13 +34,11 @@ from hvd_gradq.codecs.adaptive import (
     normalized_coordinates,
 )
 from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
-from hvd_gradq.codecs.random import DitherSource
-from hvd_gradq.packing import pack_bits, packed_nbytes, unpack_bits
 
 NORMS = ("l2", "linf")
 
 
-def uniform_levels(count: int) -> torch.Tensor:
+def linear_levels(count: int) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, count, dtype=torch.float32)
 
 
@@ -268,8 +268,8 @@ def _terngrad(bits: int, bucket_size: int = 1024, norm_: str | None = None) -> L
 
 #: name -> factory(bits, bucket_size, norm)
 LEVEL_CODECS = {
-    "qsgd": _level_factory("qsgd", "l2", uniform_levels),
-    "qsgdinf": _level_factory("qsgdinf", "linf", uniform_levels),
+    "qsgd": _level_factory("qsgd", "l2", linear_levels),
+    "qsgdinf": _level_factory("qsgdinf", "linf", linear_levels),
     "nuqsgd": _level_factory("nuqsgd", "l2", lambda c: exponential_levels(0.5, c)),
     "natural": _level_factory("natural", "linf", lambda c: exponential_levels(0.5, c)),
     "terngrad": _terngrad,

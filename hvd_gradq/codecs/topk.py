@@ -8,7 +8,7 @@ entry (8 bytes, above the budget). A fixed k gives a static ``layout`` and an ex
 ``payload_bytes``: no header travels. Selection is deterministic (no dither); the kept indices go
 on the wire in ascending order. NaN/Inf anywhere in the input make every decoded value NaN (the
 values part is sent as NaN), so an AMP GradScaler still sees the overflow. Unsent entries are
-dropped: use with ``ErrorFeedback`` or ``MomentumCorrection`` (DGC's momentum correction).
+dropped: use with ``ErrorFeedback``.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import math
 
 import torch
 
+from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
-from hvd_gradq.codecs.random import DitherSource
 
 BYTES_PER_KEPT = 4 + 4  # float32 value + int32 index
 _MAX_NUMEL = 2**31 - 1  # indices travel as int32

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from hvd_gradq.alloc.solvers import AMPASchedule, RDCurves, brute_force, greedy, lagrangian, mckp_dp, uniform
+from hvd_gradq.alloc.solvers import AMPASchedule, RDCurves, brute_force, greedy, lagrangian, mckp_dp, same_bits
 
 
 def random_curves(rng, layers, options=(0, 2, 3, 4, 8)):
@@ -33,7 +33,7 @@ def test_dp_is_optimal_and_lagrangian_and_greedy_stay_in_budget(seed):
     assert lag.distortion == pytest.approx(brute_force(curves, lag.rate).distortion, rel=1e-9, abs=1e-15)
     gr = greedy(curves, budget)
     assert gr.rate <= budget + 1e-9 and gr.distortion >= best.distortion - 1e-12
-    un = uniform(curves, budget) if curves.rate[:, 0].sum() <= budget else None
+    un = same_bits(curves, budget) if curves.rate[:, 0].sum() <= budget else None
     if un is not None:
         assert un.rate <= budget + 1e-9 and len(set(un.bits.values())) == 1
 

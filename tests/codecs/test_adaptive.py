@@ -11,7 +11,7 @@ from hvd_gradq.codecs.adaptive import (
     normalized_coordinates,
     normalized_variance,
 )
-from hvd_gradq.codecs.levels import uniform_levels
+from hvd_gradq.codecs.levels import linear_levels
 from hvd_gradq.datasets import fashion_mnist
 from hvd_gradq.models import FashionCNN
 
@@ -42,7 +42,7 @@ def test_alq_and_amq_beat_uniform_and_exponential_levels_at_3_bits(gradients):
     fit_set, held_out = gradients
     r_fit = normalized_coordinates(fit_set, "l2", 8192)
     r_test = normalized_coordinates(held_out, "l2", 8192)
-    fixed = min(normalized_variance(uniform_levels(4), r_test), normalized_variance(exponential_levels(0.5, 4), r_test))
+    fixed = min(normalized_variance(linear_levels(4), r_test), normalized_variance(exponential_levels(0.5, 4), r_test))
     alq = normalized_variance(fit_alq(r_fit, exponential_levels(0.5, 4)), r_test)
     amq = normalized_variance(exponential_levels(fit_amq(r_fit, 4), 4), r_test)
     assert alq <= 0.5 * fixed, (alq, fixed)
@@ -53,7 +53,7 @@ def test_alq_and_amq_beat_uniform_and_exponential_levels_at_3_bits(gradients):
 @pytest.mark.parametrize("count", [4, 8, 16])
 def test_coordinate_descent_never_increases_the_objective(gradients, init, count):
     r = normalized_coordinates(gradients[0], "linf", 1024)
-    start = uniform_levels(count) if init == "uniform" else exponential_levels(0.5, count)
+    start = linear_levels(count) if init == "uniform" else exponential_levels(0.5, count)
     fitted = fit_alq(r, start)
     assert fitted[0] == 0 and fitted[-1] == 1 and bool((fitted[1:] >= fitted[:-1]).all())
     assert normalized_variance(fitted, r) <= normalized_variance(start, r) + 1e-12

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvd_gradq.codecs import DitherSource, ErrorFeedback, JointSQCodec, JointSQState, MomentumCorrection, make_codec
-from hvd_gradq.codecs.jointsq import WIDTHS, Allocation, greedy_allocation, noise, reallocate
+from hvd_gradq.codecs import DitherSource, ErrorFeedback, JointSQCodec, JointSQState, make_codec
+from hvd_gradq.codecs.jointsq import WIDTHS, ClassCounts, greedy_allocation, noise, reallocate
 
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
 
@@ -32,7 +32,7 @@ def greedy_item_by_item(sq_desc, budget):
             level[i] += 1
         else:
             stopped = True
-    return Allocation(level.count(3), level.count(2), level.count(1))
+    return ClassCounts(level.count(3), level.count(2), level.count(1))
 
 
 @given(st.integers(1, 40), st.integers(0, 200), st.integers(0, 2**31 - 1))
@@ -67,7 +67,7 @@ def test_greedy_is_optimal_often_and_close_always_on_small_cases():
         n = 8
         sq = torch.sort(torch.randn(n, generator=g, dtype=torch.float64) ** 2, descending=True).values
         budget = int(torch.randint(2, 40, (1,), generator=g))
-        best = min(noise(sq, Allocation(a, b, c)) for a, b, c in itertools.product(range(n + 1), repeat=3)
+        best = min(noise(sq, ClassCounts(a, b, c)) for a, b, c in itertools.product(range(n + 1), repeat=3)
                    if a + b + c <= n and 8 * a + 4 * b + 2 * c <= budget)
         got = noise(sq, reallocate(sq, greedy_allocation(sq, budget), n))
         ratio = got / best if best > 0 else 1.0
@@ -169,40 +169,6 @@ def test_topk_candidates_give_the_same_allocation_as_a_full_sort(ratio):
     ref, _, _ = codec._fit_budget(vals.double(), full_order, x.numel(), codec.target_bytes(x.numel()), None, None)
     assert alloc == ref
     assert set(order[: alloc.k].tolist()) == set(full_order[: ref.k].tolist())
-
-
-def test_momentum_correction_with_jointsq():
-    """DGC momentum correction: everything accumulated is either sent or still held, velocities are
-    masked where sent, momentum 0 is plain error feedback, and the state round-trips."""
-    codec, rng = JointSQCodec(100), DitherSource(0)
-    mc, ef = MomentumCorrection(0.9), MomentumCorrection(0.0)
-    plain = ErrorFeedback()
-    g = torch.Generator().manual_seed(7)
-    fed, sent = torch.zeros(3000), torch.zeros(3000)
-    for _ in range(15):
-        grad = torch.randn(3000, generator=g)
-        u_before = mc.velocities.get("w", torch.zeros(3000)).clone()  # masked velocity
-        v_before = mc.residuals.get("w", torch.zeros(3000)).clone()
-        x = mc.compensate("w", grad)
-        u = x - v_before
-        assert torch.allclose(u, 0.9 * u_before + grad, atol=1e-5)  # momentum applied before compression
-        fed += u
-        dec = codec.decode(codec.encode(x, rng))
-        mc.update("w", x, dec)
-        sent += dec
-        assert bool((mc.velocities["w"][dec != 0] == 0).all())
-        # momentum 0 is plain error feedback
-        a, b = ef.compensate("e", grad), plain.compensate("e", grad)
-        assert torch.equal(a, b)
-        d = codec.decode(codec.encode(a, DitherSource(1)))
-        ef.update("e", a, d)
-        plain.update("e", b, d)
-    assert torch.allclose(sent + mc.residuals["w"], fed, atol=1e-3)  # nothing lost: sent or still held
-    twin = MomentumCorrection(0.5)
-    twin.load_state_dict(mc.state_dict())
-    assert twin.momentum == 0.9 and torch.equal(twin.velocities["w"], mc.velocities["w"])
-    with pytest.raises(ValueError, match="momentum must be in"):
-        MomentumCorrection(1.0)
 
 
 def test_variance_of_sent_elements_is_the_exact_stochastic_rounding_variance():

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hvd_gradq.bits.bitstream import pack_bits, packed_nbytes, unpack_bits
 from hvd_gradq.codecs import DitherSource, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
-from hvd_gradq.packing import pack_bits, packed_nbytes, unpack_bits
 
 NAMES = sorted(LEVEL_CODECS)
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)

@@ -4,11 +4,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvd_gradq import native
+from hvd_gradq.bits import native
+from hvd_gradq.bits.lanes import lane_layout
 from hvd_gradq.codecs import DitherSource, make_codec
 from hvd_gradq.codecs.levels import LEVEL_CODECS
-from hvd_gradq.codecs.uniform import abs_max, dequantize_lanes, quantize_to_lanes
-from hvd_gradq.packing import lane_layout
+from hvd_gradq.codecs.shared_scale import abs_max, dequantize_lanes, quantize_to_lanes
 
 
 def test_kernels_build_here():

@@ -1,7 +1,7 @@
 """The counter-based dither: SplitMix64 reference values, uniformity, independence of keys/ranks."""
 import torch
 
-from hvd_gradq.codecs.random import DitherSource, counter_uniform, splitmix64
+from hvd_gradq.bits.dither import DitherSource, counter_uniform, splitmix64
 
 
 def test_splitmix64_matches_its_reference_outputs():

@@ -64,8 +64,8 @@ def test_lane_error_feedback_keeps_the_scale_bounded(bits):
     """The lanes' loop: quantize g + r at the scale max|g + r| of the previous step, keep r. With a
     level step of 2s at 1 bit, feeding the rounding error back would grow the scale geometrically;
     1 bit keeps only the clipping error, so the scale stays within a small factor of max|g|."""
-    from hvd_gradq.codecs.uniform import quantize_to_lanes
-    from hvd_gradq.packing import lane_layout
+    from hvd_gradq.bits.lanes import lane_layout
+    from hvd_gradq.codecs.shared_scale import quantize_to_lanes
 
     gen = torch.Generator().manual_seed(bits)
     rng = DitherSource(bits)

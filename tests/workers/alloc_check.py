@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import hvd_gradq
 from hvd_gradq.datasets import fashion_mnist
+from hvd_gradq.horovod.channel import channel_name
 from hvd_gradq.models import FashionCNN
 
 ap = argparse.ArgumentParser()
@@ -24,7 +25,7 @@ ap.add_argument("--steps", type=int, default=12)
 ap.add_argument("--metric", default="lad")
 ap.add_argument("--solver", default="lagrangian")
 ap.add_argument("--trigger", default="interval")
-ap.add_argument("--codec", default="uniform")
+ap.add_argument("--codec", default="shared_scale")
 ap.add_argument("--fail", action="store_true")
 args = ap.parse_args()
 
@@ -81,5 +82,5 @@ out.write_text(json.dumps({
     "events": [{"step": e.step, "version": e.version, "summary": e.summary, "forwards": e.forwards,
                 "seconds": e.seconds} for e in opt.allocation_events],
     "overhead": opt.allocation_overhead(), "summary": opt.transport_summary(),
-    "channel": hvd_gradq.broadcast.transport_name(hvd.global_process_set),
+    "channel": channel_name(hvd.global_process_set),
 }))

@@ -107,7 +107,7 @@ def lane_residuals(opt_or_comp):
     """The error feedback of the summable lanes (the stock compressor's, or the drop-in's lanes)."""
     if isinstance(opt_or_comp, hvd_gradq.UniformCompressor):
         return opt_or_comp.error_feedback
-    return opt_or_comp.gradient_exchange.lanes.error_feedback
+    return opt_or_comp.gradient_exchange.residuals.lanes
 
 
 def synchronize_checked(model, opt, store, tag, process_set=hvd.global_process_set) -> float:
@@ -211,7 +211,7 @@ def size_one_case():
         else:
             comp = opt = hvd_gradq.DistributedOptimizer(
                 torch.optim.SGD(model.parameters(), lr=0.05), named_parameters=model.named_parameters(),
-                codec="uniform", bits=4, transport="allreduce", op=hvd.Average, process_set=mine,
+                codec="shared_scale", bits=4, transport="allreduce", op=hvd.Average, process_set=mine,
                 allocator=hvd_gradq.Allocator(3.0, options=(2, 4), metric="mse", solver="greedy",
                                               probe=hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [batch(0)])),
                 trigger=hvd_gradq.Trigger("interval", interval=2))
@@ -322,7 +322,7 @@ def join_case():
             sync = comp.sync_codebook
         else:
             comp = opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                                        named_parameters=model.named_parameters(), codec="uniform",
+                                                        named_parameters=model.named_parameters(), codec="shared_scale",
                                                         bits=4, transport="allreduce")
             sync = opt.sync_codebook
         gaps = []
@@ -424,7 +424,7 @@ def audit_case():
     def torch_state():
         model = MLP()
         opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                             named_parameters=model.named_parameters(), codec="uniform", bits=4,
+                                             named_parameters=model.named_parameters(), codec="shared_scale", bits=4,
                                              transport="allreduce")
         state = hvd.elastic.TorchState(model=model, optimizer=opt, step=0)
         for step in range(2):

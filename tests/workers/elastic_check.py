@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 import hvd_gradq
-import hvd_gradq.elastic  # registers the compression state handler
 from hvd_gradq.datasets import fashion_mnist
 from hvd_gradq.models import FashionCNN
 
@@ -36,7 +35,7 @@ model = FashionCNN(width=8)
 probe = hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [(x_all[:64], y_all[:64])])
 opt = hvd_gradq.DistributedOptimizer(
     torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), named_parameters=model.named_parameters(),
-    codec="uniform", bits=4, min_elements=512, op=hvd.Sum,
+    codec="shared_scale", bits=4, min_elements=512, op=hvd.Sum,
     transport={"features.[34].*": "two_phase", "features.1.*": "allgather", "features.2.*": "allreduce"},
     allocator=hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(2, 3, 4, 8), probe=probe),
     trigger=hvd_gradq.Trigger("interval", interval=5))

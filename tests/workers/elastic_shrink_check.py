@@ -41,7 +41,7 @@ comp = hvd_gradq.UniformCompressor(bits=4, named_parameters=stock_model.named_pa
 stock = hvd.DistributedOptimizer(torch.optim.SGD(stock_model.parameters(), lr=0.05),
                                  named_parameters=stock_model.named_parameters(), compression=comp, op=hvd.Average)
 dropin = hvd_gradq.DistributedOptimizer(torch.optim.SGD(dropin_model.parameters(), lr=0.05),
-                                        named_parameters=dropin_model.named_parameters(), codec="uniform", bits=4,
+                                        named_parameters=dropin_model.named_parameters(), codec="shared_scale", bits=4,
                                         transport="allreduce", op=hvd.Average)
 log = Path(args.out, f"worker-{os.getpid()}.jsonl")
 state = hvd.elastic.TorchState(model=stock_model, optimizer=stock, compressor=comp, dropin_model=dropin_model,
@@ -61,8 +61,8 @@ def owed_of(opt_or_comp) -> dict:
     if opt_or_comp is comp:
         return {n: r.clone() for n, r in comp.error_feedback.residuals.items()}
     ex = opt_or_comp.gradient_exchange
-    owed = {n: r.clone() for n, r in ex.lanes.error_feedback.residuals.items()}
-    for n, c in ex.carry.items():
+    owed = {n: r.clone() for n, r in ex.residuals.lanes.residuals.items()}
+    for n, c in ex.residuals.carry.items():
         owed[n] = owed[n] + c if n in owed else c.clone()
     return owed
 

@@ -28,7 +28,7 @@ model = FashionCNN(width=8)
 hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 probe = hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [(x_all[:32], y_all[:32])])
 opt = hvd_gradq.DistributedOptimizer(
-    torch.optim.SGD(model.parameters(), lr=0.05), named_parameters=model.named_parameters(), codec="uniform",
+    torch.optim.SGD(model.parameters(), lr=0.05), named_parameters=model.named_parameters(), codec="shared_scale",
     bits=4, min_elements=512, transport={"features.[34].*": "two_phase"},
     allocator=hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(2, 3, 4, 8), probe=probe),
     trigger=hvd_gradq.Trigger("interval", interval=2))

@@ -56,7 +56,7 @@ else:
     kw = {}
     if args.config == "lanes":  # uniform lanes (shared scales) + float32 layers + allocator moving bits
         probe = hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [batch(1000, 0, 64)])
-        kw = dict(codec="uniform", bits=4, allocator=hvd_gradq.Allocator(
+        kw = dict(codec="shared_scale", bits=4, allocator=hvd_gradq.Allocator(
             2.5, metric="lad_first_order", solver="greedy", options=(0, 2, 3, 4, 6, 8), probe=probe),
             trigger=hvd_gradq.Trigger("interval", interval=3))
     elif args.config == "gather":  # qsgd with error feedback over allgather and two-phase, one 0-bit layer

@@ -26,7 +26,7 @@ def setup(case: str, seed: int = 0):
 
     if case == "lanes":  # shared-scale lanes on allreduce, float32 layers, the allocator every 2 steps
         probe = hvd_gradq.LossProbe(model, F.cross_entropy, [micro_batch(999, 0, 1, 64)])
-        kw = {"codec": "uniform", "bits": 4, "transport": "allreduce",
+        kw = {"codec": "shared_scale", "bits": 4, "transport": "allreduce",
               "allocator": hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(0, 2, 3, 4, 8),
                                                probe=probe),
               "trigger": hvd_gradq.Trigger("interval", interval=2)}

@@ -78,11 +78,12 @@ def server_residual(ex, name, sf):
 def exchange_case(out, ps, tag):
     size = ps.size()
     configs = [
-        ("uniform", "allreduce"), ("uniform", "allgather"), ("uniform", "two_phase"), ("uniform", "auto"),
+        ("shared_scale", "allreduce"), ("shared_scale", "allgather"), ("shared_scale", "two_phase"),
+        ("shared_scale", "auto"),
         ("qsgd", "allgather"), ("qsgd", "two_phase"), ("jointsq", "allgather"), ("jointsq", "two_phase"),
     ]
     if ps != hvd.global_process_set:  # process sets: one config per transport
-        configs = [("uniform", "allreduce"), ("qsgd", "allgather"), ("qsgd", "two_phase")]
+        configs = [("shared_scale", "allreduce"), ("qsgd", "allgather"), ("qsgd", "two_phase")]
     results = []
     for codec, transport in configs:
         model = MLP()
@@ -100,7 +101,7 @@ def exchange_case(out, ps, tag):
             ref.zero_grad()
             F.cross_entropy(ref(xb), yb).backward()
             # what enters the exchange: gradient + this rank's residual (worker), server residual
-            wf, sf, lf = ex.worker_feedback.residuals, ex.server_feedback.residuals, ex.lanes.error_feedback.residuals
+            wf, sf, lf = ex.residuals.worker.residuals, ex.residuals.server.residuals, ex.residuals.lanes.residuals
             entered = {}
             for n, p in ref.named_parameters():
                 g = p.grad.reshape(-1).clone()
@@ -145,7 +146,7 @@ def exchange_case(out, ps, tag):
                     delta = 2 * s / ((1 << plan.bits) - 1)
                     bound = (delta + (x_all_ranks.abs() - s).clamp(min=0)).sum(0)
                     info["bound_violation"] = (err - bound - 1e-5).max().item()
-                elif codec == "uniform" and plan.transport in ("allgather", "two_phase"):
+                elif codec == "shared_scale" and plan.transport in ("allgather", "two_phase"):
                     m = (1 << (plan.bits - 1)) - 1  # qsgdinf: gaps of 1/m of the bucket maximum
                     pad = (-agg.numel()) % 512
                     xb_ = F.pad(x_all_ranks.abs(), (0, pad)).view(size, -1, 512).amax(2)  # (N, buckets)
@@ -248,7 +249,7 @@ def optim_case(out):
         report[f"{kind}.groups_list"] = train(
             kind, sgd, groups_fn=lambda m: [[m.fc1.weight, m.fc1.bias], [m.fc3.weight]])
     # every codec through the drop-in (auto transport), two steps
-    from hvd_gradq.optimizer import CODECS, RATIO_CODECS
+    from hvd_gradq.plan.planner import CODECS, RATIO_CODECS
 
     for codec in CODECS:
         report[f"dropin.codec.{codec}"] = train(

@@ -1,7 +1,7 @@
 """Cost model of the three ways a compressed layer can cross the ranks; pure arithmetic.
 
 For a layer the model predicts, per rank, the bytes handed to Horovod's collectives (the payload,
-which ``transport`` measures at the call) and the bytes the usual algorithms put on the network,
+which the exchanges measure at the call) and the bytes the usual algorithms put on the network,
 and from those and a latency/bandwidth ``LinkModel`` (alpha-beta) a time:
 
 * ``allreduce``  summable lanes of M bytes; ring allreduce: 2(N-1) steps, each rank sends and
@@ -16,7 +16,7 @@ and from those and a latency/bandwidth ``LinkModel`` (alpha-beta) a time:
 * ``none``       0-bit layer: nothing is sent.
 * ``float32``    tiny layers: plain float32 allreduce (exact), priced like ``allreduce``.
 
-The model knows nothing about bits; callers pass payload sizes from the codec and ``wire``.
+The model knows nothing about bits; callers pass payload sizes from the codecs and ``wire``.
 """
 from __future__ import annotations
 
@@ -111,18 +111,6 @@ def two_phase_cost(chunk_frame_bytes: list[int], requant_frame_bytes: list[int],
 
 def none_cost() -> TransportCost:
     return TransportCost(NONE, 0, 0.0, 0.0, 0, 0.0)
-
-
-def chunk_bounds(numel: int, size: int, align: int = 1) -> list[int]:
-    """``size + 1`` boundaries cutting ``numel`` elements into near-equal chunks whose inner
-    boundaries are multiples of ``align`` (so a codec's buckets are never split); trailing chunks
-    may be empty when the layer is small."""
-    _check_size(size)
-    if numel < 0 or align < 1:
-        raise ValueError(f"chunk_bounds needs numel >= 0 and align >= 1, got {numel}, {align}")
-    units = -(-numel // align)
-    bounds = [min(numel, (units * j // size) * align) for j in range(size)]
-    return [*bounds, numel]
 
 
 def cheapest(costs: list[TransportCost]) -> TransportCost:

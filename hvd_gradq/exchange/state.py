@@ -1,4 +1,6 @@
-"""Checkpoints of the compression state: the bundle format and its checks. Pure (no Horovod).
+"""Checkpoints of the compression state, one helper for its three owners (the drop-in optimizer,
+the stock compressor and the simulation): the bundle format, its checks, and each rank's part.
+Pure (no Horovod): the owners gather the ranks' parts (a job) or hold them (the simulation).
 
 What compression adds to a training job's state, per rank: error-feedback residuals (worker,
 two-phase server, 0-bit and lane residuals, and what a bit change carried over), the codebook
@@ -12,9 +14,10 @@ it with the model); ``select`` checks a loaded bundle against the job and return
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 
-FORMAT = "hvd_gradq.compression_state/1"
+FORMAT = "hvd_gradq.compression_state/2"
 
 RESET_HINT = ("pass reset=True to start the compression state afresh instead (residuals zero, the codebook "
               "re-allocated at the next step)")
@@ -73,3 +76,33 @@ def select(state: Mapping, *, rank: int, size: int, layers: Mapping[str, int], c
 def _few(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def rank_state(step: int, exchange, reallocator) -> dict:
+    """One rank's part of a bundle: its step count, engine state and reallocation state (the
+    trigger and allocator are the root's; every rank saves its copy)."""
+    return {"step": step, "exchange": exchange.state_dict(), **reallocator.state_dict()}
+
+
+def coding_config(exchange, reallocator) -> dict:
+    """The settings a saved compression state must have been made with to resume."""
+    return {**exchange.config, **reallocator.config}
+
+
+def parts_to_resume(state: object, *, owner: str, size: int, ranks: Sequence[int], layers: Mapping[str, int],
+                    config: Mapping[str, object], reset: bool) -> list[dict] | None:
+    """The parts of ``state`` for ``ranks``, after checking that the bundle fits the job; None when
+    it does not fit and ``reset`` is set (the owner then starts its compression state afresh).
+    Raises ``StateMismatchError`` naming every mismatch and the way out otherwise."""
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+        raise TypeError("load_compression_state_dict() takes what compression_state_dict() returned (a dict with "
+                        f"format {FORMAT!r}), got {type(state).__name__}"
+                        + (f" of format {state.get('format')!r}" if isinstance(state, Mapping) else ""))
+    if reset not in (True, False):
+        raise ValueError(f"reset must be True or False, got {reset!r}")
+    problems = mismatches(state, size=size, layers=layers, config=config) if reset else []
+    if problems:
+        logging.getLogger("hvd_gradq").warning("%s: compression state not resumed (%s); starting it afresh", owner,
+                                               "; ".join(problems))
+        return None
+    return [select(state, rank=r, size=size, layers=layers, config=config, owner=owner) for r in ranks]

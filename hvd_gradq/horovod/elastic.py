@@ -22,8 +22,8 @@ import copy
 from horovod.torch.elastic import state as _state
 from horovod.torch.functions import broadcast_optimizer_state
 
-from hvd_gradq.compressor import UniformCompressor
-from hvd_gradq.optimizer import GradqOptimizer
+from hvd_gradq.horovod.compressor import UniformCompressor
+from hvd_gradq.horovod.optimizer import GradqOptimizer
 
 
 class GradqOptimizerStateHandler(_state.OptimizerStateHandler):

@@ -8,7 +8,7 @@ interval    fire at ``warmup`` and then every ``interval`` steps.
 static      fire once, at ``warmup``.
 
 In a job, only rank 0 evaluates the trigger and its verdict is broadcast with the step, so every
-rank switches codebooks at the same step by construction (see ``optimizer``).
+rank switches codebooks at the same step by construction (see ``exchange.reallocation``).
 """
 from __future__ import annotations
 

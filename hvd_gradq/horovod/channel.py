@@ -1,4 +1,5 @@
-"""Rank 0's decisions to every rank: the trigger's verdict each step, and a new codebook.
+"""The object channel: rank 0's decisions to every rank (the trigger's verdict each step, a new
+codebook, fitted levels), and every rank's state to every rank (checkpoints).
 
 The codebook goes over MPI with mpi4py when Horovod runs on the MPI controller over the world
 communicator (``horovodrun --mpi``); under the Gloo controller, or for a process set other than
@@ -42,8 +43,8 @@ def _find_world_comm(process_set):
     return comm
 
 
-def transport_name(process_set) -> str:
-    """Which channel ``broadcast_codebook`` uses: "mpi4py" or "horovod"."""
+def channel_name(process_set) -> str:
+    """Which channel ``broadcast_object`` uses: "mpi4py" or "horovod"."""
     return "mpi4py" if _world_comm(process_set) is not None else "horovod"
 
 
@@ -65,7 +66,7 @@ def broadcast_decision(fire: bool, step: int, process_set) -> bool:
     return bool(out[0])
 
 
-def broadcast_codebook(payload, process_set, root: int | None = None):
+def broadcast_object(payload, process_set, root: int | None = None):
     """The ``payload`` (a picklable dict) of global rank ``root`` (default: the process set's first
     member, its rank 0) to every rank of ``process_set``."""
     root = root_rank(process_set) if root is None else root
@@ -92,3 +93,23 @@ def gather_objects(obj, process_set, name: str = "hvd_gradq.state") -> list:
         out.append(torch.load(io.BytesIO(blob[at:at + n]), weights_only=False))
         at += n
     return out
+
+
+class HorovodChannel:
+    """The ``exchange.reallocation.Channel`` of one process set: decisions by Horovod broadcast,
+    payloads over mpi4py or Horovod (decided once, see ``_world_comm``)."""
+
+    def __init__(self, process_set) -> None:
+        self.process_set = process_set
+
+    @property
+    def name(self) -> str:
+        # asked at the first allocation, not at construction: importing mpi4py initialises MPI in
+        # this process, which changes how a rank that fails early takes the job down
+        return channel_name(self.process_set)
+
+    def decide(self, fire: bool, step: int) -> bool:
+        return broadcast_decision(fire, step, self.process_set)
+
+    def share(self, payload):
+        return broadcast_object(payload, self.process_set)

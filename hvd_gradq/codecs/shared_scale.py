@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from hvd_gradq import native
-from hvd_gradq.codecs.random import DitherSource
-from hvd_gradq.packing import LaneLayout, pack_lanes, unpack_lanes, words_to_int64
+from hvd_gradq.bits import native
+from hvd_gradq.bits.dither import DitherSource
+from hvd_gradq.bits.lanes import LaneLayout, pack_lanes, unpack_lanes, words_to_int64
 
 
 def step_size(scale: float, bits: int) -> float:

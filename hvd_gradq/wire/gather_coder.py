@@ -1,8 +1,9 @@
 """One layer's coding for the transports that gather instead of sum (allgather, two-phase).
 
-A ``GatherCoder`` joins a codec (``codecs``), error feedback and the frame header (``wire``); it
-produces and consumes uint8 frames and knows nothing about how they travel (``transport`` does).
-Pure tensor code: the caller passes rank, size and the codebook stamp.
+A ``GatherCoder`` joins a codec (``codecs``), error feedback and the frame header
+(``wire.frames``); it produces and consumes uint8 frames and knows nothing about how they travel
+(``exchange.exchanges`` moves them). Pure tensor code: rank and size are the coder's; the
+codebook stamp (version, layer digest) and whether the parameter is frozen are call arguments.
 
 Error feedback is kept at two places, as in two-phase compressed allreduce schemes:
   * worker residual, per layer: what this rank's encoding of g + r dropped;
@@ -16,10 +17,11 @@ import math
 
 import torch
 
-from hvd_gradq import wire
-from hvd_gradq.codecs import Codec, DitherSource, ErrorFeedback, JointSQCodec, JointSQState
-from hvd_gradq.codecs.uniform import abs_max
-from hvd_gradq.cost_model import chunk_bounds
+from hvd_gradq.bits.chunks import chunk_bounds
+from hvd_gradq.bits.dither import DitherSource
+from hvd_gradq.codecs import Codec, ErrorFeedback, JointSQCodec, JointSQState
+from hvd_gradq.codecs.shared_scale import abs_max
+from hvd_gradq.wire.frames import FRAME_HEADER_BYTES, FrameHeader, check_frames, frame, parse_frames
 
 #: two-phase chunk granularity of JointSQ: its per-payload header and position slack make tiny
 #: chunks cost more than their share (and land further below the target size the cost model uses)
@@ -33,11 +35,32 @@ def _align_of(codec: Codec) -> int:
     return max(8, int(getattr(codec, "bucket_size", 8)))
 
 
+def layer_bounds(codec: Codec, numel: int, size: int) -> list[int]:
+    """The two-phase chunk boundaries of a layer: one chunk per rank, on the codec's buckets."""
+    return chunk_bounds(numel, size, _align_of(codec))
+
+
+def _body_bytes(codec: Codec, numel: int) -> int:
+    return 0 if numel == 0 else codec.payload_bytes(numel)
+
+
+def frame_bytes(codec: Codec, numel: int) -> int:
+    """Bytes of one rank's allgather frame of a layer of ``numel`` elements."""
+    return FRAME_HEADER_BYTES + _body_bytes(codec, numel)
+
+
+def chunk_frame_bytes(codec: Codec, numel: int, size: int) -> list[int]:
+    """Bytes of the frame of each two-phase chunk (chunk j goes to rank j)."""
+    bounds = layer_bounds(codec, numel, size)
+    return [FRAME_HEADER_BYTES + _body_bytes(codec, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
 class GatherCoder:
     """Frames of one layer of ``numel`` elements coded with ``codec`` across ``size`` ranks."""
 
     def __init__(self, name: str, numel: int, codec: Codec, *, rank: int, size: int, rng: DitherSource,
-                 worker_feedback: ErrorFeedback | None, server_feedback: ErrorFeedback | None) -> None:
+                 worker_feedback: ErrorFeedback | None, server_feedback: ErrorFeedback | None,
+                 label: str = "the optimizer") -> None:
         if not 0 <= rank < size:
             raise ValueError(f"rank must be in [0, {size}), got {rank}")
         self.name = name
@@ -48,14 +71,12 @@ class GatherCoder:
         self.rng = rng
         self.worker_feedback = worker_feedback
         self.server_feedback = server_feedback
-        self.bounds = chunk_bounds(numel, size, _align_of(codec))
-        self.stamp = (0, 0)  # (codebook version, layer digest), set by the caller every step
+        self.bounds = layer_bounds(codec, numel, size)
         self._states: dict[int, JointSQState] = {}
         self._staged = False
         self._server_staged = False
-        self.what = "the optimizer"
-        #: this step the parameter does not require grad: its worker residual is left alone
-        self.frozen = False
+        #: what error messages tell the user to build identically on every rank
+        self.label = label
         #: measure the coding error of this rank's encoding (``last_error``): two extra reductions
         self.track_error = False
         #: (||decoded - x||^2, ||x||^2) of this rank's latest encoding of the layer (worker side)
@@ -77,16 +98,6 @@ class GatherCoder:
         if "codec" in state and hasattr(self.codec, "load_state_dict"):
             self.codec.load_state_dict(state["codec"])
 
-    # ---- sizes (for the cost model) ---------------------------------------------------------------
-    def body_bytes(self, numel: int) -> int:
-        return 0 if numel == 0 else self.codec.payload_bytes(numel)
-
-    def frame_bytes(self) -> int:
-        return wire.FRAME_HEADER_BYTES + self.body_bytes(self.numel)
-
-    def chunk_frame_bytes(self) -> list[int]:
-        return [wire.FRAME_HEADER_BYTES + self.body_bytes(b - a) for a, b in zip(self.bounds, self.bounds[1:])]
-
     # ---- coding ---------------------------------------------------------------------------------------
     def _encode(self, x: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 body, decoded values) of ``x``."""
@@ -102,28 +113,29 @@ class GatherCoder:
         if out.numel():
             out.add_(self.codec.decode(self.codec.from_bytes(body, out.numel())))
 
-    def _read(self, buf: torch.Tensor) -> tuple[list[tuple[wire.FrameHeader, torch.Tensor]], bool]:
+    def _read(self, buf: torch.Tensor) -> tuple[list[tuple[FrameHeader, torch.Tensor]], bool]:
         """One frame per rank from ``buf``, checked for agreement; and whether any sender was non-finite."""
-        frames = wire.parse_frames(buf, self.size, layer=self.name)
-        return frames, wire.check_frames([h for h, _ in frames], layer=self.name, what=self.what)
+        frames = parse_frames(buf, self.size, layer=self.name)
+        return frames, check_frames([h for h, _ in frames], layer=self.name, what=self.label)
 
-    def _frame(self, body: torch.Tensor, nonfinite: bool) -> torch.Tensor:
-        version, digest = self.stamp
-        return wire.frame(body, version=version, digest=digest, nonfinite=nonfinite)
+    @staticmethod
+    def _frame(body: torch.Tensor, nonfinite: bool, stamp: tuple[int, int]) -> torch.Tensor:
+        version, digest = stamp
+        return frame(body, version=version, digest=digest, nonfinite=nonfinite)
 
-    def _compensated(self, g: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _compensated(self, g: torch.Tensor, frozen: bool) -> tuple[torch.Tensor, bool]:
         g = g.detach().reshape(-1)
-        if self.worker_feedback is not None and not self.frozen:
+        if self.worker_feedback is not None and not frozen:
             self.worker_feedback.buffer(self.name, g)  # zeros at the first step, so commit can swap
             x = self.worker_feedback.compensate(self.name, g)
         else:
             x = g.to(torch.float32).contiguous()
         return x, not math.isfinite(abs_max(x))
 
-    def _stage_worker(self, x: torch.Tensor, decoded: torch.Tensor) -> None:
+    def _stage_worker(self, x: torch.Tensor, decoded: torch.Tensor, frozen: bool) -> None:
         if self.track_error:
             self.last_error = (float(torch.sub(decoded, x).square_().sum()), float(x.square().sum()))
-        if self.worker_feedback is not None and not self.frozen:
+        if self.worker_feedback is not None and not frozen:
             torch.sub(x, decoded, out=self.worker_feedback.staging(self.name, x))
             self._staged = True
 
@@ -139,14 +151,15 @@ class GatherCoder:
         return out
 
     # ---- allgather ------------------------------------------------------------------------------------
-    def encode_layer(self, g: torch.Tensor) -> torch.Tensor:
-        """This rank's frame of the whole layer."""
-        x, nonfinite = self._compensated(g)
+    def encode_layer(self, g: torch.Tensor, *, stamp: tuple[int, int], frozen: bool = False) -> torch.Tensor:
+        """This rank's frame of the whole layer. ``stamp``: (codebook version, layer digest);
+        ``frozen``: the parameter does not require grad now (its residual is left alone)."""
+        x, nonfinite = self._compensated(g, frozen)
         if nonfinite:
-            return self._frame(torch.zeros(0, dtype=torch.uint8), True)
+            return self._frame(torch.zeros(0, dtype=torch.uint8), True, stamp)
         body, decoded = self._encode(x, -1)
-        self._stage_worker(x, decoded)
-        return self._frame(body, False)
+        self._stage_worker(x, decoded, frozen)
+        return self._frame(body, False, stamp)
 
     def sum_frames(self, buf: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (float32, (numel,)) of the gathered frames; identical on every rank."""
@@ -158,28 +171,29 @@ class GatherCoder:
         return self._finish(out, nonfinite)
 
     # ---- two-phase ------------------------------------------------------------------------------------
-    def encode_chunks(self, g: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def encode_chunks(self, g: torch.Tensor, *, stamp: tuple[int, int], frozen: bool = False,
+                      ) -> tuple[torch.Tensor, list[int]]:
         """One frame per chunk, chunk j for rank j, concatenated; and the byte split per rank."""
-        x, nonfinite = self._compensated(g)
+        x, nonfinite = self._compensated(g, frozen)
         frames = []
         if nonfinite:
-            frames = [self._frame(torch.zeros(0, dtype=torch.uint8), True) for _ in range(self.size)]
+            frames = [self._frame(torch.zeros(0, dtype=torch.uint8), True, stamp) for _ in range(self.size)]
         else:
             decoded = torch.empty_like(x)
             for j, (a, b) in enumerate(zip(self.bounds, self.bounds[1:])):
                 body, dec = self._encode(x[a:b], j)
                 decoded[a:b] = dec
-                frames.append(self._frame(body, False))
-            self._stage_worker(x, decoded)
+                frames.append(self._frame(body, False, stamp))
+            self._stage_worker(x, decoded, frozen)
         return torch.cat(frames), [f.numel() for f in frames]
 
-    def reduce_own_chunk(self, buf: torch.Tensor) -> torch.Tensor:
+    def reduce_own_chunk(self, buf: torch.Tensor, *, stamp: tuple[int, int]) -> torch.Tensor:
         """From every rank's frame of this rank's chunk: decode, sum, requantize (with the server
         residual), and return the frame to allgather."""
         frames, nonfinite = self._read(buf)
         a, b = self.bounds[self.rank], self.bounds[self.rank + 1]
         if nonfinite:
-            return self._frame(torch.zeros(0, dtype=torch.uint8), True)
+            return self._frame(torch.zeros(0, dtype=torch.uint8), True, stamp)
         y = torch.zeros(b - a, dtype=torch.float32)
         for _, body in frames:
             self._decode_into(body, y)
@@ -190,7 +204,7 @@ class GatherCoder:
         if self.server_feedback is not None and y.numel():
             torch.sub(y, decoded, out=self.server_feedback.staging(self.name, y))
             self._server_staged = True
-        return self._frame(body, False)
+        return self._frame(body, False, stamp)
 
     def assemble(self, buf: torch.Tensor) -> torch.Tensor:
         """The whole layer's sum over ranks from the gathered requantized chunks."""

@@ -1,0 +1,48 @@
+"""Input checks at the API boundary, one wording for all: each raises ``ValueError`` naming the
+argument, what it must be, and what it got."""
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+
+def integer(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
+            or (high is not None and value > high):
+        if low is not None and high is not None:
+            what = f"an integer in {low}..{high}"
+        elif low is not None:
+            what = f"an integer >= {low}"
+        else:
+            what = "an integer"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def number(value, name: str, *, low: float | None = None, positive: bool = False, finite: bool = True) -> float:
+    """A real number (not a bool), finite unless told, > 0 if ``positive``, >= ``low`` if given."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not (finite and not math.isfinite(value))
+    if ok and positive and not value > 0:
+        ok = False
+    if ok and low is not None and not value >= low:
+        ok = False
+    if not ok:
+        what = "a finite number" if finite else "a number"
+        what += " > 0" if positive else (f" >= {low}" if low is not None else "")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def choice(value, name: str, options: Collection) -> object:
+    """One of ``options``."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def flag(value, name: str) -> bool:
+    """True or False (not 0/1)."""
+    if value is not True and value is not False:
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

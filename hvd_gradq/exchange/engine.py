@@ -1,0 +1,290 @@
+"""The exchange engine: one rank's coding of every layer and the route of a gradient.
+
+A gradient goes down and comes back once: ``launch`` codes it (the lane coder or the layer's
+gather coder, with what its coding owes from earlier steps), hands the bytes to an exchange
+(``exchanges``) together with the decode steps as callbacks, and ``finish`` returns the
+aggregate the callbacks made of the bytes that came back. The plan of every layer (``plan``), the
+codebook every rank shares, the coders and the residuals live here; ``replan`` and ``adopt``
+switch to a new codebook between steps. The same engine runs on every rank of a Horovod job and
+on every simulated rank (``simulate``); only the ``Collectives`` differ.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+
+import torch
+
+from hvd_gradq.bits.dither import DitherSource
+from hvd_gradq.codebook import Codebook
+from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
+from hvd_gradq.codecs.shared_scale import abs_max
+from hvd_gradq.exchange.collectives import Collectives
+from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoPhase
+from hvd_gradq.exchange.residuals import ResidualStore
+from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, NONE, TRANSPORTS, TWO_PHASE, LinkModel
+from hvd_gradq.plan.planner import LayerPlan, Planner
+from hvd_gradq.settings import Coding, check_bits
+from hvd_gradq.wire.gather_coder import GatherCoder
+from hvd_gradq.wire.header import AVERAGE, SUM
+from hvd_gradq.wire.lane_coder import LaneCoder
+
+
+class GradientExchange:
+    """The per-layer plan, codebook, coders and residuals of one rank.
+
+    Args:
+        named: the trainable (name, parameter) pairs, in the same order on every rank.
+        coding: the settings (``link`` must be a ``LinkModel`` or None here).
+        collectives: the ranks the exchanges run on.
+        op: ``wire.SUM`` or ``wire.AVERAGE``: ``finish`` returns the sum over ranks or the mean.
+        label: what error messages tell the user to build identically on every rank.
+    """
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], *, coding: Coding, collectives: Collectives,
+                 op: str = AVERAGE, label: str = "hvd_gradq.DistributedOptimizer") -> None:
+        if op not in (SUM, AVERAGE):
+            raise ValueError(f"op must be {SUM!r} or {AVERAGE!r}, got {op!r}")
+        self.coding = coding
+        self.op = op
+        self.label = label
+        #: the collectives the exchanges run on: Horovod's (a job) or an in-process world (simulation)
+        self.collectives = collectives
+        self.size = collectives.size()
+        self.rank = collectives.rank()
+        link = coding.link if isinstance(coding.link, LinkModel) else LinkModel()
+        self.planner = Planner(codec=coding.codec, ratio=coding.ratio, bucket_size=coding.bucket_size,
+                               min_elements=coding.min_elements, size=self.size, rank=self.rank, link=link)
+        self.codebook = Codebook()
+        self.residuals = ResidualStore()
+        # lanes (shared-scale codes on allreduce, and float32 for tiny layers) ride the same codebook
+        self.lanes = LaneCoder(bits=1, op=SUM, min_elements=coding.min_elements, seed=coding.seed, rank=self.rank,
+                               size=self.size, codebook=self.codebook, residuals=self.residuals.lanes, label=label)
+        self.coders: dict[str, GatherCoder] = {}
+        self.plans: dict[str, LayerPlan] = {}
+        self._track_error = False
+        self._coders_made = 0  # each coder draws from its own stream (see _plan)
+        names = [n for n, _ in named]
+        self.numel = {n: p.numel() for n, p in named}
+        bits_of = coding.layer_bits(names)
+        self.forced = coding.layer_transports(names)
+        for name in names:
+            self._plan(name, bits_of[name])
+
+    @property
+    def allocatable(self) -> list[str]:
+        """Layers whose bit width an allocator may set (not the exact float32 ones)."""
+        return [n for n, plan in self.plans.items() if plan.transport != FLOAT32]
+
+    # ---- planning -------------------------------------------------------------------------------------
+    def _plan(self, name: str, bits: int) -> None:
+        plan, code = self.planner.plan(name, self.numel[name], bits, self.forced[name])
+        self.codebook.add(code)
+        self.plans[name] = plan
+        self.coders.pop(name, None)
+        if plan.gather is not None:
+            # A stream per coder, not one shared by all layers: two-phase second halves run when
+            # their first half completes, an order that varies from run to run, and the dither must not
+            self._coders_made += 1
+            rng = DitherSource([self.coding.seed, self.rank, zlib.crc32(name.encode()), self._coders_made])
+            feedback = self.coding.feedback(plan.gather.unbiased)
+            coder = GatherCoder(name, plan.numel, plan.gather, rank=self.rank, size=self.size, rng=rng,
+                                worker_feedback=self.residuals.worker if feedback else None,
+                                server_feedback=self.residuals.server if feedback else None, label=self.label)
+            coder.track_error = self._track_error
+            self.coders[name] = coder
+
+    def replan(self, bits: Mapping[str, int], version: int) -> None:
+        """Switch to a new codebook version with these per-layer bit widths (all ranks, same step).
+
+        What the old coding still owed a changed layer (its residuals, including the two-phase
+        requantization residual of this rank's chunk) is carried into the layer's next step."""
+        for name, b in bits.items():
+            plan = self.plans.get(name)
+            if plan is None or plan.transport == FLOAT32:
+                raise ValueError(f"cannot allocate bits to layer {name!r}: not a coded layer of this optimizer")
+            check_bits(b, f"layer {name!r}")
+            if b == plan.bits:
+                continue
+            owed = self.take_owed(name)
+            if owed is not None:
+                self.residuals.carry[name] = owed
+            old_scale = self.codebook[name].scale if plan.transport == ALLREDUCE else None
+            self._plan(name, b)
+            if self.plans[name].transport == ALLREDUCE:
+                self.codebook[name].scale = old_scale  # no float32 recalibration step
+        self.codebook.version = version
+
+    def take_owed(self, name: str) -> torch.Tensor | None:
+        """Remove and return everything this rank's coding of layer ``name`` still owes, as one
+        flat float32 tensor; None if nothing."""
+        coder = self.coders.get(name)
+        chunk = None if coder is None else (coder.bounds[coder.rank], coder.bounds[coder.rank + 1])
+        return self.residuals.take_owed(name, self.numel[name], chunk)
+
+    def adopt(self, shared: Mapping) -> None:
+        """Follow the root's ``codebook.state_dict()`` (between steps: a fresh engine after the set
+        of workers changed, or this one after ``hvd.join()``): its bits, scales, reduction
+        counts, codec parameters and version."""
+        layers = shared["layers"]
+        self.replan({n: s["bits"] for n, s in layers.items() if self.plans[n].transport != FLOAT32},
+                    shared["version"])
+        for name, state in layers.items():
+            self.codebook[name].follow(state)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def launch(self, name: str, grad: torch.Tensor, frozen: bool = False) -> Exchange:
+        """Code layer ``name``'s gradient and start its exchange. ``frozen``: the parameter does
+        not require grad now; it still takes part (every rank runs the same collectives) but its
+        residuals are left alone."""
+        plan = self.plans[name]
+        owed = self.residuals.carry.pop(name, None)
+        if owed is not None and not frozen:
+            grad = grad.detach().reshape(-1).to(torch.float32) + owed
+        if plan.transport == NONE:  # nothing leaves the rank; the gradient waits in error feedback
+            g = grad.detach().reshape(-1).to(torch.float32)
+            if not frozen and math.isfinite(abs_max(g)):
+                self.residuals.zero_bit.buffer(name, g).add_(g)
+            return Skip(plan.numel)
+        if plan.transport in (ALLREDUCE, FLOAT32):
+            payload, ctx = self.lanes.encode(name, grad, frozen=frozen)
+            return LaneAllreduce(name, payload, lambda out: self.lanes.decode(out, ctx).reshape(-1),
+                                 self.collectives, plan.transport)
+        coder = self.coders[name]
+        stamp = (self.codebook.version, self.codebook.digest(name, self.size))
+        if plan.transport == ALLGATHER:
+            return Allgather(name, coder.encode_layer(grad, stamp=stamp, frozen=frozen), coder.sum_frames,
+                             self.collectives)
+        stream, splits = coder.encode_chunks(grad, stamp=stamp, frozen=frozen)
+        return TwoPhase(name, stream, splits, lambda buf: coder.reduce_own_chunk(buf, stamp=stamp), coder.assemble,
+                        self.collectives)
+
+    def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
+        """The layer's aggregate (float32, flat): the sum over ranks, or the mean for an Average."""
+        out = exchange.result()
+        plan = self.plans[name]
+        plan.payload_bytes = exchange.payload_bytes
+        if plan.transport not in (ALLREDUCE, FLOAT32):
+            self.codebook[name].version += 1  # the lane coder advances it in decode
+        if self.op == AVERAGE:
+            out = out / self.size
+        return out
+
+    # ---- what the allocator asks -----------------------------------------------------------------------
+    def quantizer(self, seed: int = 0):
+        """``quantize(name, bits, g)``: what layer ``name``'s codec makes of ``g`` at ``bits``
+        (for the allocator's distortion metrics; shared-scale layers are taken as gathered)."""
+        rng = DitherSource([seed, 0x51])
+        cache: dict[int, Codec] = {}
+
+        def quantize(name: str, bits: int, g: torch.Tensor) -> torch.Tensor:
+            if bits == 0:
+                return torch.zeros_like(g)
+            codec = cache.get(bits)
+            if codec is None:
+                codec = cache[bits] = self.planner.new_gather_codec(bits)
+            return codec.roundtrip(g, rng)
+
+        return quantize
+
+    def wire_bits(self, name: str, bits: int) -> float:
+        """Bits handed to the collectives per step if layer ``name`` were coded at ``bits``."""
+        return self.planner.wire_bits(self.numel[name], bits, self.forced[name])
+
+    # ---- adaptive levels (ALQ / AMQ) -----------------------------------------------------------------
+    def _adaptive(self) -> dict[str, GatherCoder]:
+        return {n: c for n, c in self.coders.items() if isinstance(c.codec, AdaptiveLevelCodec) and c.codec.bits > 2}
+
+    def refit_due(self, step: int) -> bool:
+        """Whether the levels are refitted after ``step`` (the same answer on every rank)."""
+        every = self.coding.refit_levels
+        return bool(every) and step % every == 0 and bool(self._adaptive())
+
+    def fit_levels(self, grads: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+        """The root: fit the level set of every adaptive-coded layer (ALQ, AMQ; 3 bits or more) to
+        that layer's aggregated gradient in ``grads``; returns {layer: codec state} for every
+        rank's ``set_levels``."""
+        out = {}
+        for name, coder in self._adaptive().items():
+            if name in grads:
+                coder.codec.fit(grads[name])
+                out[name] = coder.codec.state_dict()
+        return out
+
+    def set_levels(self, levels: Mapping[str, dict]) -> None:
+        """Adopt the root's fitted levels (every rank, the same step). They enter the layer's
+        codebook digest, so a rank that missed them is caught at the next exchange."""
+        for name, state in levels.items():
+            coder = self.coders[name]
+            coder.codec.load_state_dict(state)
+            fitted = zlib.crc32(coder.codec.levels.numpy().tobytes())
+            self.codebook[name].codec_key = f"bucket={self.coding.bucket_size};levels={fitted:08x}"
+
+    # ---- coding error ------------------------------------------------------------------------------------
+    @property
+    def track_error(self) -> bool:
+        """Measure this rank's coding error of the gathered layers (``coding_error``)."""
+        return self._track_error
+
+    @track_error.setter
+    def track_error(self, on: bool) -> None:
+        self._track_error = bool(on)
+        for coder in self.coders.values():
+            coder.track_error = self._track_error
+
+    def coding_error(self) -> tuple[float, float]:
+        """(sum of ||decoded - x||^2, sum of ||x||^2) over the gather-coded layers of this rank's
+        latest step (its normalised coding variance is their ratio); needs ``track_error``."""
+        err = energy = 0.0
+        for coder in self.coders.values():
+            if coder.last_error is not None:
+                err += coder.last_error[0]
+                energy += coder.last_error[1]
+        return err, energy
+
+    # ---- checkpoint ----------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """The settings a saved state must have been made with to resume here."""
+        return {**self.coding.config, "op": self.op}
+
+    def state_dict(self) -> dict:
+        """This rank's compression state: codebook, residuals, dither streams and the coders' own."""
+        return {"codebook": self.codebook.state_dict(), "residuals": self.residuals.state_dict(),
+                "lanes": self.lanes.state_dict(), "coders": {n: c.state_dict() for n, c in self.coders.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()`` of the same rank of a job with the same model, size and
+        settings (checked by the caller): the plan follows the saved bits and transports."""
+        for name, code in state["codebook"]["layers"].items():
+            plan = self.plans[name]
+            if plan.transport != FLOAT32 and (code["bits"], code["transport"]) != (plan.bits, plan.transport):
+                forced = self.forced[name]
+                self.forced[name] = code["transport"] if code["transport"] in TRANSPORTS else "auto"
+                self._plan(name, code["bits"])
+                self.forced[name] = forced
+            self.codebook[name].follow(code)
+        self.codebook.version = state["codebook"]["version"]
+        self.residuals.load_state_dict(state["residuals"])
+        self.lanes.load_state_dict(state["lanes"])
+        for name, coder_state in state["coders"].items():
+            self.coders[name].load_state_dict(coder_state)
+
+    def reset_state(self) -> None:
+        """Forget every residual and what was carried (the plan and the codebook stay)."""
+        self.residuals.reset()
+
+    # ---- reporting ----------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """Layers per transport and payload bytes of the latest step vs float32."""
+        plans = list(self.plans.values())
+        counts: dict[str, int] = {}
+        for p in plans:
+            counts[p.transport] = counts.get(p.transport, 0) + 1
+        order = (ALLREDUCE, ALLGATHER, TWO_PHASE, FLOAT32, NONE)
+        parts = ", ".join(f"{t} {counts[t]}" for t in order if counts.get(t))
+        sent = sum(p.payload_bytes for p in plans)
+        fp32 = sum(4 * p.numel for p in plans)
+        return (f"layers by transport: {parts}; {sent} B handed to collectives vs {fp32} B fp32 "
+                f"({fp32 / max(sent, 1):.1f}x)")

@@ -1,0 +1,156 @@
+"""The reallocation step after every exchange, one for the job and the simulation.
+
+In order: the root refits the adaptive levels when due and shares them; the root's trigger sees
+the aggregated per-layer gradient norms and its verdict is shared with the step as a cross-check;
+when it fires, the root allocates and shares the new codebook, which every rank applies before
+the next step; the allocation is recorded as an ``AllocationEvent``. What "share" means is the
+``Channel``'s: Horovod broadcasts in a job (``horovod.channel``), nothing at all in the
+simulation, where every rank's engine is in this process (``LocalChannel``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Protocol
+
+import torch
+
+from hvd_gradq.alloc import AllocationEvent, Allocator, Trigger
+from hvd_gradq.exchange.engine import GradientExchange
+
+_log = logging.getLogger("hvd_gradq")
+
+
+class Channel(Protocol):
+    """How the root's decisions reach every rank."""
+
+    #: what carries them, for the log ("mpi4py", "horovod", "in-process")
+    name: str
+
+    def decide(self, fire: bool, step: int) -> bool:
+        """The root's verdict at ``step`` on every rank."""
+
+    def share(self, payload):
+        """The root's picklable ``payload`` on every rank."""
+
+
+class LocalChannel:
+    """Every rank in this process: the root's decisions are everyone's already."""
+
+    name = "in-process"
+
+    def decide(self, fire: bool, step: int) -> bool:
+        return fire
+
+    def share(self, payload):
+        return payload
+
+
+def decide_bits(allocator: Allocator, exchange: GradientExchange, params: Mapping[str, torch.Tensor], step: int,
+                lr: float) -> dict:
+    """The root's allocation at ``step`` as the payload every rank applies with ``apply_bits``:
+    the new codebook version and bits per layer, or the error (so that no rank waits for a
+    decision that will not come)."""
+    try:
+        alloc, cost = allocator.allocate(dict(params), exchange.quantizer(seed=step), lr=lr,
+                                         wire_bits=exchange.wire_bits)
+    except Exception as e:  # every rank must leave the broadcast: send the error instead
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "summary": alloc.summary(),
+            "forwards": cost["forwards"], "backwards": cost["backwards"]}
+
+
+def apply_bits(payload: dict, exchange: GradientExchange, step: int) -> None:
+    """Switch ``exchange`` to the codebook in the root's ``decide_bits`` payload (raises its error)."""
+    if "error" in payload:
+        raise RuntimeError(f"bit allocation on rank 0 failed at step {step}: {payload['error']}")
+    exchange.replan(payload["bits"], payload["version"])
+
+
+class Reallocator:
+    """Refit, trigger, allocate, apply, record: the step after every exchange.
+
+    ``is_root``: this process holds the root (rank 0 of the process set, or the simulation)."""
+
+    def __init__(self, allocator: Allocator | None, trigger: Trigger | None, channel: Channel, *,
+                 is_root: bool) -> None:
+        self.allocator, self.trigger, self.channel, self.is_root = allocator, trigger, channel, is_root
+        #: every codebook switch: step, version, summary, cost
+        self.events: list[AllocationEvent] = []
+        self.seconds = 0.0  # deciding bits: trigger verdicts, allocations, codebook shares
+        self.started: float | None = None
+
+    def after_step(self, step: int, exchanges: Sequence[GradientExchange], params: Mapping[str, torch.Tensor],
+                   lr: float) -> AllocationEvent | None:
+        """After the exchange of ``step``: ``exchanges[0]`` is the root's engine (the others, in a
+        simulation, the other ranks'); ``params`` hold the aggregated gradients."""
+        root = exchanges[0]
+        if self.started is None:
+            self.started = time.perf_counter()
+        if root.refit_due(step):  # every rank knows when: only the levels travel
+            fitted = root.fit_levels({n: p.grad for n, p in params.items() if p.grad is not None}) \
+                if self.is_root else None
+            fitted = self.channel.share(fitted)
+            for ex in exchanges:
+                ex.set_levels(fitted)
+        if self.allocator is None:
+            return None
+        start = time.perf_counter()
+        names = root.allocatable
+        fire = False
+        if self.is_root:
+            norms = [float(params[n].grad.detach().float().norm()) if params[n].grad is not None else 0.0
+                     for n in names]
+            fire = self.trigger.observe(step, norms)
+        fire = self.channel.decide(fire, step)
+        if not fire:
+            self.seconds += time.perf_counter() - start
+            return None
+        via = self.channel.name  # asked before the share: after it, a finished peer may end MPI
+        payload = decide_bits(self.allocator, root, {n: params[n] for n in names}, step, lr) \
+            if self.is_root else None
+        payload = self.channel.share(payload)
+        for ex in exchanges:
+            apply_bits(payload, ex, step)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        event = AllocationEvent(step, payload["version"], payload["summary"], seconds, payload["forwards"],
+                                payload["backwards"], dict(payload["bits"]))
+        self.events.append(event)
+        if self.is_root:
+            _log.info("step %d: codebook v%d (%s) in %.3f s, %d forward passes, via %s", step, event.version,
+                      event.summary, seconds, event.forwards, via)
+        return event
+
+    def overhead(self, version: int) -> dict:
+        """Allocations, seconds deciding bits, forward passes, and that time as a fraction of the
+        wall clock since the first step."""
+        wall = time.perf_counter() - self.started if self.started is not None else 0.0
+        return {"allocations": len(self.events), "seconds": self.seconds,
+                "forwards": sum(e.forwards for e in self.events),
+                "fraction": self.seconds / wall if wall > 0 else 0.0, "version": version}
+
+    @property
+    def config(self) -> dict:
+        return {"allocator": None if self.allocator is None else repr(self.allocator),
+                "trigger": None if self.trigger is None else repr(self.trigger)}
+
+    def state_dict(self) -> dict:
+        return {"trigger": None if self.trigger is None else self.trigger.state_dict(),
+                "allocator": None if self.allocator is None else self.allocator.state_dict(),
+                "events": [asdict(e) for e in self.events], "alloc_seconds": self.seconds}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if self.trigger is not None:
+            self.trigger.load_state_dict(state["trigger"])
+            self.allocator.load_state_dict(state["allocator"])
+        self.events = [AllocationEvent(**e) for e in state["events"]]
+        self.seconds = state["alloc_seconds"]
+
+    def reset(self) -> None:
+        """Forget the trigger's anchor and the allocator's schedule: the next step re-allocates."""
+        if self.trigger is not None:
+            self.trigger.reset()
+            self.allocator.reset()

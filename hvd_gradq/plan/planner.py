@@ -1,0 +1,151 @@
+"""The planner: from a layer's requested codec and bit width to its plan (the codec that codes it
+on the wire, the transport, the predicted cost) and its codebook entry.
+
+Every transport a codec can use is priced with the cost model from sizes the codecs and the wire
+coders compute without coding anything: the lane payload for ``allreduce`` (summable shared-scale
+codes only), one frame per rank for ``allgather``, one frame per chunk and rank for
+``two_phase``. ``transport="auto"`` takes the cheapest; every rank prices the same figures
+(two-phase at its slowest rank), so every rank chooses the same. Pure: no Horovod.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hvd_gradq.bits.lanes import lane_layout
+from hvd_gradq.codebook import FLOAT_BITS, SHARED_SCALE, LayerCode
+from hvd_gradq.codecs import LEVEL_CODECS, Codec, make_codec
+from hvd_gradq.plan import cost_model
+from hvd_gradq.plan.cost_model import (
+    ALLGATHER,
+    ALLREDUCE,
+    FLOAT32,
+    NONE,
+    TRANSPORTS,
+    TWO_PHASE,
+    LinkModel,
+    TransportCost,
+)
+from hvd_gradq.wire.gather_coder import chunk_frame_bytes, frame_bytes
+from hvd_gradq.wire.header import SUM
+from hvd_gradq.wire.lane_coder import lane_payload_bytes
+
+#: the sparsifiers, which take a compression ratio instead of bits
+RATIO_CODECS = ("jointsq", "topk")
+#: every codec the optimizer takes: the summable shared-scale lanes, the level codecs, the sparsifiers
+CODECS = (SHARED_SCALE, *sorted(LEVEL_CODECS), *RATIO_CODECS)
+#: what a shared-scale layer is coded with when it is gathered instead of summed: the same evenly
+#: spaced levels, with a scale per bucket of the sender's own (a rank's codes need not be summable)
+GATHERED_SHARED_SCALE = "qsgdinf"
+
+
+@dataclass
+class LayerPlan:
+    """One layer's decision and its predicted cost (``costs``: every transport that was priced).
+
+    ``codec`` is what was asked for, ``wire_codec`` what codes the layer on the wire (they differ
+    when a shared-scale layer is gathered: then it travels as ``qsgdinf``)."""
+
+    name: str
+    numel: int
+    bits: int
+    codec: str
+    transport: str
+    predicted: TransportCost
+    costs: dict[str, TransportCost]
+    payload_bytes: int = 0  # measured at the collectives, latest step
+    wire_codec: str = ""
+    #: the codec object of a gathered layer (None for lanes, float32 and 0-bit layers)
+    gather: Codec | None = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        how = self.wire_codec if self.wire_codec == self.codec else f"{self.codec} gathered as {self.wire_codec}"
+        return (f"{self.name}: {self.numel} el, {how}@{self.bits}b via {self.transport}, "
+                f"{self.payload_bytes} B (predicted {self.predicted.payload_bytes} B)")
+
+
+class Planner:
+    """Plans the layers of one rank of a process set of ``size`` ranks."""
+
+    def __init__(self, *, codec: str, ratio: float | None, bucket_size: int, min_elements: int, size: int,
+                 rank: int, link: LinkModel) -> None:
+        self.codec, self.ratio, self.bucket_size, self.min_elements = codec, ratio, bucket_size, min_elements
+        self.size, self.rank, self.link = size, rank, link
+        self._codecs: dict[int, Codec] = {}
+
+    def gather_codec(self, bits: int) -> Codec:
+        """The per-rank codec of a gathered layer at ``bits`` (one object per width; codecs that
+        fit levels get their own per layer from ``new_gather_codec``)."""
+        codec = self._codecs.get(bits)
+        if codec is None:
+            codec = self._codecs[bits] = self.new_gather_codec(bits)
+        return codec
+
+    def new_gather_codec(self, bits: int) -> Codec:
+        if self.codec in RATIO_CODECS:
+            return make_codec(self.codec, ratio=self.ratio)
+        name = GATHERED_SHARED_SCALE if self.codec == SHARED_SCALE else self.codec
+        return make_codec(name, bits, bucket_size=self.bucket_size)
+
+    def costs(self, numel: int, bits: int) -> dict[str, TransportCost]:
+        """Every transport open to the codec at ``bits``, priced for this rank."""
+        codec = self.gather_codec(bits)
+        n = self.size
+        chunks = chunk_frame_bytes(codec, numel, n)
+        per_rank = [cost_model.two_phase_cost(chunks, chunks, r, self.link) for r in range(n)]
+        mine = per_rank[self.rank]
+        slowest = max(c.seconds for c in per_rank)  # the choice must be the same on every rank
+        costs = {
+            ALLGATHER: cost_model.allgather_cost(frame_bytes(codec, numel), n, self.link),
+            TWO_PHASE: TransportCost(TWO_PHASE, mine.payload_bytes, mine.sent_bytes, mine.received_bytes,
+                                     mine.steps, slowest),
+        }
+        if self.codec == SHARED_SCALE:
+            costs[ALLREDUCE] = cost_model.allreduce_cost(lane_payload_bytes(numel, bits, n, SUM), n, self.link)
+        return costs
+
+    def choose(self, name: str, costs: dict[str, TransportCost], forced: str) -> str:
+        if forced == "auto":
+            return cost_model.cheapest([costs[t] for t in TRANSPORTS if t in costs]).transport
+        if forced not in costs:
+            raise ValueError(
+                f"layer {name!r}: transport {forced!r} needs summable codes (codec={SHARED_SCALE!r}); codec "
+                f"{self.codec!r} can use {sorted(costs)}"
+            )
+        return forced
+
+    def plan(self, name: str, numel: int, bits: int, forced: str) -> tuple[LayerPlan, LayerCode]:
+        """The layer's plan and its codebook entry. ``forced``: "auto" or a transport."""
+        n = self.size
+        if numel < self.min_elements:  # tiny layers: exact float32 allreduce (header included)
+            cost = cost_model.allreduce_cost(lane_payload_bytes(numel, None, n), n, self.link, FLOAT32)
+            code = LayerCode(name, numel, FLOAT_BITS, None, codec="float32", transport=FLOAT32)
+            return LayerPlan(name, numel, FLOAT_BITS, "float32", FLOAT32, cost, {FLOAT32: cost},
+                             wire_codec="float32"), code
+        if bits == 0:
+            cost = cost_model.none_cost()
+            code = LayerCode(name, numel, 0, None, codec=self.codec, transport=NONE)
+            return LayerPlan(name, numel, 0, self.codec, NONE, cost, {NONE: cost}, wire_codec=self.codec), code
+        costs = self.costs(numel, bits)
+        choice = self.choose(name, costs, forced)
+        if choice == ALLREDUCE:
+            code = LayerCode(name, numel, bits, lane_layout(bits, n, torch.int64), codec=SHARED_SCALE,
+                             transport=ALLREDUCE)
+            return LayerPlan(name, numel, bits, self.codec, ALLREDUCE, costs[choice], costs,
+                             wire_codec=SHARED_SCALE), code
+        gather = self.new_gather_codec(bits)  # its own object: adaptive codecs fit levels per layer
+        key = f"ratio={self.ratio}" if self.codec in RATIO_CODECS else f"bucket={self.bucket_size}"
+        code = LayerCode(name, numel, bits, None, codec=gather.name, transport=choice, codec_key=key)
+        return LayerPlan(name, numel, bits, self.codec, choice, costs[choice], costs, wire_codec=gather.name,
+                         gather=gather), code
+
+    def wire_bits(self, numel: int, bits: int, forced: str) -> float:
+        """Bits handed to the collectives per step for a layer coded at ``bits`` (what the
+        allocator's ``rate="wire"`` prices)."""
+        if bits == 0:
+            return 0.0
+        costs = self.costs(numel, bits)
+        cost = costs[forced] if forced in costs else cost_model.cheapest([costs[t] for t in TRANSPORTS
+                                                                            if t in costs])
+        return 8.0 * cost.payload_bytes
