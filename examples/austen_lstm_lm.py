@@ -1,12 +1,12 @@
 """Word-level LSTM language model on Jane Austen's six novels, data-parallel, with hvd_gradq.
 
     horovodrun -np 2 -H localhost:2 python examples/austen_lstm_lm.py --compressor qsgd --bits 3
-    python examples/austen_lstm_lm.py --workers 4 --compressor gradq-uniform --allocator lad --budget 3
+    python examples/austen_lstm_lm.py --workers 4 --compressor shared_scale --allocator lad --budget 3
 
-Model: embedding, 2-layer LSTM, linear decoder (``hvd_gradq.models.LSTMLanguageModel``; 11.4M
+Model: embedding, 2-layer LSTM, linear decoder (``workloads.models.LSTMLanguageModel``; 11.4M
 parameters at --emb 256 --hidden 512, the communication-bound case; most of them in the
 embedding and the decoder). Data: Debian's r-cran-janeaustenr, read without R
-(``hvd_gradq.datasets.austen_lm``): about 877k tokens, the first 90% for training, the next 5%
+(``workloads.datasets.austen_lm``): about 877k tokens, the first 90% for training, the next 5%
 validation, the last 5% test; vocabulary: the --vocab most frequent training tokens. Training:
 SGD (lr 20, the classic setting for this model family) with the gradient norm clipped at 0.25
 after the exchange; the headline metric is the validation perplexity.
@@ -18,7 +18,9 @@ import argparse
 import torch
 
 from common import add_arguments, add_language_model_arguments, language_model_task, run
-from hvd_gradq.models import LSTMLanguageModel
+from workloads.tasks import TASKS
+
+LSTM = TASKS["lstm"]  # LSTMLanguageModel on Jane Austen's novels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,8 +39,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
 
     def make_task(a):
-        model = LSTMLanguageModel(vocab=a.vocab, emb=a.emb, hidden=a.hidden, layers=a.layers, dropout=a.dropout)
-        return language_model_task(a, "AustenLSTM", model, lambda m: torch.optim.SGD(m.parameters(), lr=a.lr), a.clip)
+        model = LSTM.model(vocab=a.vocab, emb=a.emb, hidden=a.hidden, layers=a.layers, dropout=a.dropout)
+        return language_model_task(a, LSTM, model, lambda m: torch.optim.SGD(m.parameters(), lr=a.lr), a.clip)
 
     return run(make_task, args)
 

@@ -7,17 +7,25 @@
 Both see the same data: at step s, worker r trains on micro-batch s * N + r of the epoch's order,
 so a simulated run and a real one with the same seed and N start from the same aggregate.
 
-Compressors (``--compressor``): ``none``; ``fp16`` (Horovod's, real jobs only); ``uniform`` (the
-shared-scale lanes: ``hvd_gradq.UniformCompressor`` on the stock ``hvd.DistributedOptimizer`` in a
-job, the same lanes inside ``SimulatedWorkers``); and through ``hvd_gradq.DistributedOptimizer``
-(``SimulatedWorkers`` when simulated) every codec: ``gradq-uniform``, ``qsgd``, ``qsgdinf``,
-``nuqsgd``, ``natural``, ``terngrad``, ``alq``, ``amq``, ``jointsq`` and ``topk`` (with ``--ratio``).
+Compressors (``--compressor``, named in ``workloads.tasks``): ``none``; ``fp16`` (Horovod's, real
+jobs only); ``stock`` (the shared-scale lanes: ``hvd_gradq.UniformCompressor`` on the stock
+``hvd.DistributedOptimizer`` in a job, the same lanes inside ``SimulatedWorkers``); and through
+``hvd_gradq.DistributedOptimizer`` (``SimulatedWorkers`` when simulated) every codec of
+``hvd_gradq.CODECS``: ``shared_scale``, ``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``,
+``alq``, ``amq``, ``jointsq`` and ``topk`` (with ``--ratio``). The old names ``uniform`` (now
+``stock``) and ``gradq-uniform`` (now ``shared_scale``) are still accepted.
 ``--allocator lad|lad_first_order|mse|ampa`` lets rank 0 re-decide the bits per layer under
 ``--budget`` when the trigger fires.
 
 ``--log-json FILE`` writes a JSON log: the arguments and the command, per-step loss, wire bytes, seconds
 and normalised coding variance (sum ||Q(x) - x||^2 / sum ||x||^2 over the gather-coded layers),
 every evaluation, the bits per layer at every codebook version, the allocation events.
+
+Progress: rank 0 only; a bar on a terminal, a plain line every ~10% of the epoch otherwise (a log
+file, horovodrun's prefixed output).
+
+The examples run from a checkout (``python examples/<x>.py``): this module puts the repository
+root on ``sys.path`` for ``workloads`` (models, data, the task and compressor names).
 """
 from __future__ import annotations
 
@@ -34,15 +42,24 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import hvd_gradq
 from hvd_gradq.alloc.layer_types import layer_types
-from hvd_gradq.plan.planner import CODECS
 
-#: codecs that run through hvd_gradq.DistributedOptimizer / SimulatedWorkers
-DROPIN = ["gradq-uniform", *[c for c in CODECS if c != "uniform"]]
-COMPRESSORS = ["none", "fp16", "uniform", *DROPIN]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # workloads/ lives at the repository root, next to examples/
+    sys.path.insert(0, ROOT)
+
+from workloads.progress import Progress, say  # noqa: E402
+from workloads.tasks import (  # noqa: E402
+    COMPRESSORS,
+    DROPIN,
+    EXAMPLE_COMPRESSORS,
+    SOLVERS,
+    Workload,
+    compressor_name,
+    solver_name,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -71,9 +88,10 @@ class Task:
 def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05, batch_size: int = 64,
                   epochs: int = 1) -> None:
     """The arguments every example takes (examples add their own model/data ones)."""
-    p.add_argument("--compressor", choices=COMPRESSORS, default="uniform",
-                   help="none/fp16/uniform: Horovod's optimizer with that compression (uniform: hvd_gradq's lanes); "
-                        "any other: hvd_gradq.DistributedOptimizer with that codec")
+    p.add_argument("--compressor", type=compressor_name, choices=EXAMPLE_COMPRESSORS, default="stock",
+                   help="none/fp16/stock: Horovod's optimizer with that compression (stock: "
+                        "hvd_gradq.UniformCompressor's lanes); any other: hvd_gradq.DistributedOptimizer with that "
+                        "codec (old names: uniform = stock, gradq-uniform = shared_scale)")
     p.add_argument("--bits", type=int, default=bits,
                    help="bit width of every coded layer (the start with --allocator)")
     p.add_argument("--ratio", type=float, default=20.0, help="jointsq / topk: compression ratio against float32")
@@ -88,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
                         "(default 100; 0: never)")
     p.add_argument("--allocator", default="none", choices=["none", "lad", "lad_first_order", "mse", "ampa"],
                    help="re-decide per-layer bits on rank 0 with this distortion metric")
-    p.add_argument("--solver", default="lagrangian", choices=["lagrangian", "greedy", "uniform", "mckp_dp", "ampa"])
+    p.add_argument("--solver", type=solver_name, default="lagrangian", choices=SOLVERS,
+                   help="allocator: the solver (old name: uniform = same_bits)")
     p.add_argument("--budget", type=float, default=2.0, help="allocator: average bits per element")
     p.add_argument("--options", default="0,2,3,4,5,6,8", help="allocator: the bit widths a layer may get")
     p.add_argument("--group", default="layer", choices=["layer", "type"], help="allocator: a width per layer or type")
@@ -98,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     p.add_argument("--k-min", type=int, default=20)
     p.add_argument("--interval", type=int, default=50)
     p.add_argument("--op", choices=["sum", "average"], default="sum",
-                   help="real jobs with --compressor none/fp16/uniform: Horovod's allreduce op")
+                   help="real jobs with --compressor none/fp16/stock: Horovod's allreduce op")
     p.add_argument("--workers", type=int, default=0,
                    help="simulate this many workers in one process (0: a real job; launch it with horovodrun)")
     p.add_argument("--epochs", type=int, default=epochs)
@@ -126,7 +145,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.workers and args.compressor == "fp16":
         raise SystemExit("--compressor fp16 is Horovod's own compression: run it under horovodrun (no --workers)")
     if args.allocator != "none" and args.compressor not in DROPIN:
-        raise SystemExit(f"--allocator needs a hvd_gradq codec, e.g. --compressor gradq-uniform or one of {DROPIN}")
+        raise SystemExit(f"--allocator needs a hvd_gradq codec, e.g. --compressor shared_scale or one of "
+                         f"{list(DROPIN)}")
     if args.resume and not args.checkpoint:
         raise SystemExit("--resume needs --checkpoint PATH")
     for name in ("epochs", "batch_size", "threads"):
@@ -156,12 +176,13 @@ class _Job:
             hvd.broadcast_optimizer_state(base, root_rank=0)
         self.allocation = self._allocation()
         c = args.compressor
-        self.stock = not self.simulated and c in ("none", "fp16", "uniform")
+        spec = COMPRESSORS[c]
+        self.stock = not self.simulated and spec.stock
         self.compression = None
         if self.stock:
             hvd = self.hvd
             self.op = hvd.Sum if args.op == "sum" else hvd.Average
-            if c == "uniform":
+            if spec.path == "stock":
                 self.compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named, op=self.op,
                                                                seed=args.seed)
             compression = self.compression or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
@@ -170,16 +191,15 @@ class _Job:
         kw = {"bits": args.bits, "ratio": args.ratio, "bucket_size": args.bucket_size, "seed": args.seed,
               "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
-        codec = {"none": None, "uniform": "uniform", "gradq-uniform": "uniform"}.get(c, c)
-        if c == "uniform":  # the lanes, as UniformCompressor sends them in a job
-            kw["transport"] = "allreduce"
+        codec = None if c == "none" else spec.codec
+        if spec.path == "stock":  # simulated: the lanes, as UniformCompressor sends them in a job
+            codec, kw["transport"] = "shared_scale", "allreduce"
         if self.simulated:
             self.opt = hvd_gradq.SimulatedWorkers(base, named, args.workers, codec=codec, **kw)
-            self.opt.track_error = True
         else:
             self.op = self.hvd.Average  # the mean, as the simulation forms it
             self.opt = hvd_gradq.DistributedOptimizer(base, named_parameters=named, op=self.op, codec=codec, **kw)
-            self.opt.gradient_exchange.track_error = True
+        self.opt.track_error = True
 
     def _allocation(self) -> dict:
         args, task = self.args, self.task
@@ -243,10 +263,7 @@ class _Job:
         simulated workers, or this rank in a job); None where nothing was measured."""
         if self.stock or self.opt.codebook is None:
             return None
-        if self.simulated:
-            return self.opt.coding_variance()
-        err, energy = self.opt.gradient_exchange.coding_error()
-        return err / energy if energy > 0 else None
+        return self.opt.coding_variance()
 
     def bits(self) -> dict[str, int]:
         if self.stock:
@@ -304,11 +321,10 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
     n_params = sum(p.numel() for p in model.parameters())
     mode = f"{size} simulated workers" if job.simulated else f"{size} Horovod workers"
     if lead:
-        print(f"{task.name} ({n_params} parameters), {mode}, compressor={args.compressor}"
-              + (f" ratio={args.ratio:g}" if args.compressor in ("jointsq", "topk") else
-                 f" bits={args.bits}" if args.compressor not in ("none", "fp16") else "")
-              + (f", allocator={args.allocator}/{args.solver} budget={args.budget}" if job.allocation else ""),
-              flush=True)
+        say(f"{task.name} ({n_params} parameters), {mode}, compressor={args.compressor}"
+            + (f" ratio={args.ratio:g}" if args.compressor in ("jointsq", "topk") else
+               f" bits={args.bits}" if args.compressor not in ("none", "fp16") else "")
+            + (f", allocator={args.allocator}/{args.solver} budget={args.budget}" if job.allocation else ""))
 
     first_epoch = 0
     if args.resume:
@@ -322,7 +338,7 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
             torch.set_rng_state(ckpt["torch_rng"])
         first_epoch = ckpt["epoch"]
         if lead:
-            print(f"resumed from {args.checkpoint} after epoch {first_epoch}", flush=True)
+            say(f"resumed from {args.checkpoint} after epoch {first_epoch}")
 
     log = {"example": task.name, "command": command_line(), "args": vars(args), "mode": "simulated" if job.simulated
            else "horovod", "workers": size, "parameters": n_params,
@@ -336,18 +352,20 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
     started = time.perf_counter()
     train_seconds = 0.0
 
+    progress = Progress(0, "", enabled=False)
+
     def evaluate(epoch: int) -> dict:
         metrics = task.evaluate(model)
         entry = {"step": global_step, "epoch": epoch, "train_seconds": train_seconds, **metrics}
         log["evals"].append(entry)
         if lead:
-            tqdm.write(f"step {global_step} (epoch {epoch}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            progress.write(f"step {global_step} (epoch {epoch}): "
+                           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
     for epoch in range(first_epoch, args.epochs):
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not lead,
-                   dynamic_ncols=True, mininterval=2.0)
-        for step in bar:
+        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=lead)
+        for step in range(steps_per_epoch):
             t = time.perf_counter()
             loss = job.step(step, epoch)
             dt = time.perf_counter() - t
@@ -362,14 +380,16 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
             global_step += 1
             if not math.isfinite(loss):
                 raise SystemExit(f"the loss is {loss} at step {global_step - 1}: training diverged")
-            if lead and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}", wire=f"{8 * sent / max(fp32 / 4, 1):.2f} b/el")
+            if lead:
+                progress.set_postfix(f"loss={loss:.3f}, wire={8 * sent / max(fp32 / 4, 1):.2f} b/el")
+            progress.update()
             if args.eval_every and global_step % args.eval_every == 0 and step + 1 < steps_per_epoch:
                 evaluate(epoch + 1)
+        progress.close()
         metrics = evaluate(epoch + 1)
         if lead:
             head = next(iter(metrics))
-            print(f"epoch {epoch + 1}: {head.replace('_', ' ')} {metrics[head]:.4f}", flush=True)
+            say(f"epoch {epoch + 1}: {head.replace('_', ' ')} {metrics[head]:.4f}")
         if args.checkpoint:  # the compression state is collective (every rank's residuals); rank 0 saves
             state = job.compression_state()
             if lead:
@@ -394,11 +414,10 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
     log["summary"] = summary
     if lead:
         if not job.stock or job.compression is not None:
-            print(f"wire per step: {sent} B vs {fp32} B fp32 ({fp32 / max(sent, 1):.1f}x fewer; mean over steps "
-                  f"{fp32 / max(mean_sent, 1):.1f}x)" + (f"; {job.opt.transport_summary()}" if not job.stock
-                                                         and not job.simulated else ""), flush=True)
-            print(f"wire reduction: {fp32 / max(sent, 1):.1f}x fewer bytes than fp32 ({sent} vs {fp32} bytes per step)",
-                  flush=True)
+            say(f"wire per step: {sent} B vs {fp32} B fp32 ({fp32 / max(sent, 1):.1f}x fewer; mean over steps "
+                f"{fp32 / max(mean_sent, 1):.1f}x)" + (f"; {job.opt.transport_summary()}" if not job.stock
+                                                       and not job.simulated else ""))
+            say(f"wire reduction: {fp32 / max(sent, 1):.1f}x fewer bytes than fp32 ({sent} vs {fp32} bytes per step)")
         if args.log:
             with open(args.log, "w") as f:
                 json.dump(log, f)
@@ -416,16 +435,15 @@ def add_language_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out tokens (0: all)")
 
 
-def language_model_task(args: argparse.Namespace, name: str, model: nn.Module,
+def language_model_task(args: argparse.Namespace, workload: Workload, model: nn.Module,
                         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], clip: float) -> Task:
-    """Word-level language modelling of Jane Austen's six novels (``hvd_gradq.datasets.austen_lm``:
-    the first 90% of the tokens train, the next 5% validate, the last 5% test). Training sequences
+    """Word-level language modelling of Jane Austen's six novels (``workload.data``, i.e.
+    ``workloads.datasets.austen_lm``: the first 90% of the tokens train, the next 5% validate, the
+    last 5% test); the task carries ``workload.title``. Training sequences
     are the non-overlapping ``--bptt``-token windows of the training split, shuffled per epoch;
     a micro-batch is ``--batch-size`` of them. Perplexity: exp of the mean token cross-entropy over
     all windows of a held-out split."""
-    from hvd_gradq.datasets import austen_lm
-
-    data = austen_lm(args.vocab)
+    data = workload.data(args.vocab)
     train, T, b = data["train"], args.bptt, args.batch_size
     starts = torch.arange(0, len(train) - T - 1, T)
     orders: dict[int, torch.Tensor] = {}
@@ -462,7 +480,7 @@ def language_model_task(args: argparse.Namespace, name: str, model: nn.Module,
     def probe(k: int, gen: torch.Generator) -> list[Batch]:
         return [windows(train, starts[torch.randint(len(starts), (b,), generator=gen)]) for _ in range(k)]
 
-    return Task(name=name, model=model, criterion=criterion, micro_batch=micro_batch,
+    return Task(name=workload.title, model=model, criterion=criterion, micro_batch=micro_batch,
                 steps_per_epoch=lambda workers: len(starts) // (b * workers),
                 evaluate=lambda m: {"valid_ppl": perplexity(m, data["valid"]), "test_ppl": perplexity(m, data["test"])},
                 probe=probe, make_optimizer=make_optimizer, clip=clip, extra={"vocab": data["vocab"]})

@@ -3,7 +3,7 @@
     horovodrun -np 2 -H localhost:2 python examples/fashion_mnist_cnn.py --bits 2      # a Horovod job
     python examples/fashion_mnist_cnn.py --workers 4 --compressor qsgd --bits 3       # 4 simulated workers
 
-Prints a progress bar, the test accuracy after every epoch and the bytes per step handed to the
+Prints its progress (a bar on a terminal), the test accuracy after every epoch and the bytes per step handed to the
 collectives against float32; ``--log-json`` writes the JSON log (see examples/common.py). Data:
 Debian's dataset-fashion-mnist (60k training / 10k test images), nothing downloaded.
 """
@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from common import Task, add_arguments, run
-from hvd_gradq.datasets import fashion_mnist
-from hvd_gradq.models import FashionCNN
+from workloads.tasks import TASKS
+
+CNN = TASKS["cnn"]  # FashionCNN on Fashion-MNIST
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_task(args: argparse.Namespace) -> Task:
-    x_train, y_train = fashion_mnist("train")
-    x_test, y_test = fashion_mnist("test")
+    x_train, y_train = CNN.data("train")
+    x_test, y_test = CNN.data("test")
     if args.train_limit:
         x_train, y_train = x_train[:args.train_limit], y_train[:args.train_limit]
     if args.test_limit:
@@ -61,7 +62,7 @@ def make_task(args: argparse.Namespace) -> Task:
         return [(x_train[i], y_train[i]) for i in idx]
 
     return Task(
-        name="FashionCNN", model=FashionCNN(width=args.width), criterion=F.cross_entropy, micro_batch=micro_batch,
+        name=CNN.title, model=CNN.model(width=args.width), criterion=F.cross_entropy, micro_batch=micro_batch,
         steps_per_epoch=lambda workers: len(x_train) // (b * workers), evaluate=evaluate, probe=probe,
         make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4))
 

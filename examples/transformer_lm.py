@@ -1,13 +1,13 @@
 """Small causal Transformer language model on Jane Austen's novels, data-parallel, with hvd_gradq.
 
     horovodrun -np 2 -H localhost:2 python examples/transformer_lm.py --compressor qsgd --bits 4
-    python examples/transformer_lm.py --workers 4 --compressor gradq-uniform --allocator lad --budget 3
+    python examples/transformer_lm.py --workers 4 --compressor shared_scale --allocator lad --budget 3
 
 The point of this example is *which layer types receive bits*: token embedding, attention
 (in/out projections), feed-forward (linear1/linear2), norms, decoder. With ``--allocator`` the
 JSON log's ``codebooks`` hold the bits per layer at every codebook version and ``layer_types``
 the type of every layer (``hvd_gradq.alloc.layer_types``). Model:
-``hvd_gradq.models.TransformerLanguageModel`` (3.0M parameters at the defaults, pre-norm blocks,
+``workloads.models.TransformerLanguageModel`` (3.0M parameters at the defaults, pre-norm blocks,
 learned positions, context = --bptt). Data as in examples/austen_lstm_lm.py. Training: SGD
 (lr 5) with the gradient norm clipped at 0.25 after the exchange. Not Adam: the LAD metric
 prices an SGD step, and Adam's per-element normalisation turns the noise of the 1-bit codes the
@@ -22,7 +22,9 @@ import argparse
 import torch
 
 from common import add_arguments, add_language_model_arguments, language_model_task, run
-from hvd_gradq.models import TransformerLanguageModel
+from workloads.tasks import TASKS
+
+TRANSFORMER = TASKS["transformer"]  # TransformerLanguageModel on Jane Austen's novels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,9 +44,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
 
     def make_task(a):
-        model = TransformerLanguageModel(vocab=a.vocab, dim=a.dim, heads=a.heads, layers=a.layers, ffn=a.ffn,
-                                         context=a.bptt, dropout=a.dropout)
-        return language_model_task(a, "AustenTransformer", model, lambda m: torch.optim.SGD(m.parameters(), lr=a.lr),
+        model = TRANSFORMER.model(vocab=a.vocab, dim=a.dim, heads=a.heads, layers=a.layers, ffn=a.ffn,
+                                  context=a.bptt, dropout=a.dropout)
+        return language_model_task(a, TRANSFORMER, model, lambda m: torch.optim.SGD(m.parameters(), lr=a.lr),
                                    a.clip)
 
     return run(make_task, args)

@@ -6,8 +6,8 @@ import math
 from collections.abc import Collection
 
 
-def integer(value, name: str, low: int | None = None, high: int | None = None) -> int:
-    """An int (not a bool) in [low, high]."""
+def integer(value, name: str, low: int | None = None, high: int | None = None, hint: str = "") -> int:
+    """An int (not a bool) in [low, high]; ``hint`` follows the requirement in the message."""
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
             or (high is not None and value > high):
         if low is not None and high is not None:
@@ -16,21 +16,30 @@ def integer(value, name: str, low: int | None = None, high: int | None = None) -
             what = f"an integer >= {low}"
         else:
             what = "an integer"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise ValueError(f"{name} must be {what}{hint}, got {value!r}")
     return value
 
 
-def number(value, name: str, *, low: float | None = None, positive: bool = False, finite: bool = True) -> float:
-    """A real number (not a bool), finite unless told, > 0 if ``positive``, >= ``low`` if given."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not (finite and not math.isfinite(value))
-    if ok and positive and not value > 0:
-        ok = False
-    if ok and low is not None and not value >= low:
+def number(value, name: str, *, low: float | None = None, high: float | None = None, above: float | None = None,
+           positive: bool = False, finite: bool = True, hint: str = "") -> float:
+    """A real number (not a bool): finite unless told, > 0 if ``positive``, > ``above``, in
+    [``low``, ``high``] where given. ``hint`` follows the requirement in the message."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value) \
+        and not (finite and math.isinf(value))
+    if positive:
+        above = 0.0 if above is None else max(above, 0.0)
+    if ok and ((above is not None and not value > above) or (low is not None and not value >= low)
+               or (high is not None and not value <= high)):
         ok = False
     if not ok:
         what = "a finite number" if finite else "a number"
-        what += " > 0" if positive else (f" >= {low}" if low is not None else "")
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        if low is not None and high is not None:
+            what += f" in [{low:g}, {high:g}]"
+        elif above is not None:
+            what += f" > {above:g}"
+        elif low is not None:
+            what += f" >= {low:g}"
+        raise ValueError(f"{name} must be {what}{hint}, got {value!r}")
     return float(value)
 
 

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from hvd_gradq.datasets import fashion_mnist, fashion_mnist_dir, read_idx
+from workloads.datasets import fashion_mnist, fashion_mnist_dir, read_idx
 
 
 def test_read_idx_roundtrip(tmp_path):
@@ -35,7 +35,7 @@ def test_fashion_mnist_from_debian():
 
 
 def test_austen_corpus_reads_six_novels_without_r():
-    from hvd_gradq.datasets import AUSTEN_BOOKS, austen_books, austen_lm
+    from workloads.datasets import AUSTEN_BOOKS, austen_books, austen_lm
 
     books = austen_books()
     assert list(books) == list(AUSTEN_BOOKS)
@@ -49,7 +49,7 @@ def test_austen_corpus_reads_six_novels_without_r():
 
 
 def test_missing_austen_names_the_install_command(tmp_path):
-    from hvd_gradq.datasets import austen_rdb
+    from workloads.datasets import austen_rdb
 
     with pytest.raises(FileNotFoundError, match="apt-get download r-cran-janeaustenr"):
         austen_rdb([tmp_path / "nothing"])

@@ -1,40 +1,21 @@
 """Horovod elastic (real horovodrun with a host discovery script): the job grows from 2 to 3 workers
 and shrinks back to 2; after each change every worker follows one codebook rebuilt for the new N."""
 import json
-import os
-import stat
-import sys
-from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from hvd_gradq.bits.lanes import lane_layout
-from tests.hvdrun import WORKERS, run_command
+from tests.hvdrun import WORKERS, elastic_horovodrun, worker_records
 
 WORKER = WORKERS / "elastic_check.py"
 
 
 def test_workers_added_and_removed_share_one_codebook_rebuilt_for_the_new_size(tmp_path):
-    hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:2\n")
-    discover = tmp_path / "discover.sh"
-    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
-    discover.chmod(discover.stat().st_mode | stat.S_IEXEC)
-    bindir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
-    # elastic runs on Gloo; on this machine its interface probe hangs unless told the interface
-    cmd = [bindir / "horovodrun", "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
-           discover, "--network-interface", "lo", sys.executable, WORKER, "--out", tmp_path, "--hosts", hosts]
-    run = run_command(cmd, timeout=300, env=env)
+    run = elastic_horovodrun(tmp_path, WORKER, np=2, min_np=2, max_np=3, timeout=300)
     assert run.returncode == 0, run.output[-6000:]
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["size"] == 2 and len(set(final["param_digests"])) == 1, final
-    by_step = defaultdict(list)
-    for f in tmp_path.glob("worker-*.jsonl"):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            by_step[rec["step"]].append(rec)
+    by_step = worker_records(tmp_path)
     sizes = [by_step[s][0]["size"] for s in sorted(by_step)]
     assert 3 in sizes and sizes[0] == 2 and sizes[-1] == 2, sizes
     for step, recs in by_step.items():

@@ -32,7 +32,7 @@ def check_log(path, example, workers, mode, steps):
     return log
 
 
-ALLOC = ["--compressor", "gradq-uniform", "--bits", "4", "--allocator", "mse", "--solver", "greedy",
+ALLOC = ["--compressor", "shared_scale", "--bits", "4", "--allocator", "mse", "--solver", "greedy",
          "--budget", "2", "--trigger", "interval", "--interval", "2", "--epochs", "1", "--max-steps", "4",
          "--eval-every", "2"]
 

@@ -2,15 +2,10 @@
 broadcast_optimizer_state, process sets of one rank, sparse gradients, hvd.join(), elastic
 shrinking to one worker, and the smaller cases of the audit (tests/workers/compat_check.py)."""
 import json
-import os
-import stat
-import sys
-from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
-from tests.hvdrun import WORKERS, horovodrun, run_command
+from tests.hvdrun import WORKERS, elastic_horovodrun, horovodrun, worker_records
 
 WORKER = WORKERS / "compat_check.py"
 GAP = 1e-5  # float rounding; a wrong factor (sum for mean, N for k ranks) shows as >= 0.3
@@ -137,23 +132,9 @@ def test_elastic_shrink_to_one_worker_and_back(tmp_path):
     TorchState) and the drop-in side by side. At one worker no mismatch is raised (there was one)
     and every step's aggregate is exactly what the ranks coded; growing back starts both from one
     codebook."""
-    hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:2\n")
-    discover = tmp_path / "discover.sh"
-    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
-    discover.chmod(discover.stat().st_mode | stat.S_IEXEC)
-    bindir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
-    cmd = [bindir / "horovodrun", "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
-           discover, "--network-interface", "lo", sys.executable, WORKERS / "elastic_shrink_check.py",
-           "--out", tmp_path, "--hosts", hosts]
-    run = run_command(cmd, timeout=240, env=env)
+    run = elastic_horovodrun(tmp_path, WORKERS / "elastic_shrink_check.py", np=2, min_np=1, max_np=2, timeout=240)
     assert run.returncode == 0, run.output[-6000:]
-    by_step = defaultdict(list)
-    for f in tmp_path.glob("worker-*.jsonl"):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            by_step[rec["step"]].append(rec)
+    by_step = worker_records(tmp_path)
     sizes = [by_step[s][0]["size"] for s in sorted(by_step)]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
     for step, recs in by_step.items():

@@ -1,11 +1,10 @@
-"""The study driver (hvd_gradq.bench.study): the grid, the run order, the runner's bookkeeping and
-the report built from synthetic logs. No training runs here."""
-import json
-
+"""The study driver (benchmarks.study): the grid, the run order, the runner's bookkeeping and
+the report built from synthetic logs in the compacted form. No training runs here."""
 import pytest
 
-from hvd_gradq.bench import study
-from hvd_gradq.bench.study import Row, build_grid, plan, write_report
+from benchmarks import study
+from benchmarks.archive import Archive
+from benchmarks.study import Row, build_grid, plan, write_report
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +39,9 @@ def test_identical_commands_are_shared(grid):
 
 def test_commands(grid):
     lad = grid.rows["A-cnn-lad"]
-    cmd = lad.command("docs/study/runs/A-cnn-lad.json")
+    cmd = lad.command("docs/results/study/runs/A-cnn-lad.json")
     assert cmd[:2] == ["python", "examples/fashion_mnist_cnn.py"]
-    assert cmd[-4:] == ["--log-json", "docs/study/runs/A-cnn-lad.json", "--threads", "1"]
+    assert cmd[-4:] == ["--log-json", "docs/results/study/runs/A-cnn-lad.json", "--threads", "1"]
     assert " ".join(cmd).count("--allocator lad --solver lagrangian --budget 2 ") == 1
     assert "--workers 4" in " ".join(cmd) and "--seed 0" in " ".join(cmd)
     assert "--max-steps 3" in " ".join(lad.command("x", smoke=True))
@@ -88,16 +87,18 @@ def test_run_records_failures_and_goes_on(tmp_path, grid):
              ("-c", "import sys; open(sys.argv[sys.argv.index('--log-json') + 1], 'w').write('{}')"))
     alone = Row("alone", ("R",), "no launcher", 0, ("-c", "pass"), launcher=("./no-such-launcher",))
     statuses = study.run_rows([fail, slow, alone, ok], tmp_path, tmp_path / "RESULTS.md", jobs=2, timeout=3,
-                              grid=grid)
+                              grid=grid, commit="abc123")
     by = {s["id"]: s for s in statuses}
+    res = study.Results(tmp_path, grid)  # what the runs left, from the archive
     assert [s["id"] for s in statuses][-2:] == ["alone", "ok"]  # a launcher row waits for the others, then runs alone
-    assert by["alone"]["rc"] == 127 and "could not start" in (tmp_path / "runs" / "alone.txt").read_text()
+    assert by["alone"]["rc"] == 127 and "could not start" in res.output("alone")
     assert not by["fail"]["ok"] and by["fail"]["rc"] == 1
     assert by["slow"]["timed_out"] and by["slow"]["rc"] == 124 and by["slow"]["seconds"] < 20
-    assert by["ok"]["ok"] and (tmp_path / "runs" / "ok.json").exists()
-    assert "ValueError: boom" in (tmp_path / "runs" / "fail.txt").read_text()
-    assert (tmp_path / "RESULTS.md").exists()
-    res = study.Results(tmp_path, grid)
+    assert by["ok"]["ok"] and res.log("ok") == {}
+    assert "ValueError: boom" in res.output("fail") and "process group killed" in res.output("slow")
+    assert {res.status_record(i)["commit"] for i in by} == {"abc123"}
+    assert (tmp_path / "RESULTS.md").exists() and "(commit abc123)" in (tmp_path / "RESULTS.md").read_text()
+    assert not (tmp_path / "runs").exists()  # every row's scratch files went into runs.jsonl.gz
     assert res.status("fail") == "failed: ValueError: boom" and res.status("ok") == "done"
     assert study.run_rows([fail, ok], tmp_path, tmp_path / "RESULTS.md", grid=grid)[0]["id"] == "fail"  # ok is done
 
@@ -144,12 +145,12 @@ def test_group_bits_forward_fill():
 
 
 def _write(runs, row_id, log):
-    (runs / f"{row_id}.json").write_text(json.dumps(log))
+    runs.put(row_id, f"{row_id}.json", log)
+    runs.save()
 
 
 def test_report_from_synthetic_logs(tmp_path, grid):
-    runs = tmp_path / "runs"
-    runs.mkdir()
+    runs = Archive(tmp_path / "runs.jsonl.gz")
     cnn_books = [{"step": 0, "version": 1, "bits": {"a": 2, "b": 32, "c": 3}},
                  {"step": 3, "version": 2, "bits": {"a": 4, "b": 32, "c": 0}}]
     _write(runs, "A-cnn-fp32", _log("FashionCNN", {"test_accuracy": 0.8125, "test_loss": 0.5},
@@ -167,8 +168,10 @@ def test_report_from_synthetic_logs(tmp_path, grid):
                                     layers=TRF_LAYERS, codebooks=TRF_BOOKS))
     _write(runs, "F-alq3", _log("FashionCNN", {"test_accuracy": 0.7, "test_loss": 1.0}, ratio=0.1,
                                 variance=[0.1, 0.3, None, 0.2]))
-    (runs / "A-cnn-uniform.txt").write_text("$ python ...\nTraceback (most recent call last):\nValueError: boom\n")
-    (runs / "A-cnn-uniform.status.json").write_text(json.dumps({"id": "A-cnn-uniform", "rc": 1, "ok": False}))
+    runs.put("A-cnn-uniform", "A-cnn-uniform.txt",
+             "$ python ...\nTraceback (most recent call last):\nValueError: boom\n")
+    runs.put("A-cnn-uniform", "A-cnn-uniform.status.json", {"id": "A-cnn-uniform", "rc": 1, "ok": False})
+    runs.save()
 
     results = write_report(tmp_path, tmp_path / "RESULTS.md", grid)
     text = results.read_text()
@@ -178,7 +181,7 @@ def test_report_from_synthetic_logs(tmp_path, grid):
         start = text.index(after) if after else 0
         return next(line for line in text[start:].splitlines() if line.startswith(prefix))
 
-    assert "generated by `python -m hvd_gradq.bench.study report`" in text
+    assert "generated by `python -m benchmarks.study report`" in text and "runs.jsonl.gz" in text
     assert lines[lines.index("## Reading") + 2] == study.PLACEHOLDER
     assert row("| FP32 |") == "| FP32 | 0.8125 | 1.0x | 32.00 | - | - | 2 |"
     assert row("| LAD |") == "| LAD | 0.7950 | 16.0x | 2.00 | 3 | 1.5 (2.0%) | 2 |"
@@ -206,7 +209,8 @@ def test_report_from_synthetic_logs(tmp_path, grid):
 
     # the hand-written Reading survives a rewrite; the tables follow the logs
     results.write_text(text.replace(study.PLACEHOLDER, "LAD wins on the CNN, by our numbers."))
-    (runs / "A-cnn-lad.json").unlink()
+    runs.drop("A-cnn-lad", "A-cnn-lad.json")
+    runs.save()
     text = write_report(tmp_path, results, grid).read_text()
     assert "LAD wins on the CNN, by our numbers." in text and study.PLACEHOLDER not in text
     assert row("| LAD |").startswith("| LAD | not run |")
@@ -216,7 +220,8 @@ def test_cli_list_and_report(tmp_path, capsys):
     study.main(["list", "--tables", "G", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.count("G-trf-lad") == 4 and "examples/transformer_lm.py" in out and "not run" in out
-    study.main(["report", "--out", str(tmp_path)])
+    study.main(["report", "--out", str(tmp_path), "--allow-dirty"])
     assert (tmp_path / "RESULTS.md").exists()  # a scratch --out keeps its report beside its runs
-    with pytest.raises(SystemExit):
-        study.main(["run", "--smoke", "--only", "A-cnn-lad", "--out", str(study.ROOT / study.DEFAULT_OUT)])
+    with pytest.raises(SystemExit, match="--smoke runs must not land in"):
+        study.main(["run", "--smoke", "--only", "A-cnn-lad", "--out", str(study.ROOT / study.DEFAULT_OUT),
+                    "--allow-dirty"])

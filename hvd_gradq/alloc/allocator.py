@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hvd_gradq import checks
 from hvd_gradq.alloc import distortion
 from hvd_gradq.alloc.distortion import LossProbe, Quantize
 from hvd_gradq.alloc.layer_types import layer_types
@@ -68,8 +69,7 @@ class Allocator:
                  options: Sequence[int] = (2, 3, 4, 5, 6, 7, 8), rate: str = "paper", probe: LossProbe | None = None,
                  lr: float | None = None, eps: float = 1e-9, dp_units: int = 4000,
                  ampa: AMPASchedule | None = None, group: str = "layer", max_grad_norm: float | None = None) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
-            raise ValueError(f"budget (average bits per element) must be a finite number >= 0, got {budget!r}")
+        checks.number(budget, "budget (average bits per element)", low=0)
         opts = tuple(options)
         if not opts or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 8 for b in opts) \
                 or list(opts) != sorted(set(opts)):

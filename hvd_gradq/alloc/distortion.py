@@ -53,8 +53,11 @@ class LossProbe:
         return batches
 
 
-class _Evaluator:
-    """Loss of the probe model at substituted weights, without touching the live model."""
+class LossEvaluator:
+    """Loss (and gradients) of the probe model at substituted weights, without touching the live
+    model: ``stepped(grads, lr)`` gives the weights after an SGD step, ``loss(weights, batch)`` the
+    loss there; the distortion metrics below and ``benchmarks.superposition`` price coded steps
+    with it."""
 
     def __init__(self, probe: LossProbe, params: dict[str, torch.Tensor]) -> None:
         self.probe = probe
@@ -102,7 +105,7 @@ class _Evaluator:
 
 def probe_gradients(probe: LossProbe, params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
     """Mean gradient of each named parameter over the probe batches at the current weights."""
-    ev = _Evaluator(probe, params)
+    ev = LossEvaluator(probe, params)
     g = ev.grads(ev.weights, probe.get_batches())
     return {n: g[ev.model_name[n]].reshape(-1) for n in params}, {"forwards": ev.forwards, "backwards": ev.backwards}
 
@@ -115,7 +118,7 @@ def _errors(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequenc
 def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
               quantize: Quantize, options: Sequence[int], lr: float) -> tuple[np.ndarray, dict]:
     """Eq. 2-3 by direct evaluation. Returns the (layers, options) table and the pass counts."""
-    ev = _Evaluator(probe, params)
+    ev = LossEvaluator(probe, params)
     batches = probe.get_batches()
     coded = _errors(grads, quantize, options)
     with torch.no_grad():
@@ -134,7 +137,7 @@ def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str
 def lad_first_order(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                     quantize: Quantize, options: Sequence[int], lr: float) -> tuple[np.ndarray, dict]:
     """Eq. 7-8: lr * |g_{t+1} . e_l(b)|, g_{t+1} the mean gradient at W - lr g over the batches."""
-    ev = _Evaluator(probe, params)
+    ev = LossEvaluator(probe, params)
     g_next = ev.grads(ev.stepped(grads, lr), probe.get_batches())
     coded = _errors(grads, quantize, options)
     table = np.zeros((len(grads), len(options)))

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hvd_gradq import checks
+
 
 @dataclass(frozen=True)
 class RDCurves:
@@ -91,8 +93,7 @@ class Allocation:
 
 
 def _check_budget(curves: RDCurves, budget: float) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
-        raise ValueError(f"budget must be a finite number of bits >= 0, got {budget!r}")
+    checks.number(budget, "budget (bits)", low=0)
     if budget < curves.min_rate - 1e-9:
         raise ValueError(
             f"budget {budget:.0f} bits is below the cheapest allocation ({curves.min_rate:.0f} bits: every layer at "
@@ -189,8 +190,7 @@ def same_bits(curves: RDCurves, budget: float) -> Allocation:
 def mckp_dp(curves: RDCurves, budget: float, *, units: int = 4000) -> Allocation:
     """Exact multiple-choice knapsack on rates discretised to ``budget / units`` (rounded up)."""
     budget = _check_budget(curves, budget)
-    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-        raise ValueError(f"units must be an integer >= 1, got {units!r}")
+    checks.integer(units, "units", low=1)
     rate = curves.rate
     # exact integer rates when they share a unit no smaller than budget / units
     g = np.gcd.reduce(np.round(rate).astype(np.int64).ravel()) if np.allclose(rate, np.round(rate)) else 0

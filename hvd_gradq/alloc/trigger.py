@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from hvd_gradq import checks
+
 MODES = ("similarity", "interval", "static")
 
 
@@ -25,11 +27,9 @@ class Trigger:
                  warmup: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"trigger mode must be one of {MODES}, got {mode!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau (cosine-similarity threshold) must be in [0, 1], got {tau!r}")
+        checks.number(tau, "tau (cosine-similarity threshold)", low=0, high=1)
         for key, value, low in (("k_min", k_min, 0), ("interval", interval, 1), ("warmup", warmup, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            checks.integer(value, key, low=low)
         self.mode = mode
         self.tau = float(tau)
         self.k_min = k_min

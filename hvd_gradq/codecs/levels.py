@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from hvd_gradq import checks
 from hvd_gradq.bits import native
 from hvd_gradq.bits.bitstream import pack_bits, packed_nbytes, unpack_bits
 from hvd_gradq.bits.dither import DitherSource
@@ -54,8 +55,7 @@ class LevelCodec(Codec):
             )
         if norm not in NORMS:
             raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
-        if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
-            raise ValueError(f"{name}: bucket_size must be an integer >= 1, got {bucket_size!r}")
+        checks.integer(bucket_size, f"{name}: bucket_size", low=1)
         super().__init__(bits)
         self.name = name
         self.norm = norm

@@ -12,10 +12,9 @@ dropped: use with ``ErrorFeedback``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from hvd_gradq import checks
 from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
 
@@ -30,8 +29,7 @@ class TopKCodec(Codec):
     unbiased = False  # unsent entries decode to zero: error feedback keeps them
 
     def __init__(self, ratio: float) -> None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1 or math.isinf(ratio):
-            raise ValueError(f"topk: ratio must be a finite number > 1 (e.g. 20 or 1000), got {ratio!r}")
+        checks.number(ratio, "topk: ratio", above=1, hint=" (e.g. 20 or 1000)")
         # bits describes the width of what travels per kept element's value: float32 (nonzero, so
         # no check reads it as "sends nothing")
         super().__init__(bits=32)
@@ -44,8 +42,7 @@ class TopKCodec(Codec):
 
     def keep_count(self, numel: int) -> int:
         """k: the most elements whose values and indices fit ``target_bytes``, at least 1 if numel >= 1."""
-        if isinstance(numel, bool) or not isinstance(numel, int) or not 0 <= numel <= _MAX_NUMEL:
-            raise ValueError(f"topk: numel must be an integer in 0..{_MAX_NUMEL} (int32 indices), got {numel!r}")
+        checks.integer(numel, "topk: numel", 0, _MAX_NUMEL, hint=" (int32 indices)")
         if numel == 0:
             return 0
         return min(numel, max(1, self.target_bytes(numel) // BYTES_PER_KEPT))

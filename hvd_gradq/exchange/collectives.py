@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from hvd_gradq import checks
+
 
 class Collectives(Protocol):
     """What an exchange needs of the ranks it runs on (``size`` ranks, this one ``rank``)."""
@@ -48,8 +50,7 @@ class SimulatedWorld:
     has submitted; the entry is dropped when every rank has read it, so names repeat per step."""
 
     def __init__(self, size: int) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"the number of simulated workers must be an integer >= 1, got {size!r}")
+        checks.integer(size, "the number of simulated workers", low=1)
         self.size = size
         self._ops: dict[str, _Collective] = {}
 

@@ -17,6 +17,7 @@ from hvd_gradq import checks
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import ErrorFeedback
 from hvd_gradq.exchange import state as checkpoint
+from hvd_gradq.horovod.arguments import named_list
 from hvd_gradq.horovod.channel import broadcast_object, gather_objects
 from hvd_gradq.horovod.collectives import HorovodCollectives
 from hvd_gradq.wire.header import AVERAGE, SUM, CodebookMismatchError, ReductionMismatchError
@@ -79,25 +80,6 @@ def op_name(op) -> str:
         f"op must be hvd.Average (the DistributedOptimizer default) or hvd.Sum, got {op!r}; "
         "pass the same op to hvd.DistributedOptimizer"
     )
-
-
-def named_list(named_parameters, what: str) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs from ``named_parameters()`` or bare tensors (``parameters()``: named
-    by position), with unique names."""
-    if named_parameters is None:
-        raise ValueError(f"{what}: pass named_parameters=model.named_parameters() (or model.parameters())")
-    params = list(named_parameters)
-    if params and all(isinstance(p, torch.Tensor) for p in params):
-        params = [(f"allreduce.noname.{i}", p) for i, p in enumerate(params)]
-    if not params or not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
-                             and isinstance(p[1], torch.Tensor) for p in params):
-        raise ValueError(f"{what}: named_parameters must be a non-empty iterable of (name, tensor) pairs, e.g. "
-                         "model.named_parameters(), or of tensors (model.parameters())")
-    names = [n for n, _ in params]
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise ValueError(f"{what}: parameter names in named_parameters must be unique; duplicates: {dups}")
-    return params
 
 
 class UniformCompressor(_HorovodCompressor):

@@ -11,7 +11,6 @@ Horovod does, so ``isinstance(opt, type(original))`` holds and the update rule i
 from __future__ import annotations
 
 import abc
-import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -24,42 +23,17 @@ import torch
 from hvd_gradq import checks
 from hvd_gradq.alloc import AllocationEvent, Allocator, Trigger
 from hvd_gradq.codebook import Codebook
-from hvd_gradq.exchange import state as checkpoint
 from hvd_gradq.exchange.engine import GradientExchange
 from hvd_gradq.exchange.exchanges import Exchange
 from hvd_gradq.exchange.reallocation import Reallocator
-from hvd_gradq.horovod.channel import HorovodChannel, broadcast_object, gather_objects
+from hvd_gradq.horovod.arguments import optimizer_named_parameters, parameter_groups
+from hvd_gradq.horovod.channel import HorovodChannel
 from hvd_gradq.horovod.collectives import HorovodCollectives, measure_link
+from hvd_gradq.horovod.resync import LABEL, CompressionResync
 from hvd_gradq.plan.cost_model import LinkModel
 from hvd_gradq.plan.planner import LayerPlan
 from hvd_gradq.settings import Coding, check_reallocation
 from hvd_gradq.wire.header import AVERAGE, SUM, CodebookMismatchError, ReductionMismatchError
-
-_log = logging.getLogger("hvd_gradq")
-LABEL = "hvd_gradq.DistributedOptimizer"
-
-
-def _check_groups(groups, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]] | None:
-    if groups is None or groups == 0:
-        return None
-    if isinstance(groups, bool) or not (isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
-        raise ValueError("groups must be a positive integer or a list of lists of parameters (torch.Tensor)")
-    ids = {id(p) for p in params}
-    if isinstance(groups, int):
-        count = min(groups, len(params))
-        return [tuple(params[len(params) * i // count:len(params) * (i + 1) // count]) for i in range(count)]
-    seen: set[int] = set()
-    out = []
-    for group in groups:
-        for p in group:
-            if not isinstance(p, torch.Tensor):
-                raise ValueError("groups must consist of torch.Tensor parameters")
-            if id(p) in seen:
-                raise ValueError("a parameter can appear in only one group")
-            seen.add(id(p))
-        out.append(tuple(p for p in group if id(p) in ids))
-    out += [(p,) for p in params if id(p) not in seen]
-    return [g for g in out if g]
 
 
 def _materialising_step(self, closure=None):
@@ -111,7 +85,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self._gq_delay = dict.fromkeys(self._gq_params, backward_passes_per_step)
         self._gq_pending: dict[torch.Tensor, Exchange] = {}
         self._gq_waiting: list[Exchange] = []  # exchanges whose next phase is not started yet
-        self._gq_groups = _check_groups(groups, self._gq_params)
+        self._gq_groups = parameter_groups(groups, self._gq_params)
         self._gq_group_of = {p: g for g in (self._gq_groups or []) for p in g}
         self._gq_ready: dict[tuple, list[torch.Tensor]] = {}
         self._gq_hooks = []
@@ -272,120 +246,6 @@ class _GradqOptimizer(torch.optim.Optimizer):
         for p in self._gq_delay:
             self._gq_delay[p] = passes
 
-    # ---- checkpoint and resync ------------------------------------------------------------------------------
-    def _gq_config(self) -> dict:
-        return checkpoint.coding_config(self.gradient_exchange, self.reallocation)
-
-    def compression_state_dict(self) -> dict | None:
-        """Every rank's compression state in one bundle, for a checkpoint next to the model's and
-        ``optimizer.state_dict()``: residuals, codebook, dither streams, coder state, step count,
-        and rank 0's trigger and allocator state.
-
-        Collective: call it on every rank of the process set at the same point (after ``step()``);
-        every rank gets the whole bundle, so rank 0 alone can save it. None on ranks outside the
-        process set."""
-        if self._gq_pending:
-            raise RuntimeError("compression_state_dict() was called with gradients in flight; call it after "
-                               "optimizer.step() (or synchronize())")
-        ex = self.gradient_exchange
-        if ex is None:
-            return None
-        local = checkpoint.rank_state(self._gq_step, ex, self.reallocation)
-        return checkpoint.bundle(gather_objects(local, self.process_set), layers=ex.numel, config=self._gq_config())
-
-    def load_compression_state_dict(self, state: dict, reset: bool = False) -> None:
-        """Resume from ``compression_state_dict()``: every rank takes its own part, and training
-        continues exactly as it would have without the interruption (same seeds and data).
-
-        A state saved by a different number of ranks, for a different model or with other coding
-        settings raises ``hvd_gradq.StateMismatchError`` naming the mismatch, unless ``reset=True``:
-        then the compression state starts afresh (residuals zero; with an allocator, the codebook
-        is re-allocated at the next step). Call it on every rank, before the first step."""
-        if self._gq_pending:
-            raise RuntimeError("load_compression_state_dict() was called with gradients in flight")
-        ex = self.gradient_exchange
-        if ex is None:
-            return
-        parts = checkpoint.parts_to_resume(state, owner=LABEL, size=ex.size, ranks=[ex.rank], layers=ex.numel,
-                                           config=self._gq_config(), reset=reset)
-        if parts is None:
-            self.reset_compression_state()
-            return
-        ex.load_state_dict(parts[0]["exchange"])
-        self.reallocation.load_state_dict(parts[0])
-        self._gq_step = parts[0]["step"]
-
-    def reset_compression_state(self) -> None:
-        """Zero every residual; with an allocator, re-allocate the codebook at the next step."""
-        if self.gradient_exchange is not None:
-            self.gradient_exchange.reset_state()
-        self.reallocation.reset()
-
-    def _gq_follow(self, root: int | None, fresh: GradientExchange) -> None:
-        """Take global rank ``root``'s codebook and step count (default: the process set's rank 0)."""
-        mine = None
-        is_root = hvd.rank() == root if root is not None else self.process_set.rank() == 0
-        if is_root:
-            mine = {"codebook": self.gradient_exchange.codebook.state_dict(), "step": self._gq_step}
-        shared = broadcast_object(mine, self.process_set, root=root)
-        fresh.adopt(shared["codebook"])
-        self._gq_step = shared["step"]  # a worker that joined now counts steps like the others
-
-    def elastic_resync(self) -> None:
-        """After the set of workers changed (a Horovod elastic reset): rebuild everything that
-        depends on N and this rank (lane widths, chunk bounds, transports) for the current process
-        set, fold this rank's residuals into its next step, and take rank 0's codebook (bits,
-        scales, versions), so that every rank starts the next step from the same one. With an
-        allocator, the bits are re-decided at the next step for the new N. Collective: every rank
-        of the process set calls it at the same point; ``hvd_gradq.horovod.elastic`` does so on
-        sync and the optimizer does so itself at the first step after the world size or its rank
-        changed."""
-        old = self.gradient_exchange
-        if old is None or not self.process_set.included():
-            return
-        owed = {n: t for n in list(old.numel) if (t := old.take_owed(n)) is not None}
-        fresh = self._gq_make_exchange()
-        self._gq_follow(None, fresh)
-        fresh.residuals.carry = owed
-        self.gradient_exchange = fresh
-        self._gq_clear()
-        if self.trigger is not None:
-            self.trigger.reset()
-        _log.info("rank %d of %d: codebook v%d adopted after the set of workers changed", fresh.rank, fresh.size,
-                  fresh.codebook.version)
-
-    def sync_codebook(self, root_rank: int) -> None:
-        """Take the codebook (bits, shared scales, reduction counts, version) and the step count of
-        global rank ``root_rank``. After ``hvd.join()``: the ranks that joined early missed the
-        exchanges the others went on with. Call it on every rank of the process set after the join,
-        with what ``hvd.join()`` returned (the rank that joined last), next to
-        ``hvd.broadcast_parameters(model.state_dict(), root_rank=...)``. Residuals stay local.
-
-        Under ``hvd.join()`` Horovod reduces only by allreduce: layers on the lanes (codec
-        "shared_scale" with transport "allreduce", and the float32 ones) work; allgather, two-phase
-        and the allocator's broadcasts raise Horovod's "not supported with Join" error."""
-        if self.gradient_exchange is not None and self.process_set.included():
-            self._gq_follow(root_rank, self.gradient_exchange)
-
-    def local_compression_state(self) -> dict:
-        """This rank's compression state (not collective; for Horovod elastic's commit/restore)."""
-        ex = self.gradient_exchange
-        state = {"size": None, "step": self._gq_step}
-        if ex is not None:
-            state.update(checkpoint.rank_state(self._gq_step, ex, self.reallocation), size=ex.size)
-        return state
-
-    def load_local_compression_state(self, state: dict) -> None:
-        """Undo to ``local_compression_state()`` of this rank (elastic restore, before the reset).
-        A state from another world size only restores the step count; the next step rebuilds."""
-        ex = self.gradient_exchange
-        self._gq_clear()
-        self._gq_step = state["step"]
-        if ex is None or state["size"] != ex.size:
-            return
-        ex.load_state_dict(state["exchange"])
-        self.reallocation.load_state_dict(state)
-
     # ---- reporting ---------------------------------------------------------------------------------------
     @property
     def codebook(self) -> Codebook:
@@ -424,29 +284,6 @@ class _GradqOptimizer(torch.optim.Optimizer):
             line += (f"; codebook v{o['version']}, {o['allocations']} allocations, {o['seconds']:.2f} s deciding "
                      f"({100 * o['fraction']:.1f}% of training)")
         return line
-
-
-def _named(optimizer: torch.optim.Optimizer, named_parameters) -> list[tuple[str, torch.Tensor]]:
-    """The optimizer's parameters with their names (Horovod's ``allreduce.noname.<group>.<index>``
-    when none are given), checked as Horovod checks them."""
-    if named_parameters is None:
-        named = [(f"allreduce.noname.{i}.{j}", p) for i, g in enumerate(optimizer.param_groups)
-                 for j, p in enumerate(g["params"])]
-    else:
-        named = list(named_parameters)
-    if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in named):
-        raise ValueError("named_parameters must be (name, parameter) pairs, e.g. model.named_parameters()")
-    names = [n for n, _ in named]
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise ValueError(f"parameter names in named_parameters must be unique; duplicates: {dups}")
-    named_ids = {id(p) for _, p in named}
-    unnamed = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in named_ids]
-    if unnamed:
-        raise ValueError(f"{len(unnamed)} optimizer parameters are missing from named_parameters; pass "
-                         "model.named_parameters() of the model the optimizer was built on")
-    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    return [(n, p) for n, p in named if id(p) in in_optimizer]
 
 
 def DistributedOptimizer(
@@ -527,7 +364,7 @@ def DistributedOptimizer(
     process_set = hvd.global_process_set if process_set is None else process_set
     if not isinstance(process_set, hvd.ProcessSet):
         raise ValueError(f"process_set must be a horovod.torch ProcessSet, got {process_set!r}")
-    named = _named(optimizer, named_parameters)
+    named = optimizer_named_parameters(optimizer, named_parameters)
     if coding.link == "measure":
         coding = replace(coding, link=measure_link(process_set) if process_set.included() else LinkModel())
     trainable = [(n, p) for n, p in named if p.requires_grad]
@@ -543,7 +380,7 @@ def DistributedOptimizer(
     # Between the wrapped class and ours: the step Horovod's broadcast_optimizer_state takes when it
     # materialises the state of a rank whose state is empty (see _materialising_step)
     local = type(base.__name__, (base,), {"step": _materialising_step, "__module__": __name__})
-    cls = type(base.__name__, (local,), {**_GradqOptimizer.__dict__, "_gq_update_class": local})
+    cls = type(base.__name__, (CompressionResync, local), {**_GradqOptimizer.__dict__, "_gq_update_class": local})
     GradqOptimizer.register(cls)
     from hvd_gradq.horovod import elastic  # noqa: F401 - hvd.elastic.TorchState then keeps the compression state
     made = iter([exchange])

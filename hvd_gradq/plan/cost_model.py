@@ -20,8 +20,9 @@ The model knows nothing about bits; callers pass payload sizes from the codecs a
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from hvd_gradq import checks
 
 NONE = "none"
 FLOAT32 = "float32"
@@ -41,9 +42,7 @@ class LinkModel:
 
     def __post_init__(self) -> None:
         for key in ("latency_s", "bandwidth"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"LinkModel.{key} must be a finite number >= 0, got {v!r}")
+            checks.number(getattr(self, key), f"LinkModel.{key}", low=0)
         if self.bandwidth == 0:
             raise ValueError("LinkModel.bandwidth must be > 0 (bytes per second)")
 
@@ -70,8 +69,7 @@ def _time(steps: int, sent: float, received: float, link: LinkModel) -> float:
 
 
 def _check_size(size: int) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size (ranks in the process set) must be an integer >= 1, got {size!r}")
+    checks.integer(size, "size (ranks in the process set)", low=1)
 
 
 def allreduce_cost(payload_bytes: int, size: int, link: LinkModel, transport: str = ALLREDUCE) -> TransportCost:

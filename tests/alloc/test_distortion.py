@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from hvd_gradq.alloc import Allocator, LossProbe
 from hvd_gradq.alloc import distortion as D
 from hvd_gradq.codecs import DitherSource, make_codec
-from hvd_gradq.datasets import fashion_mnist
-from hvd_gradq.models import FashionCNN
+from workloads.datasets import fashion_mnist
+from workloads.models import FashionCNN
 
 
 class TwoLayer(torch.nn.Module):

@@ -12,8 +12,8 @@ from hvd_gradq.codecs.adaptive import (
     normalized_variance,
 )
 from hvd_gradq.codecs.levels import linear_levels
-from hvd_gradq.datasets import fashion_mnist
-from hvd_gradq.models import FashionCNN
+from workloads.datasets import fashion_mnist
+from workloads.models import FashionCNN
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import hvd_gradq
-from hvd_gradq.datasets import fashion_mnist
+from workloads.datasets import fashion_mnist
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)

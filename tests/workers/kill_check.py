@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import hvd_gradq
-from hvd_gradq.datasets import fashion_mnist
-from hvd_gradq.models import FashionCNN
+from workloads.datasets import fashion_mnist
+from workloads.models import FashionCNN
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)

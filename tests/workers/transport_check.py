@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hvd_gradq
-from hvd_gradq.datasets import fashion_mnist
+from workloads.datasets import fashion_mnist
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--case", required=True)

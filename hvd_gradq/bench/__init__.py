@@ -1,1 +1,0 @@
-"""Benchmarks and study drivers (run as scripts; their outputs are committed under docs/)."""
