@@ -8,10 +8,10 @@ Both see the same data: at step s, worker r trains on micro-batch s * N + r of t
 so a simulated run and a real one with the same seed and N start from the same aggregate.
 
 Compressors (``--compressor``, named in ``workloads.tasks``): ``none``; ``fp16`` (Horovod's, real
-jobs only); ``stock`` (the shared-scale lanes: ``hvd_gradq.UniformCompressor`` on the stock
+jobs only); ``stock`` (the rotated lanes: ``hvd_gradq.UniformCompressor`` on the stock
 ``hvd.DistributedOptimizer`` in a job, the same lanes inside ``SimulatedWorkers``); and through
 ``hvd_gradq.DistributedOptimizer`` (``SimulatedWorkers`` when simulated) every codec of
-``hvd_gradq.CODECS``: ``shared_scale``, ``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``,
+``hvd_gradq.CODECS``: ``rotated``, ``shared_scale``, ``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``,
 ``alq``, ``amq``, ``jointsq`` and ``topk`` (with ``--ratio``). The old names ``uniform`` (now
 ``stock``) and ``gradq-uniform`` (now ``shared_scale``) are still accepted.
 ``--allocator lad|lad_first_order|mse|ampa`` lets rank 0 re-decide the bits per layer under
@@ -193,7 +193,7 @@ class _Job:
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
         codec = None if c == "none" else spec.codec
         if spec.path == "stock":  # simulated: the lanes, as UniformCompressor sends them in a job
-            codec, kw["transport"] = "shared_scale", "allreduce"
+            codec, kw["transport"] = "rotated", "allreduce"
         if self.simulated:
             self.opt = hvd_gradq.SimulatedWorkers(base, named, args.workers, codec=codec, **kw)
         else:

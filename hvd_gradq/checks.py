@@ -55,3 +55,11 @@ def flag(value, name: str) -> bool:
     if value is not True and value is not False:
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def rotation_block(value, name: str) -> int:
+    """0 (no rotation) or a power of two in 8..65536 (the largest rotation block)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+            value == 0 or (8 <= value <= 1 << 16 and value & (value - 1) == 0)):
+        raise ValueError(f"{name} must be 0 (no rotation) or a power of two in 8..65536, e.g. 4096, got {value!r}")
+    return value

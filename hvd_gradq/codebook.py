@@ -15,14 +15,21 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
+
 from hvd_gradq.bits.lanes import LaneLayout
 
 #: bits of the per-layer digest in every payload header
 DIGEST_BITS = 20
 #: bit width that means "sent as float32" (layers below ``min_elements``)
 FLOAT_BITS = 32
-#: the codec name of the summable lane codes (one scale shared by every rank)
+#: the codec name of the summable lane codes with one scale per layer shared by every rank
 SHARED_SCALE = "shared_scale"
+#: the codec name of the rotated summable lane codes (``codecs.rotated``: a randomized Hadamard
+#: rotation, then one shared scale per rotation block)
+ROTATED = "rotated"
+#: the codecs whose codes are summable in an allreduce
+SUMMABLE = (ROTATED, SHARED_SCALE)
 
 
 @dataclass
@@ -38,6 +45,10 @@ class LayerCode:
     codec: str = SHARED_SCALE  # codec name (``codecs.make_codec``) of the coded values
     transport: str = "allreduce"  # how the layer crosses the ranks (``plan.cost_model``)
     codec_key: str = ""  # the codec's shared parameters (e.g. fitted levels), as text
+    rotation: int = 0  # rotation block (elements) of a rotated code; 0: not rotated
+    rotation_key: int = 0  # the 64-bit key of the rotation's signs (the same on every rank)
+    rounding: str = "nearest"  # of the rotated lanes: "nearest" or "stochastic"
+    block_rms: torch.Tensor | None = None  # rotated lanes: float32 RMS per rotation block (scales)
 
     @property
     def packed(self) -> bool:
@@ -51,16 +62,23 @@ class LayerCode:
         layout = None if self.layout is None else (str(self.layout.container), self.layout.lane_bits)
         key = (f"{self.name}|{self.numel}|{self.bits}|{layout}|{scale}|{self.version}|{size}|{self.codec}|"
                f"{self.transport}|{self.codec_key}|{codebook_version}")
+        if self.rotation:
+            rms = 0 if self.block_rms is None else zlib.crc32(self.block_rms.numpy().tobytes())
+            key += f"|rot={self.rotation}:{self.rotation_key:x}:{self.rounding}:{rms:x}"
         return zlib.crc32(key.encode()) & ((1 << DIGEST_BITS) - 1)
 
     def state_dict(self) -> dict:
         return {"numel": self.numel, "bits": self.bits, "scale": self.scale, "version": self.version,
-                "codec": self.codec, "transport": self.transport, "codec_key": self.codec_key}
+                "codec": self.codec, "transport": self.transport, "codec_key": self.codec_key,
+                "rotation": self.rotation, "rotation_key": self.rotation_key, "rounding": self.rounding,
+                "block_rms": None if self.block_rms is None else self.block_rms.clone()}
 
     def follow(self, state: Mapping) -> None:
         """Take the values that evolve while training (scale, reduction count, codec parameters)
         from another rank's or a saved ``state_dict()`` of this layer."""
         self.scale, self.version, self.codec_key = state["scale"], state["version"], state["codec_key"]
+        rms = state.get("block_rms")
+        self.block_rms = None if rms is None else rms.clone()
 
 
 class Codebook:
@@ -99,5 +117,6 @@ class Codebook:
 
     def state_dict(self) -> dict:
         """``{"version": v, "layers": {name: {numel, bits, scale, version, codec, transport,
-        codec_key}}}``: picklable, the form every owner saves, broadcasts and adopts."""
+        codec_key, rotation, rotation_key, rounding, block_rms}}}``: picklable, the form every
+        owner saves, broadcasts and adopts."""
         return {"version": self.version, "layers": {name: code.state_dict() for name, code in self.layers.items()}}

@@ -15,8 +15,9 @@ from dataclasses import dataclass, fields
 from hvd_gradq import checks
 from hvd_gradq.alloc import Allocator
 from hvd_gradq.alloc.trigger import Trigger
-from hvd_gradq.codebook import SHARED_SCALE
+from hvd_gradq.codebook import SHARED_SCALE, SUMMABLE
 from hvd_gradq.codecs import make_codec
+from hvd_gradq.codecs.rotated import ROUNDINGS
 from hvd_gradq.plan.cost_model import TRANSPORTS, LinkModel
 from hvd_gradq.plan.planner import CODECS, GATHERED_SHARED_SCALE, RATIO_CODECS
 
@@ -52,8 +53,10 @@ class Coding:
     """How gradients are coded.
 
     Args:
-        codec: "shared_scale" (one scale shared by every rank: the only summable codes, so
-            allreduce is among its transports; gathered, it travels as ``qsgdinf``), any level
+        codec: "rotated" (a randomized Hadamard rotation shared by every rank, then one scale per
+            rotation block shared by every rank) or "shared_scale" (one scale per layer shared
+            by every rank, unrotated): the summable codes, so allreduce is among their
+            transports (gathered, they travel as ``qsgdinf``); any level
             codec (``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``, ``alq``, ``amq``),
             "jointsq" or "topk" (DGC's top-k by magnitude; both with ``ratio`` and error feedback).
         bits: width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get 4;
@@ -70,6 +73,8 @@ class Coding:
             biased codes only (JointSQ, top-k; the shared-scale lanes always keep theirs, for
             clipping); unbiased codecs go without, as their variance would pile up in the residual.
         seed: of the stochastic rounding (each rank draws its own stream).
+        rotation: the largest rotation block of ``codec="rotated"`` (a power of two 8..65536).
+        rounding: of ``codec="rotated"``: "nearest" (biased, with error feedback) or "stochastic".
         refit_levels: for the adaptive codecs (``alq``, ``amq``; 3 bits or more): refit every
             layer's levels to its aggregated gradient after step 0 and then every this many steps
             (default 100; 0: keep the initial exponential levels).
@@ -85,6 +90,8 @@ class Coding:
     error_feedback: bool | str = "auto"
     seed: int = 0
     refit_levels: int | None = None
+    rotation: int = 4096
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         codec = self.codec
@@ -101,6 +108,10 @@ class Coding:
         checks.integer(self.bucket_size, "bucket_size", low=1)
         checks.integer(self.min_elements, "min_elements", low=0)
         checks.integer(self.seed, "seed")
+        checks.rotation_block(self.rotation, "rotation")
+        if codec == "rotated" and self.rotation == 0:
+            raise ValueError("codec='rotated' needs a rotation block: rotation=4096, or codec='shared_scale'")
+        checks.choice(self.rounding, "rounding", ROUNDINGS)
         if not (self.link is None or self.link == "measure" or isinstance(self.link, LinkModel)):
             raise ValueError(f"link must be a hvd_gradq.LinkModel, 'measure' or None, got {self.link!r}")
         if isinstance(self.bits, (int, bool)):
@@ -146,7 +157,8 @@ class Coding:
     def config(self) -> dict:
         """What a saved compression state must have been made with to resume."""
         return {"codec": self.codec, "ratio": self.ratio, "bucket_size": self.bucket_size,
-                "min_elements": self.min_elements, "error_feedback": self.error_feedback}
+                "min_elements": self.min_elements, "error_feedback": self.error_feedback,
+                "rotation": self.rotation, "rounding": self.rounding}
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Coding)}
@@ -167,7 +179,7 @@ def check_reallocation(coding: Coding, allocator: Allocator | None, trigger: Tri
     for b in allocator.options:
         if b:
             try:
-                make_codec(GATHERED_SHARED_SCALE if coding.codec == SHARED_SCALE else coding.codec, b)
+                make_codec(GATHERED_SHARED_SCALE if coding.codec in SUMMABLE else coding.codec, b)
             except ValueError as e:
                 raise ValueError(f"allocator option {b} bits does not suit codec {coding.codec!r}: {e}") from e
     trigger = Trigger() if trigger is None else trigger

@@ -15,11 +15,12 @@ def rank_files(tmp_path, size=2):
     return [json.loads(f.read_text()) for f in files]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,rotation", [("mpi", 4096), ("gloo", 4096), ("mpi", 0)])
 @pytest.mark.parametrize("op,bits", [("sum", 2), ("average", 3)])
-def test_one_step_matches_uncompressed_within_the_quantization_bound(tmp_path, mode, op, bits):
+def test_one_step_matches_uncompressed_within_the_quantization_bound(tmp_path, mode, rotation, op, bits):
+    """rotation 4096: the default rotated lanes (a norm bound); 0: the unrotated lanes (elementwise)."""
     run = horovodrun(WORKERS / "step_check.py", "--case", "equivalence", "--op", op, "--bits", bits,
-                     "--out", tmp_path, mode=mode)
+                     "--rotation", rotation, "--out", tmp_path, mode=mode)
     assert run.returncode == 0, run.output[-6000:]
     results = rank_files(tmp_path)
     for res in results:
@@ -35,6 +36,7 @@ def test_one_step_matches_uncompressed_within_the_quantization_bound(tmp_path, m
             assert layer["dtype"] == ("torch.int64" if op == "sum" else "torch.float64"), layer
             assert layer["nbytes"] <= layer["numel"] * (bits + 3) / 8 + 128, (name, layer)
             assert layer["err"] > 0, f"{name}: a {bits}-bit payload cannot be lossless"
+            assert layer.get("rotated", False) == bool(rotation), layer
         assert len(set(res["digests"])) == 1, "ranks hold different parameters"
     assert results[0]["digests"] == results[1]["digests"]
 
@@ -49,9 +51,10 @@ def test_misconfigured_op_raises_the_same_clear_error_on_every_rank(tmp_path, mo
         assert "op=hvd.Sum" in res["message"] and "hvd.DistributedOptimizer" in res["message"]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_ranks_disagreeing_on_bits_raise_on_every_rank(tmp_path, mode):
-    run = horovodrun(WORKERS / "step_check.py", "--case", "bits_mismatch", "--out", tmp_path, mode=mode, timeout=120)
+@pytest.mark.parametrize("mode,case", [("mpi", "bits_mismatch"), ("gloo", "bits_mismatch"),
+                                       ("mpi", "seed_mismatch")])
+def test_ranks_disagreeing_on_bits_or_rotation_raise_on_every_rank(tmp_path, mode, case):
+    run = horovodrun(WORKERS / "step_check.py", "--case", case, "--out", tmp_path, mode=mode, timeout=120)
     assert run.returncode != 0
     for res in rank_files(tmp_path):
         assert res["error"] == "CodebookMismatchError", res

@@ -18,7 +18,7 @@ def rank_files(tmp_path, size, prefix="rank"):
 
 def check_exchange(results, size):
     by_config = list(zip(*[r["results"] for r in results]))
-    seen_transports = set()
+    seen_transports, rotated = set(), 0
     for config in by_config:
         head = config[0]
         label = f"{head['codec']}/{head['transport']}"
@@ -36,6 +36,7 @@ def check_exchange(results, size):
                 assert info["conservation"] < 2e-6, where
                 if "bound_violation" in info:
                     assert info["bound_violation"] <= 0, where
+                rotated += info.get("rotated", False)
                 if info["transport"] != "float32" and info["bits"] < 8 and step > 0:
                     assert info["err_max"] > 0, f"{where}: a lossy code cannot be exact"
                 if info["transport"] == "allreduce" and step == 0:
@@ -45,6 +46,7 @@ def check_exchange(results, size):
                 else:
                     assert info["payload"] == info["predicted"], where
     assert {"allreduce", "allgather", "two_phase", "none", "float32"} <= seen_transports
+    assert rotated > 0, "no rotated lane layer was checked"
 
 
 @pytest.mark.parametrize("mode", ["mpi", "gloo"])

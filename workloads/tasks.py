@@ -9,7 +9,7 @@ Compressors (``COMPRESSORS``; one name, one meaning). The examples' ``--compress
 (``EXAMPLE_COMPRESSORS``):
 
 * ``none``, ``fp16``: the stock ``hvd.DistributedOptimizer`` with Horovod's compression;
-* ``stock``: the stock optimizer with ``hvd_gradq.UniformCompressor`` (b-bit shared-scale lanes);
+* ``stock``: the stock optimizer with ``hvd_gradq.UniformCompressor`` (b-bit rotated lanes);
 * every codec of ``hvd_gradq.CODECS`` (``shared_scale``, ``qsgd``, ..., ``jointsq``, ``topk``):
   the drop-in ``hvd_gradq.DistributedOptimizer`` (``SimulatedWorkers`` when simulated).
 

@@ -5,9 +5,11 @@ metric from ``alloc.distortion``) and a rate R[l, k] in bits (the paper's b * N_
 bits of the layer's transport). All solvers return an ``Allocation`` that never exceeds the budget.
 
 * ``lagrangian``  Algorithm 1 of the LAD paper: bisection on lambda over [0, lambda_max] where
-                  lambda_max is the largest R-D slope, each layer taking argmin D + lambda R. It only
-                  reaches allocations on the lower convex hull of the summed R-D curve, so it can
-                  leave budget unused; ``mckp_dp`` measures that gap.
+                  lambda_max is the largest R-D slope, each layer taking argmin D + lambda R. The
+                  bisection only reaches allocations on the lower convex hull of the summed R-D
+                  curve and can leave a third of the budget unused; afterwards ``fill`` spends the
+                  rest (single upgrades by slope, then pairs of moves that trade bits between two
+                  layers). ``mckp_dp`` measures the remaining gap.
 * ``greedy``      the paper's Greedy baseline: start every layer at its cheapest option and keep
                   raising the layer with the highest current distortion while the next option fits.
 * ``same_bits``   the uniform-allocation baseline of the papers: the largest single option
@@ -123,8 +125,10 @@ def _lambda_max(curves: RDCurves) -> float:
     return float(max(slopes.max(), 0.0))
 
 
-def lagrangian(curves: RDCurves, budget: float, *, eps: float = 1e-9, max_iter: int = 200) -> Allocation:
-    """Algorithm 1: bisection on lambda until the interval is below ``eps`` (relative to lambda_max)."""
+def lagrangian(curves: RDCurves, budget: float, *, eps: float = 1e-9, max_iter: int = 200,
+               fill_budget: bool = True) -> Allocation:
+    """Algorithm 1: bisection on lambda until the interval is below ``eps`` (relative to lambda_max),
+    then (``fill_budget``) ``fill`` spends what the hull point left of the budget."""
     budget = _check_budget(curves, budget)
     lam_hi = _lambda_max(curves) * (1 + 1e-9) + 1e-300
     lam_lo = 0.0
@@ -145,7 +149,47 @@ def lagrangian(curves: RDCurves, budget: float, *, eps: float = 1e-9, max_iter: 
             lam_lo = mid
         else:
             lam_hi, best = mid, choice
-    return curves.allocation(best, "lagrangian", lam=lam_hi, iterations=iterations)
+    hull_rate = float(curves.rate[rows, best].sum())
+    if fill_budget:
+        best = fill(curves, best, budget)
+    return curves.allocation(best, "lagrangian", lam=lam_hi, iterations=iterations, hull_rate=hull_rate)
+
+
+def fill(curves: RDCurves, choice: np.ndarray, budget: float, *, max_rounds: int = 200) -> np.ndarray:
+    """Spend what ``choice`` leaves of ``budget``: move one layer to the option with the largest
+    distortion drop per extra bit that still fits, until none fits; then trade: the pair of moves
+    (one layer down, another up) that lowers the distortion most and fits, then fill again, until
+    no pair helps (or ``max_rounds``)."""
+    choice = np.array(choice, dtype=np.int64)
+    rows = np.arange(len(curves.names))
+    d, r = curves.distortion, curves.rate
+    layers, options = d.shape
+    same_layer = np.repeat(np.arange(layers), options)
+    same_layer = same_layer[:, None] == same_layer[None, :]
+    for _ in range(max_rounds):
+        while True:  # single upgrades, best slope first
+            slack = budget - float(r[rows, choice].sum())
+            extra = r - r[rows, choice][:, None]
+            gain = d[rows, choice][:, None] - d
+            ok = (extra > 0) & (gain > 0) & (extra <= slack + 1e-9)
+            if not ok.any():
+                break
+            slope = np.where(ok, gain / np.where(ok, extra, 1.0), -np.inf)
+            layer, option = np.unravel_index(int(slope.argmax()), slope.shape)
+            choice[layer] = option
+        # pairs of moves in two different layers
+        slack = budget - float(r[rows, choice].sum())
+        dd = (d - d[rows, choice][:, None]).reshape(-1)
+        dr = (r - r[rows, choice][:, None]).reshape(-1)
+        total_d = dd[:, None] + dd[None, :]
+        fits = (dr[:, None] + dr[None, :] <= slack + 1e-9) & ~same_layer
+        total_d = np.where(fits, total_d, np.inf)
+        best = int(total_d.argmin())
+        if not total_d.flat[best] < -1e-12 * max(1.0, float(d[rows, choice].sum())):
+            break
+        a, b = divmod(best, layers * options)
+        choice[a // options], choice[b // options] = a % options, b % options
+    return choice
 
 
 def greedy(curves: RDCurves, budget: float) -> Allocation:

@@ -77,6 +77,15 @@ def load() -> ctypes.CDLL | None:
             lib.hvdgq_quantize_lanes.restype = None
             lib.hvdgq_dequantize_lanes.argtypes = [ptr, i64, i32, ctypes.c_double, i32, i32, f32, f32, ptr]
             lib.hvdgq_dequantize_lanes.restype = i32
+            lib.hvdgq_quantize_blocks.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32, i32, u64, i32, i32, i32, ptr,
+                                                  ptr]
+            lib.hvdgq_quantize_blocks.restype = None
+            lib.hvdgq_dequantize_blocks.argtypes = [ptr, i64, i32, ctypes.c_double, i32, i32, i64, ptr, ptr, ptr]
+            lib.hvdgq_dequantize_blocks.restype = i32
+            lib.hvdgq_rotate.argtypes = [ptr, i64, i64, u64, f32]
+            lib.hvdgq_rotate.restype = None
+            lib.hvdgq_unrotate.argtypes = [ptr, i64, i64, u64, f32]
+            lib.hvdgq_unrotate.restype = None
             lib.hvdgq_abs_max.argtypes = [ptr, ptr, i64]
             lib.hvdgq_abs_max.restype = f32
             _lib = lib

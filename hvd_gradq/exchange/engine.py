@@ -55,7 +55,8 @@ class GradientExchange:
         self.rank = collectives.rank()
         link = coding.link if isinstance(coding.link, LinkModel) else LinkModel()
         self.planner = Planner(codec=coding.codec, ratio=coding.ratio, bucket_size=coding.bucket_size,
-                               min_elements=coding.min_elements, size=self.size, rank=self.rank, link=link)
+                               min_elements=coding.min_elements, size=self.size, rank=self.rank, link=link,
+                               rotation=coding.rotation, rounding=coding.rounding, seed=coding.seed)
         self.codebook = Codebook()
         self.residuals = ResidualStore()
         # lanes (shared-scale codes on allreduce, and float32 for tiny layers) ride the same codebook
@@ -110,10 +111,11 @@ class GradientExchange:
             owed = self.take_owed(name)
             if owed is not None:
                 self.residuals.carry[name] = owed
-            old_scale = self.codebook[name].scale if plan.transport == ALLREDUCE else None
+            old = self.codebook[name] if plan.transport == ALLREDUCE else None
             self._plan(name, b)
-            if self.plans[name].transport == ALLREDUCE:
-                self.codebook[name].scale = old_scale  # no float32 recalibration step
+            new = self.codebook[name]
+            if old is not None and self.plans[name].transport == ALLREDUCE and new.codec == old.codec:
+                new.scale, new.block_rms = old.scale, old.block_rms  # no float32 recalibration step
         self.codebook.version = version
 
     def take_owed(self, name: str) -> torch.Tensor | None:

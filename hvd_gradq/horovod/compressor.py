@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from hvd_gradq import checks
+from hvd_gradq.bits.rotation import block_for
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import ErrorFeedback
+from hvd_gradq.codecs.rotated import ROUNDINGS
 from hvd_gradq.exchange import state as checkpoint
 from hvd_gradq.horovod.arguments import named_list
 from hvd_gradq.horovod.channel import broadcast_object, gather_objects
@@ -83,7 +85,8 @@ def op_name(op) -> str:
 
 
 class UniformCompressor(_HorovodCompressor):
-    """Uniform stochastic ``bits``-bit quantization of every gradient, packed into summable lanes.
+    """``bits``-bit quantization of every gradient onto evenly spaced levels, packed into summable
+    lanes.
 
     Usage (pass the same ``op`` to both, ``hvd.Sum`` gives the smallest payload)::
 
@@ -94,10 +97,15 @@ class UniformCompressor(_HorovodCompressor):
 
     What is communicated, per layer and step: a short header (``wire.header``) and the layer's
     codes packed into int64 lanes (``op=hvd.Sum``) or into exact integers of float64 words
-    (``op=hvd.Average``), with headroom for the sum over all ranks. All ranks quantize against
-    the same scale (the codebook), set from the mean over ranks of max|g + residual| of the
-    previous step; what clipping and rounding drop is kept by error feedback. A layer's first
-    step, and any layer with fewer than ``min_elements`` elements, is sent as float32.
+    (``op=hvd.Average``), with headroom for the sum over all ranks. By default (``rotation``) each
+    layer is first rotated by a randomized Hadamard transform shared by every rank, and every
+    rotation block is quantized against its own scale, the same on all ranks: the MSE-optimal clip
+    for the block's RMS in the previous step (``codecs.rotated``), so a sparse or heavy-tailed
+    layer codes as well as a Gaussian one; the payload carries one statistic word per block for
+    the next scales. With ``rotation=0`` the layer is quantized unrotated, stochastically, against
+    one scale (the mean over ranks of max|g + residual| of the previous step). What clipping and
+    rounding drop is kept by error feedback. A layer's first step, and any layer with fewer than
+    ``min_elements`` elements, is sent as float32.
 
     Args:
         bits: bit width 1..8 of every quantized layer.
@@ -105,7 +113,12 @@ class UniformCompressor(_HorovodCompressor):
             uses them to know which layer a gradient belongs to (Horovod hands it the gradient only).
         op: ``hvd.Average`` (default, as in ``hvd.DistributedOptimizer``) or ``hvd.Sum``.
         min_elements: layers smaller than this are sent as float32 (header included).
-        seed: seed of the stochastic rounding; each rank draws from its own stream.
+        seed: of the rotations (the same on every rank) and of the stochastic rounding (each rank
+            draws from its own stream).
+        rotation: the largest rotation block, a power of two 8..65536 (default 4096); 0: no
+            rotation (one scale per layer, stochastic rounding; the codes before this option).
+        rounding: of the rotated codes: "nearest" (default; biased, its error goes to error
+            feedback) or "stochastic" (unbiased within the clip).
         process_set: the Horovod process set the optimizer reduces over (pass the same one to
             ``hvd.DistributedOptimizer``); N in the lane headroom is its size.
 
@@ -118,8 +131,11 @@ class UniformCompressor(_HorovodCompressor):
     """
 
     def __init__(self, bits: int, named_parameters: Iterable[tuple[str, torch.Tensor]], *, op=None,
-                 min_elements: int = 1024, seed: int = 0, process_set=None) -> None:
+                 min_elements: int = 1024, seed: int = 0, rotation: int = 4096, rounding: str = "nearest",
+                 process_set=None) -> None:
         self.bits = checks.integer(bits, "bits", 1, 8)
+        self.rotation = checks.rotation_block(rotation, "rotation")
+        self.rounding = checks.choice(rounding, "rounding", ROUNDINGS)
         self.min_elements = checks.integer(min_elements, "min_elements", low=0)
         self.seed = checks.integer(seed, "seed")
         self._params = named_list(named_parameters, type(self).__name__)
@@ -146,7 +162,7 @@ class UniformCompressor(_HorovodCompressor):
         if self._lanes is None:
             self._lanes = LaneCoder(bits=self.bits, op=self.op, min_elements=self.min_elements, seed=self.seed,
                                     rank=rank, size=size, codebook=self.codebook, residuals=self.error_feedback,
-                                    label=type(self).__name__)
+                                    label=type(self).__name__, rotation=self.rotation, rounding=self.rounding)
         elif (self._lanes.rank, self._lanes.size) != (rank, size):
             # the world changed (Horovod elastic): lanes sized for fewer ranks could carry into each
             # other, so every rank starts a fresh codebook (one float32 step) at this same step
@@ -272,7 +288,8 @@ class UniformCompressor(_HorovodCompressor):
             coder.load_state_dict(state["lanes"])
 
     def _config(self) -> dict:
-        return {"bits": self.bits, "op": self.op, "min_elements": self.min_elements, "seed": self.seed}
+        return {"bits": self.bits, "op": self.op, "min_elements": self.min_elements, "seed": self.seed,
+                "rotation": self.rotation, "rounding": self.rounding}
 
     def _layers(self) -> dict[str, int]:
         return {n: p.numel() for n, p in self._params}
@@ -313,4 +330,5 @@ class UniformCompressor(_HorovodCompressor):
     def payload_bytes(self, numel: int, packed: bool = True, bits: int | None = None) -> int:
         """Predicted payload bytes of a layer of ``numel`` elements (packed, or sent as float32)."""
         packed = packed and numel >= self.min_elements
-        return lane_payload_bytes(numel, (bits or self.bits) if packed else None, self._coll.size(), self.op)
+        block = block_for(numel, self.rotation) if self.rotation else 0
+        return lane_payload_bytes(numel, (bits or self.bits) if packed else None, self._coll.size(), self.op, block)

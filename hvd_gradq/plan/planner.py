@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hvd_gradq.bits import rotation as rot
 from hvd_gradq.bits.lanes import lane_layout
-from hvd_gradq.codebook import FLOAT_BITS, SHARED_SCALE, LayerCode
+from hvd_gradq.codebook import FLOAT_BITS, ROTATED, SHARED_SCALE, SUMMABLE, LayerCode
 from hvd_gradq.codecs import LEVEL_CODECS, Codec, make_codec
 from hvd_gradq.plan import cost_model
 from hvd_gradq.plan.cost_model import (
@@ -33,10 +34,11 @@ from hvd_gradq.wire.lane_coder import lane_payload_bytes
 
 #: the sparsifiers, which take a compression ratio instead of bits
 RATIO_CODECS = ("jointsq", "topk")
-#: every codec the optimizer takes: the summable shared-scale lanes, the level codecs, the sparsifiers
-CODECS = (SHARED_SCALE, *sorted(LEVEL_CODECS), *RATIO_CODECS)
-#: what a shared-scale layer is coded with when it is gathered instead of summed: the same evenly
-#: spaced levels, with a scale per bucket of the sender's own (a rank's codes need not be summable)
+#: every codec the optimizer takes: the summable lanes (rotated, shared-scale), the level codecs,
+#: the sparsifiers
+CODECS = (*SUMMABLE, *sorted(LEVEL_CODECS), *RATIO_CODECS)
+#: what a summable layer is coded with when it is gathered instead of summed: evenly spaced
+#: levels, with a scale per bucket of the sender's own (a rank's codes need not be summable)
 GATHERED_SHARED_SCALE = "qsgdinf"
 
 
@@ -69,8 +71,9 @@ class Planner:
     """Plans the layers of one rank of a process set of ``size`` ranks."""
 
     def __init__(self, *, codec: str, ratio: float | None, bucket_size: int, min_elements: int, size: int,
-                 rank: int, link: LinkModel) -> None:
+                 rank: int, link: LinkModel, rotation: int = 4096, rounding: str = "nearest", seed: int = 0) -> None:
         self.codec, self.ratio, self.bucket_size, self.min_elements = codec, ratio, bucket_size, min_elements
+        self.rotation, self.rounding, self.seed = rotation, rounding, seed
         self.size, self.rank, self.link = size, rank, link
         self._codecs: dict[int, Codec] = {}
 
@@ -85,7 +88,7 @@ class Planner:
     def new_gather_codec(self, bits: int) -> Codec:
         if self.codec in RATIO_CODECS:
             return make_codec(self.codec, ratio=self.ratio)
-        name = GATHERED_SHARED_SCALE if self.codec == SHARED_SCALE else self.codec
+        name = GATHERED_SHARED_SCALE if self.codec in SUMMABLE else self.codec
         return make_codec(name, bits, bucket_size=self.bucket_size)
 
     def costs(self, numel: int, bits: int) -> dict[str, TransportCost]:
@@ -101,8 +104,10 @@ class Planner:
             TWO_PHASE: TransportCost(TWO_PHASE, mine.payload_bytes, mine.sent_bytes, mine.received_bytes,
                                      mine.steps, slowest),
         }
-        if self.codec == SHARED_SCALE:
-            costs[ALLREDUCE] = cost_model.allreduce_cost(lane_payload_bytes(numel, bits, n, SUM), n, self.link)
+        if self.codec in SUMMABLE:
+            block = rot.block_for(numel, self.rotation) if self.codec == ROTATED else 0
+            costs[ALLREDUCE] = cost_model.allreduce_cost(lane_payload_bytes(numel, bits, n, SUM, block), n,
+                                                         self.link)
         return costs
 
     def choose(self, name: str, costs: dict[str, TransportCost], forced: str) -> str:
@@ -110,7 +115,8 @@ class Planner:
             return cost_model.cheapest([costs[t] for t in TRANSPORTS if t in costs]).transport
         if forced not in costs:
             raise ValueError(
-                f"layer {name!r}: transport {forced!r} needs summable codes (codec={SHARED_SCALE!r}); codec "
+                f"layer {name!r}: transport {forced!r} needs summable codes (codec={ROTATED!r} or "
+                f"{SHARED_SCALE!r}); codec "
                 f"{self.codec!r} can use {sorted(costs)}"
             )
         return forced
@@ -130,10 +136,13 @@ class Planner:
         costs = self.costs(numel, bits)
         choice = self.choose(name, costs, forced)
         if choice == ALLREDUCE:
-            code = LayerCode(name, numel, bits, lane_layout(bits, n, torch.int64), codec=SHARED_SCALE,
+            code = LayerCode(name, numel, bits, lane_layout(bits, n, torch.int64), codec=self.codec,
                              transport=ALLREDUCE)
+            if self.codec == ROTATED:
+                code.rotation, code.rotation_key = rot.block_for(numel, self.rotation), rot.key_for(self.seed, name)
+                code.rounding = self.rounding
             return LayerPlan(name, numel, bits, self.codec, ALLREDUCE, costs[choice], costs,
-                             wire_codec=SHARED_SCALE), code
+                             wire_codec=self.codec), code
         gather = self.new_gather_codec(bits)  # its own object: adaptive codecs fit levels per layer
         key = f"ratio={self.ratio}" if self.codec in RATIO_CODECS else f"bucket={self.bucket_size}"
         code = LayerCode(name, numel, bits, None, codec=gather.name, transport=choice, codec_key=key)

@@ -1,4 +1,4 @@
-"""The shared-scale lane protocol of one rank: summable payloads for an allreduce.
+"""The lane protocol of one rank: summable payloads for an allreduce.
 
 Per layer and step, ``encode`` quantizes g + residual against the layer's shared scale (the
 codebook's), packs the codes into lanes (int64 words for a Sum, exact integers in float64 words
@@ -6,8 +6,16 @@ for an Average) behind the summed header (``wire.header``), and stages the new r
 ``decode`` checks the reduced header, commits or keeps the residual, decodes the mean over the
 contributing ranks and sets the next shared scale from the header's statistic (the mean over
 ranks of max|g + r| / scale). A layer's first step, and any layer below ``min_elements``, goes as
-float32 with the same header. Pure tensor code: rank and size are the coder's, the collectives
-are the caller's (``horovod.compressor`` for the stock path, the exchange engine for the drop-in).
+float32 with the same header.
+
+Rotated lanes (codec ``rotated``, ``codecs.rotated``): g + r is rotated with the layer's shared
+rotation, each rotation block quantized against its shared clip scale, and the payload carries,
+after the packed codes, one statistic word per block (its energy relative to the layer's
+reference RMS), summed like the codes; the sums set every block's next scale, identically on
+every rank. The residual is kept in the gradient's own domain.
+
+Pure tensor code: rank and size are the coder's, the collectives are the caller's
+(``horovod.compressor`` for the stock path, the exchange engine for the drop-in).
 """
 from __future__ import annotations
 
@@ -16,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hvd_gradq.bits import rotation
 from hvd_gradq.bits.dither import DitherSource
-from hvd_gradq.bits.lanes import lane_layout, pack_lanes
-from hvd_gradq.codebook import FLOAT_BITS, Codebook, LayerCode
+from hvd_gradq.bits.lanes import lane_layout, pack_lanes, words_to_int64
+from hvd_gradq.codebook import FLOAT_BITS, ROTATED, Codebook, LayerCode
 from hvd_gradq.codecs import ErrorFeedback
+from hvd_gradq.codecs import rotated as rot
 from hvd_gradq.codecs.shared_scale import abs_max, dequantize_lanes, quantize_to_lanes
 from hvd_gradq.wire.header import AVERAGE, SUM, header_len, header_words, read_header
 
@@ -34,14 +44,18 @@ def container_of(op: str) -> torch.dtype:
     return torch.int64 if op == SUM else torch.float64
 
 
-def lane_payload_bytes(numel: int, bits: int | None, size: int, op: str = SUM) -> int:
+def lane_payload_bytes(numel: int, bits: int | None, size: int, op: str = SUM, block: int = 0) -> int:
     """Bytes of one rank's payload for a layer of ``numel`` elements: packed ``bits``-bit lanes
-    over ``size`` ranks, or float32 when ``bits`` is None (header included)."""
+    over ``size`` ranks, or float32 when ``bits`` is None (header included). ``block``: the
+    rotation block of rotated lanes (0: not rotated)."""
     if bits is None:
         return (header_len(torch.float32, size) + numel) * 4
     container = container_of(op)
     layout = lane_layout(bits, size, container)
-    return header_len(container, size) * layout.word_bytes + layout.nbytes(numel)
+    if not block:
+        return header_len(container, size) * layout.word_bytes + layout.nbytes(numel)
+    m = rotation.padded(numel, block)
+    return (header_len(container, size) + m // block) * layout.word_bytes + layout.nbytes(m)
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,8 @@ class LaneContext:
     dtype: torch.dtype
     packed: bool
     track: bool  # error feedback for this layer this step
+    err: torch.Tensor | None = None  # rotated lanes: the coding error in the rotated domain
+    key: int = 0  # rotated lanes: the rotation key of this step
 
 
 class LaneCoder:
@@ -68,10 +84,14 @@ class LaneCoder:
         codebook: the shared decision (the drop-in passes its own, holding every layer).
         residuals: where the lanes keep what clipping and rounding dropped.
         label: what error messages tell the user to construct identically on every rank.
+        rotation: the largest rotation block of the layers the coder makes entries for (the
+            rotated lanes); 0: the unrotated shared-scale lanes.
+        rounding: of the rotated lanes the coder makes entries for: "nearest" or "stochastic".
     """
 
     def __init__(self, *, bits: int, op: str, min_elements: int, seed: int, rank: int, size: int,
-                 codebook: Codebook, residuals: ErrorFeedback, label: str) -> None:
+                 codebook: Codebook, residuals: ErrorFeedback, label: str, rotation: int = 0,
+                 rounding: str = rot.NEAREST) -> None:
         if op not in (SUM, AVERAGE):
             raise ValueError(f"op must be {SUM!r} or {AVERAGE!r}, got {op!r}")
         self.bits, self.op, self.min_elements, self.seed = bits, op, min_elements, seed
@@ -79,6 +99,7 @@ class LaneCoder:
         self.codebook = codebook
         self.residuals = residuals
         self.label = label
+        self.rotation, self.rounding = rotation, rounding
         self.rng = DitherSource([seed, rank])
 
     def restart(self, rank: int, size: int) -> None:
@@ -98,7 +119,11 @@ class LaneCoder:
         if numel < self.min_elements:
             return self.codebook.add(LayerCode(name, numel, FLOAT_BITS, None, codec="float32", transport="float32"))
         layout = lane_layout(self.bits, self.size, container_of(self.op))
-        return self.codebook.add(LayerCode(name, numel, self.bits, layout))
+        if not self.rotation:
+            return self.codebook.add(LayerCode(name, numel, self.bits, layout))
+        return self.codebook.add(LayerCode(
+            name, numel, self.bits, layout, codec=ROTATED, rotation=rotation.block_for(numel, self.rotation),
+            rotation_key=rotation.key_for(self.seed, name), rounding=self.rounding))
 
     def encode(self, name: str, tensor: torch.Tensor, *, frozen: bool = False) -> tuple[torch.Tensor, LaneContext]:
         """This rank's payload of layer ``name``. ``frozen``: the parameter does not require grad
@@ -111,6 +136,8 @@ class LaneCoder:
         # header says whether the step is finite on every rank
         track = quantized and not frozen
         r = self.residuals.buffer(name, g) if track else None
+        if code.rotation:
+            return self._encode_rotated(code, g, r, tensor, frozen, track)
         amax = abs_max(g, r)  # max |g + r|, NaN/inf if any element is: one pass, no temporary
         nonfinite = not math.isfinite(amax)
         packed = code.packed and not frozen
@@ -143,8 +170,15 @@ class LaneCoder:
         if head.nonfinite:  # some rank had NaN/Inf: every rank decodes NaN, residuals stay as they were
             return torch.full(ctx.shape, float("nan"), dtype=ctx.dtype, device=reduced.device)
         if ctx.track:  # packed: the staged residual; float32: sent exactly, nothing left
+            if ctx.err is not None:  # back from the rotated domain
+                owed = rotation.unrotate(ctx.err, ctx.key, code.rotation, code.numel)
+                self.residuals.staging(ctx.name, owed).copy_(owed)
             self.residuals.commit(ctx.name, zero=not ctx.packed)
         k = head.ranks  # the ranks that contributed: all, or those that have not called hvd.join()
+        if code.rotation:
+            out = self._decode_rotated(code, reduced[hlen:], head.multiplier, k, head.stat_sum, ctx)
+            factor = k if self.op == SUM else k / size
+            return (out if factor == 1 else out.mul_(factor)).view(ctx.shape).to(ctx.dtype)
         if ctx.packed:
             out = dequantize_lanes(reduced[hlen:], code.numel, code.scale, code.bits, code.layout, k,
                                    head.multiplier)  # the mean over the contributing ranks
@@ -159,6 +193,56 @@ class LaneCoder:
                 mean_max = head.stat_sum / k
                 code.scale = mean_max if mean_max > 0 else None
         return out.view(ctx.shape).to(ctx.dtype)
+
+    def _encode_rotated(self, code: LayerCode, g: torch.Tensor, r: torch.Tensor | None, tensor: torch.Tensor,
+                        frozen: bool, track: bool) -> tuple[torch.Tensor, LaneContext]:
+        block, key = code.rotation, rotation.step_key(code.rotation_key, code.version)
+        y = rotation.rotate(g if r is None else g + r, key, block)  # flat float32, whole blocks
+        energy = rot.block_energy(y, block)
+        total = float(energy.sum())
+        nonfinite = not math.isfinite(total)
+        packed = code.packed and not frozen
+        err = None
+        if packed:
+            container = code.layout.container
+            blocks = y.numel() // block
+            if nonfinite:  # every rank will decode NaN; keep the residual of the last finite step
+                words = pack_lanes(torch.zeros(y.numel(), dtype=torch.int64), code.layout)
+                stats = torch.zeros(blocks, dtype=torch.int64)
+            else:
+                stats = rot.block_stats(energy, code.scale, block, self.size)
+                err = torch.empty_like(y) if track else None
+                words = rot.quantize_blocks(y, rot.clip_scales(code.block_rms, code.bits), code.bits, code.layout,
+                                            rng=self.rng if code.rounding == rot.STOCHASTIC else None, err_out=err)
+            body = torch.cat([words.to(container), stats.to(container)])
+            stat = 0.0
+        else:  # float32 until the reference RMS is calibrated; frozen layers
+            container = torch.float32
+            body = g if r is None else g + r
+            stat = math.sqrt(total / y.numel()) if (code.bits != FLOAT_BITS and not nonfinite and not frozen) else 0.0
+        head = header_words(rank=self.rank, size=self.size, digest=self.codebook.digest(code.name, self.size),
+                            nonfinite=nonfinite, stat=stat, container=container)
+        ctx = LaneContext(code.name, tensor.shape, tensor.dtype, packed, track, err, key)
+        return torch.cat([head, body.to(container)]), ctx
+
+    def _decode_rotated(self, code: LayerCode, body: torch.Tensor, multiplier: int, k: int, stat_sum: float,
+                        ctx: LaneContext) -> torch.Tensor:
+        """The mean over the ``k`` contributing ranks (flat float32), and the next scales."""
+        block = code.rotation
+        m = rotation.padded(code.numel, block)
+        if not ctx.packed:
+            out = body * (multiplier / k)
+            if code.bits != FLOAT_BITS:
+                ref = stat_sum / k
+                code.scale = ref if ref > 0 else None
+                code.block_rms = (torch.full((m // block,), ref, dtype=torch.float32) if ref > 0 else None)
+            return out
+        nwords = code.layout.words(m)
+        mean = rot.dequantize_blocks(body[:nwords], m, rot.clip_scales(code.block_rms, code.bits), code.bits,
+                                     code.layout, k, multiplier)
+        nxt = rot.rms_from_stats(words_to_int64(body[nwords:], multiplier), code.scale, k)
+        code.scale, code.block_rms = (None, None) if nxt is None else nxt
+        return rotation.unrotate(mean, ctx.key, block, code.numel)
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.state_dict()}

@@ -6,6 +6,7 @@ Cases:
                 gradient and the quantization error bound, and what was handed to Horovod.
   op_mismatch   compressor built for op=Sum, optimizer left at its default op=Average.
   bits_mismatch rank 0 uses 2 bits, the others 4.
+  seed_mismatch rank 0 rotates with seed 0, the others with seed 1 (another rotation).
   nonfinite     rank 1's loss is NaN at step 2 (after the float32 calibration step and one packed
                 step): every rank must see NaN gradients, and the next finite step must go on
                 normally from the residuals of the last finite step.
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import hvd_gradq
+from hvd_gradq.bits.rotation import rotate, step_key
+from hvd_gradq.codecs.rotated import clip_scales
 from workloads.datasets import fashion_mnist
 from workloads.models import FashionCNN
 
@@ -28,6 +31,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--case", required=True)
 ap.add_argument("--bits", type=int, default=2)
 ap.add_argument("--op", choices=["sum", "average"], default="sum")
+ap.add_argument("--rotation", type=int, default=4096, help="the compressor's rotation (0: unrotated lanes)")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
@@ -54,12 +58,15 @@ op = hvd.Sum if args.op == "sum" else hvd.Average
 model_c = FashionCNN(width=8)
 named_c = [("c." + n, p) for n, p in model_c.named_parameters()]
 
-if args.case in ("op_mismatch", "bits_mismatch"):
+if args.case in ("op_mismatch", "bits_mismatch", "seed_mismatch"):
     if args.case == "op_mismatch":
         comp = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named_c, op=hvd.Sum)
         opt_op = hvd.Average
-    else:
+    elif args.case == "bits_mismatch":
         comp = hvd_gradq.UniformCompressor(bits=2 if rank == 0 else 4, named_parameters=named_c, op=op)
+        opt_op = op
+    else:
+        comp = hvd_gradq.UniformCompressor(bits=2, named_parameters=named_c, op=op, seed=0 if rank == 0 else 1)
         opt_op = op
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model_c.parameters(), lr=0.1),
                                    named_parameters=named_c, compression=comp, op=opt_op)
@@ -102,7 +109,7 @@ assert args.case == "equivalence", args.case
 model_u = copy.deepcopy(model_c)
 named_u = [("u." + n, p) for n, p in model_u.named_parameters()]
 opt_u = hvd.DistributedOptimizer(torch.optim.SGD(model_u.parameters(), lr=1.0), named_parameters=named_u, op=op)
-comp = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named_c, op=op)
+comp = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named_c, op=op, rotation=args.rotation)
 opt_c = hvd.DistributedOptimizer(torch.optim.SGD(model_c.parameters(), lr=1.0),
                                  named_parameters=named_c, compression=comp, op=op)
 
@@ -119,6 +126,7 @@ opt_u.step()
 backward(model_c, opt_c, 1)
 local = {n: p.grad.detach().clone().view(-1) for n, p in named_c}
 scales = {n: comp.codebook[n].scale for n, _ in named_c}
+codes = {n: copy.deepcopy(comp.codebook[n]) for n, _ in named_c}  # before decode moves the scales
 before = {n: p.detach().clone().view(-1) for n, p in named_c}
 opt_c.step()
 
@@ -131,6 +139,27 @@ for (n, p), pu in zip(named_c, model_u.parameters()):
     target = agg(gathered)
     decoded = before[n] - p.detach().view(-1)
     tol = 1e-5 + 1e-6 * before[n].abs()
+    code = codes[n]
+    if info.packed and code.rotation:
+        # rotated lanes: per rank, |y - level| <= step/2 + what the clip cut, elementwise in the
+        # rotated domain; the rotation keeps norms, so the error norm of the aggregate is at most
+        # the aggregate of the ranks' error norms (triangle inequality)
+        clip = clip_scales(code.block_rms, args.bits).repeat_interleave(code.rotation)
+        per_rank = []
+        for g in gathered:
+            y = rotate(g, step_key(code.rotation_key, code.version), code.rotation)
+            per_rank.append(float((clip / ((1 << args.bits) - 1) + (y.abs() - clip).clamp(min=0)).norm()))
+        bound_norm = sum(per_rank) / (1 if op == hvd.Sum else size)
+        err_norm = float((decoded - target).norm())
+        layers[n] = {
+            "numel": p.numel(), "packed": True, "dtype": str(info.dtype), "nbytes": info.nbytes,
+            "predicted": comp.payload_bytes(p.numel(), True), "rotated": True,
+            "err": err_norm, "bound_max": bound_norm,
+            "violation": err_norm - bound_norm - float(tol.norm()),
+            "vs_uncompressed": float((p.detach().view(-1) - pu.detach().view(-1)).norm()) - bound_norm - 1e-4,
+            "rel_err": err_norm / max(float(target.norm()), 1e-30),
+        }
+        continue
     if info.packed:
         s = scales[n]
         delta = 2 * s / ((1 << args.bits) - 1)

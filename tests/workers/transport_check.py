@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import hvd_gradq
+from hvd_gradq.bits.rotation import rotate, step_key
+from hvd_gradq.codecs.rotated import clip_scales
 from workloads.datasets import fashion_mnist
 
 ap = argparse.ArgumentParser()
@@ -79,11 +81,12 @@ def exchange_case(out, ps, tag):
     size = ps.size()
     configs = [
         ("shared_scale", "allreduce"), ("shared_scale", "allgather"), ("shared_scale", "two_phase"),
-        ("shared_scale", "auto"),
+        ("shared_scale", "auto"), ("rotated", "allreduce"), ("rotated", "auto"),
         ("qsgd", "allgather"), ("qsgd", "two_phase"), ("jointsq", "allgather"), ("jointsq", "two_phase"),
     ]
     if ps != hvd.global_process_set:  # process sets: one config per transport
-        configs = [("shared_scale", "allreduce"), ("qsgd", "allgather"), ("qsgd", "two_phase")]
+        configs = [("shared_scale", "allreduce"), ("rotated", "allreduce"), ("qsgd", "allgather"),
+                   ("qsgd", "two_phase")]
     results = []
     for codec, transport in configs:
         model = MLP()
@@ -108,6 +111,7 @@ def exchange_case(out, ps, tag):
                 r = lf.get(n) if ex.plans[n].transport == "allreduce" else wf.get(n)
                 entered[n] = (g + r if r is not None else g, server_residual(ex, n, sf))
             scales = {n: ex.codebook[n].scale for n in entered}
+            codes = {n: copy.deepcopy(ex.codebook[n]) for n in entered}  # before decode moves the scales
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.synchronize()
@@ -141,12 +145,23 @@ def exchange_case(out, ps, tag):
                 else:
                     info["conservation"] = (total_out - total_in).abs().max().item() / scale_ref
                 err = (agg - x_all_ranks.sum(0) - s_in).abs()
-                if plan.transport == "allreduce" and scales[n] is not None and step > 0:
+                code = codes[n]
+                if plan.transport == "allreduce" and scales[n] is not None and step > 0 and code.rotation:
+                    # rotated lanes: a norm bound (per rank, step/2 + what the clip cut, in the rotated
+                    # domain, where norms are kept; the triangle inequality over ranks)
+                    clip = clip_scales(code.block_rms, plan.bits).repeat_interleave(code.rotation)
+                    bound = 0.0
+                    for x in x_all_ranks:
+                        y = rotate(x, step_key(code.rotation_key, code.version), code.rotation)
+                        bound += float((clip / ((1 << plan.bits) - 1) + (y.abs() - clip).clamp(min=0)).norm())
+                    info["bound_violation"] = float(err.norm()) - bound - 1e-5 * err.numel() ** 0.5
+                    info["rotated"] = True
+                elif plan.transport == "allreduce" and scales[n] is not None and step > 0:
                     s = scales[n]
                     delta = 2 * s / ((1 << plan.bits) - 1)
                     bound = (delta + (x_all_ranks.abs() - s).clamp(min=0)).sum(0)
                     info["bound_violation"] = (err - bound - 1e-5).max().item()
-                elif codec == "shared_scale" and plan.transport in ("allgather", "two_phase"):
+                elif codec in ("shared_scale", "rotated") and plan.transport in ("allgather", "two_phase"):
                     m = (1 << (plan.bits - 1)) - 1  # qsgdinf: gaps of 1/m of the bucket maximum
                     pad = (-agg.numel()) % 512
                     xb_ = F.pad(x_all_ranks.abs(), (0, pad)).view(size, -1, 512).amax(2)  # (N, buckets)
