@@ -75,6 +75,10 @@ class Coding:
         seed: of the stochastic rounding (each rank draws its own stream).
         rotation: the largest rotation block of ``codec="rotated"`` (a power of two 8..65536).
         rounding: of ``codec="rotated"``: "nearest" (biased, with error feedback) or "stochastic".
+        block_scales: of ``codec="rotated"``: "this_step" (a first, small allreduce of the block
+            statistics, one word per rotation block, then the codes) or "previous_step" (one
+            allreduce: the codes carry the statistics that set the next step's scales; the stock
+            path's only choice, weaker on row-sparse layers).
         refit_levels: for the adaptive codecs (``alq``, ``amq``; 3 bits or more): refit every
             layer's levels to its aggregated gradient after step 0 and then every this many steps
             (default 100; 0: keep the initial exponential levels).
@@ -92,6 +96,7 @@ class Coding:
     refit_levels: int | None = None
     rotation: int = 4096
     rounding: str = "nearest"
+    block_scales: str = "this_step"
 
     def __post_init__(self) -> None:
         codec = self.codec
@@ -112,6 +117,7 @@ class Coding:
         if codec == "rotated" and self.rotation == 0:
             raise ValueError("codec='rotated' needs a rotation block: rotation=4096, or codec='shared_scale'")
         checks.choice(self.rounding, "rounding", ROUNDINGS)
+        checks.choice(self.block_scales, "block_scales", ("this_step", "previous_step"))
         if not (self.link is None or self.link == "measure" or isinstance(self.link, LinkModel)):
             raise ValueError(f"link must be a hvd_gradq.LinkModel, 'measure' or None, got {self.link!r}")
         if isinstance(self.bits, (int, bool)):
@@ -158,7 +164,7 @@ class Coding:
         """What a saved compression state must have been made with to resume."""
         return {"codec": self.codec, "ratio": self.ratio, "bucket_size": self.bucket_size,
                 "min_elements": self.min_elements, "error_feedback": self.error_feedback,
-                "rotation": self.rotation, "rounding": self.rounding}
+                "rotation": self.rotation, "rounding": self.rounding, "block_scales": self.block_scales}
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Coding)}

@@ -21,7 +21,7 @@ from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
-from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoPhase
+from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, ScaledLanes, Skip, TwoPhase
 from hvd_gradq.exchange.residuals import ResidualStore
 from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, NONE, TRANSPORTS, TWO_PHASE, LinkModel
 from hvd_gradq.plan.planner import LayerPlan, Planner
@@ -56,7 +56,8 @@ class GradientExchange:
         link = coding.link if isinstance(coding.link, LinkModel) else LinkModel()
         self.planner = Planner(codec=coding.codec, ratio=coding.ratio, bucket_size=coding.bucket_size,
                                min_elements=coding.min_elements, size=self.size, rank=self.rank, link=link,
-                               rotation=coding.rotation, rounding=coding.rounding, seed=coding.seed)
+                               rotation=coding.rotation, rounding=coding.rounding, seed=coding.seed,
+                               block_scales=coding.block_scales)
         self.codebook = Codebook()
         self.residuals = ResidualStore()
         # lanes (shared-scale codes on allreduce, and float32 for tiny layers) ride the same codebook
@@ -150,6 +151,18 @@ class GradientExchange:
                 self.residuals.zero_bit.buffer(name, g).add_(g)
             return Skip(plan.numel)
         if plan.transport in (ALLREDUCE, FLOAT32):
+            first = self.lanes.prepare(name, grad, frozen=frozen)
+            if first is not None:  # rotated lanes with this step's scales: statistics, then codes
+                stats, prep = first
+                ctxs = []
+
+                def encode(summed, prep=prep, ctxs=ctxs):
+                    payload, ctx = self.lanes.encode_prepared(prep, summed)
+                    ctxs.append(ctx)
+                    return payload
+
+                return ScaledLanes(name, stats, encode, lambda out: self.lanes.decode(out, ctxs[0]).reshape(-1),
+                                   self.collectives)
             payload, ctx = self.lanes.encode(name, grad, frozen=frozen)
             return LaneAllreduce(name, payload, lambda out: self.lanes.decode(out, ctx).reshape(-1),
                                  self.collectives, plan.transport)

@@ -63,6 +63,47 @@ class LaneAllreduce(Exchange):
         return self._decode(self._coll.synchronize(self._handle))
 
 
+class ScaledLanes(Exchange):
+    """Two allreduces (op=Sum): the block statistics, then the lane payload that ``encode`` makes
+    from their sum; ``decode`` turns the reduced payload into the layer's aggregate."""
+
+    transport = "allreduce"
+
+    def __init__(self, layer: str, stats: torch.Tensor, encode: Decode, decode: Decode, coll: Collectives) -> None:
+        self._layer = layer
+        self._encode, self._decode = encode, decode
+        self._coll = coll
+        self.payload_bytes = _nbytes(stats)
+        self._phase1 = coll.allreduce_sum_async(stats, f"hvd_gradq.{layer}")
+        self._phase2 = None
+        self._error: Exception | None = None
+
+    def advance(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._phase2 is not None:
+            return
+        try:
+            payload = self._encode(self._coll.synchronize(self._phase1))
+        except Exception as e:  # kept: every later call reports the same error
+            self._error = e
+            raise
+        self.payload_bytes += _nbytes(payload)
+        self._phase2 = self._coll.allreduce_sum_async(payload, f"hvd_gradq.{self._layer}.phase2")
+
+    def advance_if_ready(self) -> None:
+        if self.waiting and self._coll.poll(self._phase1):
+            self.advance()
+
+    @property
+    def waiting(self) -> bool:
+        return self._phase2 is None and self._error is None
+
+    def result(self) -> torch.Tensor:
+        self.advance()
+        return self._decode(self._coll.synchronize(self._phase2))
+
+
 class Allgather(Exchange):
     """Every rank's frame to every rank; ``decode`` sums the N gathered frames."""
 

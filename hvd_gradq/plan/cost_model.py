@@ -80,6 +80,13 @@ def allreduce_cost(payload_bytes: int, size: int, link: LinkModel, transport: st
     return TransportCost(transport, payload_bytes, moved, moved, steps, _time(steps, moved, moved, link))
 
 
+def then(first: TransportCost, second: TransportCost) -> TransportCost:
+    """Two collectives one after the other (e.g. the block statistics, then the codes)."""
+    return TransportCost(first.transport, first.payload_bytes + second.payload_bytes,
+                         first.sent_bytes + second.sent_bytes, first.received_bytes + second.received_bytes,
+                         first.steps + second.steps, first.seconds + second.seconds)
+
+
 def allgather_cost(frame_bytes: int, size: int, link: LinkModel) -> TransportCost:
     """Allgather of one ``frame_bytes`` frame per rank (every rank receives N-1 of them)."""
     _check_size(size)

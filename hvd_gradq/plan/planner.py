@@ -30,7 +30,7 @@ from hvd_gradq.plan.cost_model import (
 )
 from hvd_gradq.wire.gather_coder import chunk_frame_bytes, frame_bytes
 from hvd_gradq.wire.header import SUM
-from hvd_gradq.wire.lane_coder import lane_payload_bytes
+from hvd_gradq.wire.lane_coder import THIS_STEP, lane_payload_bytes, stats_bytes
 
 #: the sparsifiers, which take a compression ratio instead of bits
 RATIO_CODECS = ("jointsq", "topk")
@@ -71,9 +71,11 @@ class Planner:
     """Plans the layers of one rank of a process set of ``size`` ranks."""
 
     def __init__(self, *, codec: str, ratio: float | None, bucket_size: int, min_elements: int, size: int,
-                 rank: int, link: LinkModel, rotation: int = 4096, rounding: str = "nearest", seed: int = 0) -> None:
+                 rank: int, link: LinkModel, rotation: int = 4096, rounding: str = "nearest", seed: int = 0,
+                 block_scales: str = "this_step") -> None:
         self.codec, self.ratio, self.bucket_size, self.min_elements = codec, ratio, bucket_size, min_elements
         self.rotation, self.rounding, self.seed = rotation, rounding, seed
+        self.this_step = block_scales == "this_step"
         self.size, self.rank, self.link = size, rank, link
         self._codecs: dict[int, Codec] = {}
 
@@ -106,8 +108,12 @@ class Planner:
         }
         if self.codec in SUMMABLE:
             block = rot.block_for(numel, self.rotation) if self.codec == ROTATED else 0
-            costs[ALLREDUCE] = cost_model.allreduce_cost(lane_payload_bytes(numel, bits, n, SUM, block), n,
-                                                         self.link)
+            this_step = bool(block) and self.this_step
+            costs[ALLREDUCE] = cost_model.allreduce_cost(lane_payload_bytes(numel, bits, n, SUM, block, this_step),
+                                                         n, self.link)
+            if this_step:  # the block statistics go first, in their own allreduce
+                costs[ALLREDUCE] = cost_model.then(cost_model.allreduce_cost(stats_bytes(numel, block), n, self.link),
+                                                   costs[ALLREDUCE])
         return costs
 
     def choose(self, name: str, costs: dict[str, TransportCost], forced: str) -> str:
@@ -141,6 +147,7 @@ class Planner:
             if self.codec == ROTATED:
                 code.rotation, code.rotation_key = rot.block_for(numel, self.rotation), rot.key_for(self.seed, name)
                 code.rounding = self.rounding
+                code.codec_key = THIS_STEP if self.this_step else ""
             return LayerPlan(name, numel, bits, self.codec, ALLREDUCE, costs[choice], costs,
                              wire_codec=self.codec), code
         gather = self.new_gather_codec(bits)  # its own object: adaptive codecs fit levels per layer

@@ -14,6 +14,12 @@ after the packed codes, one statistic word per block (its energy relative to the
 reference RMS), summed like the codes; the sums set every block's next scale, identically on
 every rank. The residual is kept in the gradient's own domain.
 
+Rotated lanes with this step's scales (``codec_key == THIS_STEP``, the drop-in's default):
+``prepare`` rotates and returns the block statistics for a first, small allreduce (a count, a
+non-finite flag and one word per block); ``encode_prepared`` takes their sum, sets every block's
+scale from this step's energies (the same on every rank) and codes; the payload then carries no
+statistics. A row-sparse layer's blocks change between batches, which last step's scales miss.
+
 Pure tensor code: rank and size are the coder's, the collectives are the caller's
 (``horovod.compressor`` for the stock path, the exchange engine for the drop-in).
 """
@@ -36,6 +42,8 @@ from hvd_gradq.wire.header import AVERAGE, SUM, header_len, header_words, read_h
 #: fixed-point unit of the per-rank scale statistic in packed payloads (max|x| / scale)
 _STAT_ONE = 1 << 16
 _STAT_CAP = 1 << 30
+#: the codec key of rotated lanes whose block scales come from this step's summed statistics
+THIS_STEP = "scales=this_step"
 
 
 def container_of(op: str) -> torch.dtype:
@@ -44,10 +52,17 @@ def container_of(op: str) -> torch.dtype:
     return torch.int64 if op == SUM else torch.float64
 
 
-def lane_payload_bytes(numel: int, bits: int | None, size: int, op: str = SUM, block: int = 0) -> int:
+def stats_bytes(numel: int, block: int) -> int:
+    """Bytes of the first allreduce of rotated lanes with this step's scales."""
+    return (2 + rotation.padded(numel, block) // block) * 8
+
+
+def lane_payload_bytes(numel: int, bits: int | None, size: int, op: str = SUM, block: int = 0,
+                       this_step: bool = False) -> int:
     """Bytes of one rank's payload for a layer of ``numel`` elements: packed ``bits``-bit lanes
     over ``size`` ranks, or float32 when ``bits`` is None (header included). ``block``: the
-    rotation block of rotated lanes (0: not rotated)."""
+    rotation block of rotated lanes (0: not rotated); ``this_step``: their scales come from the
+    first allreduce (``stats_bytes``, not included), so the payload carries no statistics."""
     if bits is None:
         return (header_len(torch.float32, size) + numel) * 4
     container = container_of(op)
@@ -55,7 +70,8 @@ def lane_payload_bytes(numel: int, bits: int | None, size: int, op: str = SUM, b
     if not block:
         return header_len(container, size) * layout.word_bytes + layout.nbytes(numel)
     m = rotation.padded(numel, block)
-    return (header_len(container, size) + m // block) * layout.word_bytes + layout.nbytes(m)
+    stat_words = 0 if this_step else m // block
+    return (header_len(container, size) + stat_words) * layout.word_bytes + layout.nbytes(m)
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,20 @@ class LaneContext:
     track: bool  # error feedback for this layer this step
     err: torch.Tensor | None = None  # rotated lanes: the coding error in the rotated domain
     key: int = 0  # rotated lanes: the rotation key of this step
+    this_step: bool = False  # rotated lanes coded with this step's scales (no statistics in the payload)
+
+
+@dataclass
+class Prepared:
+    """A rotated layer between its statistics and its codes (``prepare`` -> ``encode_prepared``)."""
+
+    code: LayerCode
+    y: torch.Tensor  # the rotated g + r
+    nonfinite: bool
+    track: bool
+    key: int
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 class LaneCoder:
@@ -124,6 +154,47 @@ class LaneCoder:
         return self.codebook.add(LayerCode(
             name, numel, self.bits, layout, codec=ROTATED, rotation=rotation.block_for(numel, self.rotation),
             rotation_key=rotation.key_for(self.seed, name), rounding=self.rounding))
+
+    def prepare(self, name: str, tensor: torch.Tensor, *, frozen: bool = False) -> tuple[torch.Tensor, Prepared] | None:
+        """The first phase of a rotated layer coded with this step's scales: this rank's
+        statistics (int64: 1, the non-finite flag, each block's energy ratio) for an allreduce
+        (Sum), and what ``encode_prepared`` needs; None when the layer goes in one phase (other
+        codes, a float32 calibration step, a frozen layer)."""
+        code = self.code_of(name, tensor.numel())
+        if not (code.rotation and code.codec_key == THIS_STEP and code.packed and not frozen):
+            return None
+        g = tensor.detach().reshape(-1).to(torch.float32)
+        r = self.residuals.buffer(name, g)
+        key = rotation.step_key(code.rotation_key, code.version)
+        y = rotation.rotate(g + r, key, code.rotation)
+        energy = rot.block_energy(y, code.rotation)
+        nonfinite = not math.isfinite(float(energy.sum()))
+        blocks = torch.zeros_like(energy, dtype=torch.int64) if nonfinite else \
+            rot.block_stats(energy, code.scale, code.rotation, self.size)
+        stats = torch.cat([torch.tensor([1, int(nonfinite)], dtype=torch.int64), blocks])
+        return stats, Prepared(code, y, nonfinite, True, key, tensor.shape, tensor.dtype)
+
+    def encode_prepared(self, prep: Prepared, summed: torch.Tensor) -> tuple[torch.Tensor, LaneContext]:
+        """The payload of a prepared layer, given the sum over ranks of the statistics: every
+        block's clip from this step's mean energy (identical on every rank), then the codes."""
+        code = prep.code
+        summed = words_to_int64(summed)
+        k, any_nonfinite = int(summed[0]), int(summed[1]) > 0
+        nxt = None if any_nonfinite or k < 1 else rot.rms_from_stats(summed[2:], code.scale, k)
+        if nxt is not None:
+            code.scale, code.block_rms = nxt
+        container = code.layout.container
+        err = None
+        if any_nonfinite:  # every rank will decode NaN; residuals stay
+            words = pack_lanes(torch.zeros(prep.y.numel(), dtype=torch.int64), code.layout)
+        else:
+            err = torch.empty_like(prep.y)
+            words = rot.quantize_blocks(prep.y, rot.clip_scales(code.block_rms, code.bits), code.bits, code.layout,
+                                        rng=self.rng if code.rounding == rot.STOCHASTIC else None, err_out=err)
+        head = header_words(rank=self.rank, size=self.size, digest=self.codebook.digest(code.name, self.size),
+                            nonfinite=prep.nonfinite, stat=0.0, container=container)
+        ctx = LaneContext(code.name, prep.shape, prep.dtype, True, not any_nonfinite, err, prep.key, True)
+        return torch.cat([head, words.to(container)]), ctx
 
     def encode(self, name: str, tensor: torch.Tensor, *, frozen: bool = False) -> tuple[torch.Tensor, LaneContext]:
         """This rank's payload of layer ``name``. ``frozen``: the parameter does not require grad
@@ -240,8 +311,9 @@ class LaneCoder:
         nwords = code.layout.words(m)
         mean = rot.dequantize_blocks(body[:nwords], m, rot.clip_scales(code.block_rms, code.bits), code.bits,
                                      code.layout, k, multiplier)
-        nxt = rot.rms_from_stats(words_to_int64(body[nwords:], multiplier), code.scale, k)
-        code.scale, code.block_rms = (None, None) if nxt is None else nxt
+        if not ctx.this_step:  # the scales of the next step, from this step's statistics
+            nxt = rot.rms_from_stats(words_to_int64(body[nwords:], multiplier), code.scale, k)
+            code.scale, code.block_rms = (None, None) if nxt is None else nxt
         return rotation.unrotate(mean, ctx.key, block, code.numel)
 
     def state_dict(self) -> dict:

@@ -149,7 +149,9 @@ def exchange_case(out, ps, tag):
                 if plan.transport == "allreduce" and scales[n] is not None and step > 0 and code.rotation:
                     # rotated lanes: a norm bound (per rank, step/2 + what the clip cut, in the rotated
                     # domain, where norms are kept; the triangle inequality over ranks)
-                    clip = clip_scales(code.block_rms, plan.bits).repeat_interleave(code.rotation)
+                    # this step's scales (the drop-in's default) are set while coding; else last step's
+                    rms = ex.codebook[n].block_rms if code.codec_key == "scales=this_step" else code.block_rms
+                    clip = clip_scales(rms, plan.bits).repeat_interleave(code.rotation)
                     bound = 0.0
                     for x in x_all_ranks:
                         y = rotate(x, step_key(code.rotation_key, code.version), code.rotation)
