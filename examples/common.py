@@ -192,9 +192,13 @@ class _Job:
               "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
         codec = None if c == "none" else spec.codec
-        if spec.path == "stock":  # simulated: the lanes, as UniformCompressor sends them in a job
-            codec, kw["transport"] = "rotated", "allreduce"
-        if self.simulated:
+        if spec.path == "stock":  # simulated: the lanes as UniformCompressor sends them in a job
+            settings = ("bits", "ratio", "bucket_size", "seed", "min_elements", "refit_levels", "error_feedback")
+            kw.pop("transport")
+            coding = hvd_gradq.Coding(codec="rotated", transport="allreduce", block_scales="previous_step",
+                                      **{k: kw.pop(k) for k in settings})
+            self.opt = hvd_gradq.SimulatedWorkers(base, named, args.workers, coding=coding, **kw)
+        elif self.simulated:
             self.opt = hvd_gradq.SimulatedWorkers(base, named, args.workers, codec=codec, **kw)
         else:
             self.op = self.hvd.Average  # the mean, as the simulation forms it
