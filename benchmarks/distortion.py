@@ -12,6 +12,12 @@ sum ||g||^2). Codes:
 * ``lanes_rotated``: the rotated lanes (per-block RMS of the previous step's gradient, nearest
   rounding), the stock path's codes now; ``lanes_rotated_oracle``: the same with this step's own
   block RMS (what a same-step scale exchange would give);
+* ``rotated``, ``rotated_stochastic``: the gathered rotated code (each rank's own rotation key
+  and block RMS; nearest / stochastic rounding), what ``codec="rotated"`` sends over allgather and
+  two-phase;
+* ``N=2 ...``: two ranks, the first batch and a second one at the same weights; the NMSE of the
+  decoded mean against the true mean: the rotated lanes with this step's block scales (one clip
+  per block from the ranks' mean block energy, the drop-in's default) and the gathered rotated code;
 * every level codec (``qsgd``, ``qsgdinf``, ``natural``, ``nuqsgd``, ``terngrad``, ``alq``, ``amq``;
   bucket 1024, stochastic, ALQ/AMQ at their initial levels), without and with the rotation
   (``+rot``: the same codec on the rotated vector).
@@ -45,8 +51,9 @@ TRAIN = {"cnn": (0.05, None), "lstm": (20.0, 0.25), "transformer": (5.0, 0.25)}
 BLOCK = 4096
 
 
-def gradients(task: str, points: list[int]) -> dict[int, tuple[dict, dict]]:
-    """{step: (gradients at step - 1, gradients at step)} of every layer, plain float32 SGD."""
+def gradients(task: str, points: list[int]) -> dict[int, tuple[dict, dict, dict]]:
+    """{step: (gradients at step - 1, gradients at step, a second batch's gradients at step)} of
+    every layer, plain float32 SGD on the first batch (the second one stands for another rank's)."""
     torch.manual_seed(0)
     model, batch, loss_fn = bench_task(task, 0, 1)
     lr, clip = TRAIN[task]
@@ -58,7 +65,15 @@ def gradients(task: str, points: list[int]) -> dict[int, tuple[dict, dict]]:
         loss_fn(model(x), y).backward()
         grads = {n: p.grad.detach().reshape(-1).clone() for n, p in model.named_parameters() if p.grad is not None}
         if step in points:
-            out[step] = (prev, grads)
+            x2, y2 = batch(step + 50_000)  # a batch far from the trained ones, at the same weights
+            opt.zero_grad()
+            loss_fn(model(x2), y2).backward()
+            other = {n: p.grad.detach().reshape(-1).clone() for n, p in model.named_parameters()
+                     if p.grad is not None}
+            out[step] = (prev, grads, other)
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    p.grad.copy_(grads[n].view_as(p.grad))
         prev = grads
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -81,6 +96,21 @@ def rotated_lanes(g: torch.Tensor, prev: torch.Tensor, bits: int, key: int) -> t
     return rotation.unrotate(rot.dequantize_blocks(words, y.numel(), clip, bits, layout, 1), key, block, g.numel())
 
 
+def rotated_lanes_pair(gs: list[torch.Tensor], bits: int, key: int) -> torch.Tensor:
+    """The mean of ``gs`` (one gradient per rank) as the rotated lanes with this step's block scales
+    decode it: one rotation and one clip per block for every rank, from the ranks' mean block energy."""
+    n = gs[0].numel()
+    block = rotation.block_for(n, BLOCK)
+    ys = [rotation.rotate(g, key, block) for g in gs]
+    rms = (sum(rot.block_energy(y, block) for y in ys) / (len(ys) * block)).sqrt()
+    ref = float(rms.pow(2).mean().sqrt()) or 1.0  # the layer's RMS: the floor of a block's scale
+    clip = rot.clip_scales(rms.clamp(min=ref * math.sqrt(rot.SCALE_FLOOR)).to(torch.float32), bits)
+    layout = lane_layout(bits, len(gs), torch.int64)
+    words = sum(rot.quantize_blocks(y, clip, bits, layout) for y in ys)
+    mean = rot.dequantize_blocks(words, ys[0].numel(), clip, bits, layout, len(gs))
+    return rotation.unrotate(mean, key, block, n)
+
+
 def shared_scale_lanes(g: torch.Tensor, prev: torch.Tensor, bits: int, rng: DitherSource) -> torch.Tensor:
     s = float(prev.abs().max()) or 1.0
     layout = lane_layout(bits, 1, torch.int64)
@@ -92,14 +122,21 @@ def with_rotation(code, g: torch.Tensor, key: int) -> torch.Tensor:
     return rotation.unrotate(code(rotation.rotate(g, key, block)), key, block, g.numel())
 
 
-def measure(task: str, step: int, prev: dict, grads: dict, codecs: list[str]) -> list[dict]:
+def measure(task: str, step: int, prev: dict, grads: dict, other: dict, codecs: list[str]) -> list[dict]:
     rows = []
     rng = DitherSource(1)
     names = [n for n in grads if grads[n].numel() >= 1024 and float(grads[n].norm()) > 0]
     for bits in range(1, 9):
+        rotated = make_codec("rotated", bits, rotation=BLOCK)
+        rotated_st = make_codec("rotated", bits, rotation=BLOCK, rounding="stochastic")
         codes = {"lanes_shared_scale": lambda g, p, k, b=bits: shared_scale_lanes(g, p, b, rng),
                  "lanes_rotated": lambda g, p, k, b=bits: rotated_lanes(g, p, b, k),
-                 "lanes_rotated_oracle": lambda g, p, k, b=bits: rotated_lanes(g, g, b, k)}
+                 "lanes_rotated_oracle": lambda g, p, k, b=bits: rotated_lanes(g, g, b, k),
+                 "rotated": lambda g, p, k, c=rotated: c.roundtrip(g, rng),
+                 "rotated_stochastic": lambda g, p, k, c=rotated_st: c.roundtrip(g, rng),
+                 # two ranks (the second batch as the other rank), the mean against the true mean
+                 "N=2 lanes_rotated_this_step": lambda g, p, k, b=bits: rotated_lanes_pair(list(g), b, k),
+                 "N=2 rotated": lambda g, p, k, c=rotated: sum(c.roundtrip(x, rng) for x in g) / len(g)}
         for name in codecs:
             try:
                 codec = make_codec(name, bits, bucket_size=1024)
@@ -111,7 +148,11 @@ def measure(task: str, step: int, prev: dict, grads: dict, codecs: list[str]) ->
             per_layer, err, energy, size = {}, 0.0, 0.0, 0
             for i, n in enumerate(names):
                 g = grads[n]
-                q = code(g, prev[n], 1_000_003 * (i + 1) + step)
+                if code_name.startswith("N=2"):
+                    pair = (grads[n], other[n])
+                    q, g = code(pair, None, 1_000_003 * (i + 1) + step), (pair[0] + pair[1]) / 2
+                else:
+                    q = code(g, prev[n], 1_000_003 * (i + 1) + step)
                 e, s = float(((q - g) ** 2).sum()), float((g**2).sum())
                 per_layer[n] = e / s
                 err, energy, size = err + e, energy + s, size + g.numel()
@@ -154,7 +195,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    show = ["lanes_shared_scale", "lanes_rotated", "qsgdinf", "qsgdinf+rot", "qsgd", "natural"]
+    show = ["lanes_shared_scale", "lanes_rotated", "N=2 lanes_rotated_this_step", "rotated", "qsgdinf",
+            "qsgdinf+rot", "qsgd", "natural"]
     for ax, task in zip(axes[0], tasks):
         last = max(r["step"] for r in rows if r["task"] == task)
         for code in show:
@@ -187,8 +229,8 @@ def main() -> None:
     points = [int(p) for p in args.points.split(",")]
     rows, started = [], time.time()
     for task in args.tasks.split(","):
-        for step, (prev, grads) in gradients(task, points).items():
-            rows += measure(task, step, prev, grads, args.codecs.split(","))
+        for step, (prev, grads, other) in gradients(task, points).items():
+            rows += measure(task, step, prev, grads, other, args.codecs.split(","))
             print(f"{task} step {step}: done ({time.time() - started:.0f} s)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"commit": commit, "points": points, "rows": rows}, indent=1))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from hvd_gradq import checks
 from hvd_gradq.alloc import Allocator
 from hvd_gradq.alloc.trigger import Trigger
-from hvd_gradq.codebook import SHARED_SCALE, SUMMABLE
+from hvd_gradq.codebook import SHARED_SCALE
 from hvd_gradq.codecs import make_codec
 from hvd_gradq.codecs.rotated import ROUNDINGS
 from hvd_gradq.plan.cost_model import TRANSPORTS, LinkModel
@@ -56,7 +56,8 @@ class Coding:
         codec: "rotated" (a randomized Hadamard rotation shared by every rank, then one scale per
             rotation block shared by every rank) or "shared_scale" (one scale per layer shared
             by every rank, unrotated): the summable codes, so allreduce is among their
-            transports (gathered, they travel as ``qsgdinf``); any level
+            transports (gathered, a rotated layer travels as the rotated code with each rank's
+            own block scales and rotation key, a shared-scale one as ``qsgdinf``); any level
             codec (``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``, ``alq``, ``amq``),
             "jointsq" or "topk" (DGC's top-k by magnitude; both with ``ratio`` and error feedback).
         bits: width 0..8 for every layer, a ``{name or regex: bits}`` mapping (others get 4;
@@ -73,7 +74,8 @@ class Coding:
             biased codes only (JointSQ, top-k; the shared-scale lanes always keep theirs, for
             clipping); unbiased codecs go without, as their variance would pile up in the residual.
         seed: of the stochastic rounding (each rank draws its own stream).
-        rotation: the largest rotation block of ``codec="rotated"`` (a power of two 8..65536).
+        rotation: the largest rotation block of ``codec="rotated"`` (a power of two 8..65536), on
+            every transport.
         rounding: of ``codec="rotated"``: "nearest" (biased, with error feedback) or "stochastic".
         block_scales: of ``codec="rotated"``: "this_step" (a first, small allreduce of the block
             statistics, one word per rotation block, then the codes) or "previous_step" (one
@@ -185,7 +187,7 @@ def check_reallocation(coding: Coding, allocator: Allocator | None, trigger: Tri
     for b in allocator.options:
         if b:
             try:
-                make_codec(GATHERED_SHARED_SCALE if coding.codec in SUMMABLE else coding.codec, b)
+                make_codec(GATHERED_SHARED_SCALE if coding.codec == SHARED_SCALE else coding.codec, b)
             except ValueError as e:
                 raise ValueError(f"allocator option {b} bits does not suit codec {coding.codec!r}: {e}") from e
     trigger = Trigger() if trigger is None else trigger

@@ -45,7 +45,8 @@ class SimulatedWorkers:
 
     Takes the coding arguments of ``hvd_gradq.DistributedOptimizer`` (``codec``, ``bits``,
     ``ratio``, ``bucket_size``, ``transport``, ``link``, ``min_elements``, ``error_feedback``,
-    ``seed``, ``allocator``, ``trigger``, ``refit_levels``); ``codec=None`` averages the float32 gradients exactly
+    ``seed``, ``allocator``, ``trigger``, ``refit_levels``, ``rotation``, ``rounding``,
+    ``block_scales``); ``codec=None`` averages the float32 gradients exactly
     (the uncompressed baseline). The aggregate is the mean over workers (``op=hvd.Average``).
 
     Per step: ``zero_grad()``, then ``backward(loss)`` once per worker, in rank order (worker r's
@@ -58,7 +59,8 @@ class SimulatedWorkers:
                  trigger: Trigger | None = None, codec: str | None = "qsgd", bits: int | Mapping[str, int] = 4,
                  ratio: float | None = None, bucket_size: int = 1024, transport: str | Mapping[str, str] = "auto",
                  link: LinkModel | None = None, min_elements: int = 1024, error_feedback: bool | str = "auto",
-                 seed: int = 0, refit_levels: int | None = None) -> None:
+                 seed: int = 0, refit_levels: int | None = None, rotation: int = 4096, rounding: str = "nearest",
+                 block_scales: str = "this_step") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.world = SimulatedWorld(workers)
@@ -81,7 +83,8 @@ class SimulatedWorkers:
         else:
             self.coding = Coding.of(coding, codec=codec, bits=bits, ratio=ratio, bucket_size=bucket_size,
                                     transport=transport, link=link, min_elements=min_elements,
-                                    error_feedback=error_feedback, seed=seed, refit_levels=refit_levels)
+                                    error_feedback=error_feedback, seed=seed, refit_levels=refit_levels,
+                                    rotation=rotation, rounding=rounding, block_scales=block_scales)
             trigger = check_reallocation(self.coding, allocator, trigger)
             self.exchanges = [GradientExchange(self._named, coding=self.coding, collectives=self.world.rank(r),
                                                op=AVERAGE, label="hvd_gradq.SimulatedWorkers")

@@ -30,7 +30,7 @@ def simulate(case: str, size: int):
 
 
 @pytest.mark.parametrize("case,size", [("lanes", 2), ("gather", 2), ("jointsq", 2), ("topk", 2), ("alq", 2),
-                                       ("gather", 4)])
+                                       ("rotated", 2), ("gather", 4)])
 def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size):
     run = horovodrun(WORKERS / "sim_check.py", "--case", case, "--out", tmp_path, np=size, timeout=240)
     assert run.returncode == 0, run.output[-6000:]
@@ -44,6 +44,9 @@ def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size
         assert len(real["versions"]) == 2, "the interval trigger should have fired at steps 0 and 2"
     if case == "alq":
         assert real["levels"] and real["levels"] == levels_of(sim.exchanges[0])
+    if case == "rotated":  # every transport carries rotated codes
+        plans = sim.layer_plans()
+        assert {p.transport for p in plans if p.wire_codec == "rotated"} == {"allreduce", "allgather", "two_phase"}
     for step, (s, r) in enumerate(zip(aggregates, real["aggregates"])):
         if size == 2:  # a + b == b + a: the same bits
             assert torch.equal(s, r), f"step {step}: simulated aggregate differs from the real one"
@@ -167,7 +170,7 @@ def train(case: str, size: int, steps: range, state=None):
     return sim, model, saved
 
 
-@pytest.mark.parametrize("case", ["lanes", "gather", "jointsq", "alq"])
+@pytest.mark.parametrize("case", ["lanes", "gather", "jointsq", "alq", "rotated"])
 def test_simulated_resume_is_bit_identical_to_uninterrupted_training(case):
     _, full, _ = train(case, 2, range(8))
     _, _, saved = train(case, 2, range(4))

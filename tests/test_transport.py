@@ -18,7 +18,7 @@ def rank_files(tmp_path, size, prefix="rank"):
 
 def check_exchange(results, size):
     by_config = list(zip(*[r["results"] for r in results]))
-    seen_transports, rotated = set(), 0
+    seen_transports, rotated, rotated_gather = set(), 0, 0
     for config in by_config:
         head = config[0]
         label = f"{head['codec']}/{head['transport']}"
@@ -37,6 +37,7 @@ def check_exchange(results, size):
                 if "bound_violation" in info:
                     assert info["bound_violation"] <= 0, where
                 rotated += info.get("rotated", False)
+                rotated_gather += info.get("rotated_gather", False)
                 if info["transport"] != "float32" and info["bits"] < 8 and step > 0:
                     assert info["err_max"] > 0, f"{where}: a lossy code cannot be exact"
                 if info["transport"] == "allreduce" and step == 0:
@@ -47,6 +48,8 @@ def check_exchange(results, size):
                     assert info["payload"] == info["predicted"], where
     assert {"allreduce", "allgather", "two_phase", "none", "float32"} <= seen_transports
     assert rotated > 0, "no rotated lane layer was checked"
+    if any(c[0]["codec"] == "rotated" and c[0]["transport"] != "allreduce" for c in by_config):
+        assert rotated_gather > 0, "no rotated gather layer was checked"
 
 
 @pytest.mark.parametrize("mode", ["mpi", "gloo"])
@@ -101,7 +104,7 @@ def test_optimizer_features_with_compression(tmp_path, mode):
         assert len(set(err["sparse_digest"])) == 1
 
 
-@pytest.mark.parametrize("case", ["version_mismatch", "bits_mismatch"])
+@pytest.mark.parametrize("case", ["version_mismatch", "bits_mismatch", "rotation_mismatch"])
 def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, case):
     start = time.monotonic()
     run = horovodrun(WORKER, "--case", case, "--out", tmp_path, np=2, timeout=120)

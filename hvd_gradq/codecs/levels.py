@@ -281,8 +281,15 @@ LEVEL_CODECS = {
 
 
 def make_codec(name: str, bits: int | None = None, *, bucket_size: int = 1024, norm: str | None = None,
-               ratio: float | None = None) -> Codec:
-    """A codec by name: one of ``sorted(LEVEL_CODECS)`` (with ``bits``), or "jointsq" or "topk" (with ``ratio``)."""
+               ratio: float | None = None, rotation: int = 4096, rounding: str = "nearest") -> Codec:
+    """A codec by name: one of ``sorted(LEVEL_CODECS)`` or "rotated" (with ``bits``; "rotated" also
+    takes its largest ``rotation`` block and ``rounding``), or "jointsq" or "topk" (with ``ratio``)."""
+    if name == "rotated":
+        from hvd_gradq.codecs.rotated import RotatedCodec
+
+        if bits is None:
+            raise ValueError("rotated needs bits=, e.g. make_codec('rotated', bits=2)")
+        return RotatedCodec(bits, rotation=rotation, rounding=rounding)
     if name == "jointsq":
         from hvd_gradq.codecs.jointsq import JointSQCodec
 
@@ -296,7 +303,8 @@ def make_codec(name: str, bits: int | None = None, *, bucket_size: int = 1024, n
             raise ValueError("topk takes a compression ratio, e.g. make_codec('topk', ratio=20)")
         return TopKCodec(ratio)
     if name not in LEVEL_CODECS:
-        raise ValueError(f"unknown codec {name!r}; choose one of {[*sorted(LEVEL_CODECS), 'jointsq', 'topk']}")
+        choices = [*sorted(LEVEL_CODECS), "rotated", "jointsq", "topk"]
+        raise ValueError(f"unknown codec {name!r}; choose one of {choices}")
     if bits is None:
         raise ValueError(f"{name} needs bits=, e.g. make_codec({name!r}, bits=4)")
     return LEVEL_CODECS[name](bits, bucket_size, norm)

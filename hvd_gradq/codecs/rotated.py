@@ -25,8 +25,11 @@ import math
 import torch
 
 from hvd_gradq.bits import native
+from hvd_gradq.bits import rotation as rotation_mod
+from hvd_gradq.bits.bitstream import pack_bits, packed_nbytes, unpack_bits
 from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.bits.lanes import LaneLayout, pack_lanes, unpack_lanes, words_to_int64
+from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
 
 #: the MSE-optimal clip scale (outermost level / sigma) of a uniform 2**b-level quantizer on N(0, 1)
 CLIP = {1: 0.7979, 2: 1.4935, 3: 2.0511, 4: 2.5140, 5: 2.9162, 6: 3.2780, 7: 3.6111, 8: 3.9222}
@@ -136,3 +139,85 @@ def dequantize_blocks(words: torch.Tensor, n: int, scales: torch.Tensor, bits: i
     if status != 0:
         raise ValueError("float lane words are not integers after reduction: the payload was altered")
     return out
+
+
+# ---- the gathered form: one rank's self-contained rotated code ------------------------------------
+_BYTE_LANES = LaneLayout(torch.int64, 8, 8)  # one code per byte: the words read as uint8 are the codes
+
+
+class RotatedCodec(Codec):
+    """The rotated code of one rank, for the transports that gather (allgather, two-phase).
+
+    ``encode`` rotates the layer with a fresh key drawn from the rank's stream, quantizes every
+    rotation block onto ``2**bits`` levels over [-s_b, s_b], s_b = CLIP[bits] * RMS of the block
+    (its own, exact: no shared scale is needed when codes are not summed), and sends the key, the
+    clip scale per block (float32) and the codes packed to ``bits`` bits per element; ``decode``
+    dequantizes and rotates back. Nearest rounding is biased (the optimizer keeps error feedback
+    for it); stochastic rounding is unbiased within the clip. A block of zeros sends scale 0 and
+    decodes to exact zeros. Non-finite input decodes to NaN everywhere.
+
+    Args:
+        bits: 1..8 bits per element (0: nothing is sent, decodes to zeros).
+        rotation: the largest rotation block; a layer of n elements uses ``block_for(n, rotation)``.
+        rounding: "nearest" or "stochastic".
+    """
+
+    name = "rotated"
+
+    def __init__(self, bits: int, *, rotation: int = 4096, rounding: str = NEAREST) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 8:
+            raise ValueError(f"rotated: bits must be in 0..8 (0 = not sent), got {bits!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rotated: rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        rotation_mod.block_for(8, rotation)  # validates the largest block
+        super().__init__(bits)
+        self.rotation, self.rounding = rotation, rounding
+        self.unbiased = rounding == STOCHASTIC
+
+    def block(self, numel: int) -> int:
+        """The rotation block of a vector of ``numel`` elements."""
+        return rotation_mod.block_for(numel, self.rotation)
+
+    def layout(self, numel: int) -> list[tuple[str, torch.dtype, int]]:
+        if self.bits == 0:
+            return []
+        block = self.block(numel)
+        m = rotation_mod.padded(numel, block)
+        return [("key", torch.int64, 1), ("scales", torch.float32, m // block),
+                ("codes", torch.uint8, packed_nbytes(m, self.bits))]
+
+    def encode(self, x: torch.Tensor, rng: DitherSource) -> Encoded:
+        x = flat_float32(x).contiguous()
+        n = x.numel()
+        if self.bits == 0:
+            return Encoded(n, {})
+        block = self.block(n)
+        key = rng.key()
+        y = rotation_mod.rotate(x, key, block)
+        rms = block_energy(y, block).div_(block).sqrt_().to(torch.float32)
+        word = torch.tensor([key - (1 << 64) if key >= 1 << 63 else key], dtype=torch.int64)
+        if not bool(torch.isfinite(rms).all()):
+            return Encoded(n, {"key": word, "scales": torch.full_like(rms, float("nan")),
+                               "codes": torch.zeros(packed_nbytes(y.numel(), self.bits), dtype=torch.uint8)})
+        scales = clip_scales(rms, self.bits)
+        # a zero block: any positive scale codes it; scale 0 on the wire decodes it to exact zeros
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        words = quantize_blocks(y, safe, self.bits, _BYTE_LANES, rng=rng if self.unbiased else None)
+        codes = pack_bits(words.view(torch.uint8)[:y.numel()], self.bits)
+        return Encoded(n, {"key": word, "scales": scales, "codes": codes})
+
+    def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        n = enc.numel
+        if self.bits == 0:
+            return torch.zeros(n) if out is None else out.zero_()
+        block = self.block(n)
+        m = rotation_mod.padded(n, block)
+        scales = enc.parts["scales"]
+        step, _ = _per_block(scales, self.bits)
+        codes = unpack_bits(enc.parts["codes"], self.bits, m).view(-1, block).to(torch.float32)
+        y = codes.mul_(step.view(-1, 1)).sub_(scales.view(-1, 1)).view(-1)
+        x = rotation_mod.unrotate(y, int(enc.parts["key"].item()) % (1 << 64), block, n)
+        return x if out is None else out.copy_(x.view(out.shape))
+
+    def __repr__(self) -> str:
+        return f"RotatedCodec(bits={self.bits}, rotation={self.rotation}, rounding={self.rounding!r})"

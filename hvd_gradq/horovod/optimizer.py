@@ -311,6 +311,9 @@ def DistributedOptimizer(
     error_feedback: bool | str = "auto",
     seed: int = 0,
     refit_levels: int | None = None,
+    rotation: int = 4096,
+    rounding: str = "nearest",
+    block_scales: str = "this_step",
 ):
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging coded gradients.
 
@@ -325,7 +328,8 @@ def DistributedOptimizer(
 
     The coding: ``coding=hvd_gradq.Coding(...)``, or the same settings as keywords (``codec``,
     ``bits``, ``ratio``, ``bucket_size``, ``transport``, ``link``, ``min_elements``,
-    ``error_feedback``, ``seed``, ``refit_levels``; see ``Coding`` for each). ``allocator``: a
+    ``error_feedback``, ``seed``, ``refit_levels``, ``rotation``, ``rounding``, ``block_scales``;
+    see ``Coding`` for each). ``allocator``: a
     ``hvd_gradq.Allocator``: rank 0 re-decides the bits of every coded layer when ``trigger`` (a
     ``hvd_gradq.Trigger``; default: similarity, tau 0.95, k_min 20) fires and broadcasts the new
     codebook (over MPI with mpi4py under ``horovodrun --mpi``, else Horovod's
@@ -359,7 +363,7 @@ def DistributedOptimizer(
         groups = num_groups if groups is None else groups
     coding = Coding.of(coding, codec=codec, bits=bits, ratio=ratio, bucket_size=bucket_size, transport=transport,
                        link=link, min_elements=min_elements, error_feedback=error_feedback, seed=seed,
-                       refit_levels=refit_levels)
+                       refit_levels=refit_levels, rotation=rotation, rounding=rounding, block_scales=block_scales)
     trigger = check_reallocation(coding, allocator, trigger)
     process_set = hvd.global_process_set if process_set is None else process_set
     if not isinstance(process_set, hvd.ProcessSet):

@@ -37,8 +37,9 @@ RATIO_CODECS = ("jointsq", "topk")
 #: every codec the optimizer takes: the summable lanes (rotated, shared-scale), the level codecs,
 #: the sparsifiers
 CODECS = (*SUMMABLE, *sorted(LEVEL_CODECS), *RATIO_CODECS)
-#: what a summable layer is coded with when it is gathered instead of summed: evenly spaced
-#: levels, with a scale per bucket of the sender's own (a rank's codes need not be summable)
+#: what a shared-scale layer is coded with when it is gathered instead of summed: evenly spaced
+#: levels, with a scale per bucket of the sender's own (a rank's codes need not be summable); a
+#: rotated layer gathered travels as the rotated code with each rank's own block scales
 GATHERED_SHARED_SCALE = "qsgdinf"
 
 
@@ -90,7 +91,9 @@ class Planner:
     def new_gather_codec(self, bits: int) -> Codec:
         if self.codec in RATIO_CODECS:
             return make_codec(self.codec, ratio=self.ratio)
-        name = GATHERED_SHARED_SCALE if self.codec in SUMMABLE else self.codec
+        if self.codec == ROTATED:  # gathered, each rank's rotated code has its own block scales and key
+            return make_codec(ROTATED, bits, rotation=self.rotation, rounding=self.rounding)
+        name = GATHERED_SHARED_SCALE if self.codec == SHARED_SCALE else self.codec
         return make_codec(name, bits, bucket_size=self.bucket_size)
 
     def costs(self, numel: int, bits: int) -> dict[str, TransportCost]:
@@ -151,7 +154,12 @@ class Planner:
             return LayerPlan(name, numel, bits, self.codec, ALLREDUCE, costs[choice], costs,
                              wire_codec=self.codec), code
         gather = self.new_gather_codec(bits)  # its own object: adaptive codecs fit levels per layer
-        key = f"ratio={self.ratio}" if self.codec in RATIO_CODECS else f"bucket={self.bucket_size}"
+        if self.codec in RATIO_CODECS:
+            key = f"ratio={self.ratio}"
+        elif self.codec == ROTATED:
+            key = f"rotation={self.rotation};rounding={self.rounding}"
+        else:
+            key = f"bucket={self.bucket_size}"
         code = LayerCode(name, numel, bits, None, codec=gather.name, transport=choice, codec_key=key)
         return LayerPlan(name, numel, bits, self.codec, choice, costs[choice], costs, wire_codec=gather.name,
                          gather=gather), code

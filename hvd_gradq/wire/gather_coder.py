@@ -20,6 +20,7 @@ import torch
 from hvd_gradq.bits.chunks import chunk_bounds
 from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.codecs import Codec, ErrorFeedback, JointSQCodec, JointSQState
+from hvd_gradq.codecs.rotated import RotatedCodec
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.wire.frames import FRAME_HEADER_BYTES, FrameHeader, check_frames, frame, parse_frames
 
@@ -28,16 +29,19 @@ from hvd_gradq.wire.frames import FRAME_HEADER_BYTES, FrameHeader, check_frames,
 JOINTSQ_CHUNK_ALIGN = 4096
 
 
-def _align_of(codec: Codec) -> int:
+def _align_of(codec: Codec, numel: int) -> int:
     if isinstance(codec, JointSQCodec):
         return JOINTSQ_CHUNK_ALIGN
+    if isinstance(codec, RotatedCodec):  # whole rotation blocks of the layer: no chunk pads more
+        return codec.block(numel)
     # chunk boundaries on bucket boundaries keep two-phase chunks coded exactly like the whole layer
     return max(8, int(getattr(codec, "bucket_size", 8)))
 
 
 def layer_bounds(codec: Codec, numel: int, size: int) -> list[int]:
-    """The two-phase chunk boundaries of a layer: one chunk per rank, on the codec's buckets."""
-    return chunk_bounds(numel, size, _align_of(codec))
+    """The two-phase chunk boundaries of a layer: one chunk per rank, on the codec's buckets (on
+    the layer's rotation blocks for the rotated code)."""
+    return chunk_bounds(numel, size, _align_of(codec, numel))
 
 
 def _body_bytes(codec: Codec, numel: int) -> int:

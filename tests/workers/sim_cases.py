@@ -34,6 +34,10 @@ def setup(case: str, seed: int = 0):
         kw = {"codec": "qsgd", "bits": {".*": 4, "features.2.body.0.weight": 0, "classifier.weight": 2},
               "transport": {".*": "allgather", "features.3.*": "two_phase", "features.4.*": "two_phase"},
               "min_elements": 256}
+    elif case == "rotated":  # rotated codes on every transport: lanes with this step's scales, gathered
+        kw = {"codec": "rotated", "bits": {".*": 3, "classifier.weight": 2},
+              "transport": {".*": "allreduce", "features.3.*": "allgather", "features.4.*": "two_phase"},
+              "min_elements": 256}
     elif case == "jointsq":
         kw = {"codec": "jointsq", "ratio": 20, "transport": "two_phase"}
     elif case == "alq":  # adaptive levels refit on rank 0 after steps 0 and 2, broadcast to every rank

@@ -11,7 +11,8 @@ Cases:
              UniformCompressor and for the drop-in: every torch.optim optimizer, backward passes
              per step = 2, groups, a layer unused on one rank, dynamic requires_grad, and the
              clear errors for Adasum; sparse gradients with and without sparse_as_dense.
-  version_mismatch / bits_mismatch   one rank's codebook differs: every rank must raise.
+  version_mismatch / bits_mismatch / rotation_mismatch   one rank's codebook differs (its version,
+             a layer's bits, the rotation block of gathered rotated codes): every rank must raise.
 """
 import argparse
 import copy
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 import hvd_gradq
 from hvd_gradq.bits.rotation import rotate, step_key
-from hvd_gradq.codecs.rotated import clip_scales
+from hvd_gradq.codecs.rotated import GAUSSIAN_NMSE, clip_scales
 from workloads.datasets import fashion_mnist
 
 ap = argparse.ArgumentParser()
@@ -82,6 +83,7 @@ def exchange_case(out, ps, tag):
     configs = [
         ("shared_scale", "allreduce"), ("shared_scale", "allgather"), ("shared_scale", "two_phase"),
         ("shared_scale", "auto"), ("rotated", "allreduce"), ("rotated", "auto"),
+        ("rotated", "allgather"), ("rotated", "two_phase"),
         ("qsgd", "allgather"), ("qsgd", "two_phase"), ("jointsq", "allgather"), ("jointsq", "two_phase"),
     ]
     if ps != hvd.global_process_set:  # process sets: one config per transport
@@ -163,7 +165,17 @@ def exchange_case(out, ps, tag):
                     delta = 2 * s / ((1 << plan.bits) - 1)
                     bound = (delta + (x_all_ranks.abs() - s).clamp(min=0)).sum(0)
                     info["bound_violation"] = (err - bound - 1e-5).max().item()
-                elif codec in ("shared_scale", "rotated") and plan.transport in ("allgather", "two_phase"):
+                elif codec == "rotated" and plan.transport in ("allgather", "two_phase"):
+                    # each rank's own rotated code: a norm bound of twice the code's RMS error on
+                    # Gaussian data per rank (rotation makes every input near-Gaussian), plus the
+                    # requantized chunk sums in the two-phase exchange
+                    rel = 2 * GAUSSIAN_NMSE[plan.bits] ** 0.5
+                    bound = rel * float(x_all_ranks.norm(dim=1).sum())
+                    if plan.transport == "two_phase":
+                        bound += rel * float((x_all_ranks.sum(0) + s_in).norm())
+                    info["bound_violation"] = float(err.norm()) - bound - 1e-5
+                    info["rotated_gather"] = True
+                elif codec == "shared_scale" and plan.transport in ("allgather", "two_phase"):
                     m = (1 << (plan.bits - 1)) - 1  # qsgdinf: gaps of 1/m of the bucket maximum
                     pad = (-agg.numel()) % 512
                     xb_ = F.pad(x_all_ranks.abs(), (0, pad)).view(size, -1, 512).amax(2)  # (N, buckets)
@@ -318,9 +330,12 @@ def mismatch_case(out, case):
     rank = hvd.rank()
     model = MLP()
     bits = 2 if (case == "bits_mismatch" and rank == 0) else 4
+    # rotation_mismatch: rank 0 gathers rotated codes with rotation blocks of up to 4096, the others 1024
+    coding = {"codec": "rotated", "rotation": 4096 if rank == 0 else 1024} if case == "rotation_mismatch" else \
+        {"codec": "qsgd"}
     opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                         named_parameters=model.named_parameters(), codec="qsgd", bits=bits,
-                                         transport="allgather")
+                                         named_parameters=model.named_parameters(), bits=bits,
+                                         transport="allgather", **coding)
     if case == "version_mismatch" and rank == 1:
         opt.codebook.version += 1
     step = 0
