@@ -98,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     p.add_argument("--bucket-size", type=int, default=1024, help="level codecs: elements per bucket (one norm each)")
     p.add_argument("--error-feedback", choices=["auto", "on", "off"], default="auto",
                    help="keep what coding drops and add it back next step (auto: for biased codecs)")
+    p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"],
+                   help="stock / rotated: nearest (biased, with error feedback) or stochastic rounding")
+    p.add_argument("--block-scales", default="this_step", choices=["this_step", "previous_step"],
+                   help="rotated on allreduce: this step's block scales (a first small allreduce) or last step's")
     p.add_argument("--transport", default="auto", choices=["auto", "allreduce", "allgather", "two_phase"],
                    help="per-layer transport (auto: the cost model picks)")
     p.add_argument("--min-elements", type=int, default=1024, help="layers smaller than this go as float32")
@@ -184,17 +188,20 @@ class _Job:
             self.op = hvd.Sum if args.op == "sum" else hvd.Average
             if spec.path == "stock":
                 self.compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named, op=self.op,
-                                                               seed=args.seed)
+                                                               seed=args.seed, rounding=args.rounding)
             compression = self.compression or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
             self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=compression, op=self.op)
             return
         kw = {"bits": args.bits, "ratio": args.ratio, "bucket_size": args.bucket_size, "seed": args.seed,
               "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
+              "rounding": args.rounding, "block_scales": args.block_scales,
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
         codec = None if c == "none" else spec.codec
         if spec.path == "stock":  # simulated: the lanes as UniformCompressor sends them in a job
-            settings = ("bits", "ratio", "bucket_size", "seed", "min_elements", "refit_levels", "error_feedback")
+            settings = ("bits", "ratio", "bucket_size", "seed", "min_elements", "refit_levels", "error_feedback",
+                        "rounding")
             kw.pop("transport")
+            kw.pop("block_scales")
             coding = hvd_gradq.Coding(codec="rotated", transport="allreduce", block_scales="previous_step",
                                       **{k: kw.pop(k) for k in settings})
             self.opt = hvd_gradq.SimulatedWorkers(base, named, args.workers, coding=coding, **kw)

@@ -37,6 +37,7 @@ TABLES = {
     "F": "Table F: level sets at 3 bits, CNN (the ALQ paper's comparison)",
     "G": "Table G: where the Transformer's bits go (LAD, Lagrangian)",
     "R": "Real multi-process confirmation: horovodrun np=2 against 2 simulated workers, CNN",
+    "Q": "Table Q: the rotated codes against FP32 (Table A re-run on today's codes; seeds 0 and 1)",
 }
 #: rows whose bits per layer are drawn as a heatmap
 HEATMAP_ROWS = ("A-cnn-lad", "A-lstm-lad", "G-trf-lad3", "G-trf-lad2")
@@ -217,11 +218,60 @@ def build_grid() -> Grid:
                                  "--options", opts]),
                   seed=0, key=(codec, bits, "lad"))
 
+    _quality_rows(g)
+
     for mode in ("real", "sim"):
         for key, label, method in methods:
             g.add("R", f"R-{mode}-{key}", label, _example(CNN, method(2), workers=0 if mode == "real" else 2),
                   seed=0, key=(key, mode), launcher=REAL_LAUNCHER if mode == "real" else ())
     return g
+
+
+def _rotated(bits: int, transport: str, *extra: str) -> list[str]:
+    return ["--compressor", "rotated", "--transport", transport, "--bits", str(bits), *extra]
+
+
+def _quality_rows(g: Grid) -> None:
+    """Table Q (issue 16): FP32, the stock path (rotated lanes, last step's block scales), the
+    drop-in's rotated lanes (this step's scales), the gathered rotated code and, on the CNN, the
+    best unrotated gather codec (qsgdinf); the allocators at 2 bits on the rotated lanes; a 1-bit
+    budget; rounding x error feedback for the gathered code at 2 bits on the LSTM."""
+    stock = lambda b: ["--compressor", "stock", "--bits", str(b)]  # noqa: E731
+    lad = lambda solver, budget: [*_rotated(math.ceil(budget) or 1, "allreduce"), "--allocator", "lad",  # noqa: E731
+                                  "--solver", solver, "--budget", f"{budget:g}", "--options", "0,1,2,3,4,5,6,8"]
+    fp32 = ["--compressor", "none"]
+    plan_rows = {
+        ("cnn", CNN): [("fp32", "FP32", fp32),
+                       *[(f"{k}{b}", f"{label}, {b} bits", fn(b)) for b in (2,) for k, label, fn in (
+                           ("stock", "stock path (rotated lanes, last step's scales)", stock),
+                           ("lanes", "rotated lanes, this step's scales", lambda b: _rotated(b, "allreduce")),
+                           ("gather", "rotated, allgather", lambda b: _rotated(b, "allgather")),
+                           ("qsgdinf", "qsgdinf, allgather",
+                            lambda b: ["--compressor", "qsgdinf", "--transport", "allgather", "--bits", str(b)]))],
+                       ("greedy2", "Greedy, budget 2 (rotated lanes)", lad("greedy", 2)),
+                       ("lad2", "LAD, budget 2 (rotated lanes)", lad("lagrangian", 2)),
+                       ("lad1", "LAD, budget 1 (rotated lanes, 0-bit layers allowed)", lad("lagrangian", 1))],
+        ("lstm", LSTM): [("fp32", "FP32", fp32),
+                         *[(f"{k}{b}", f"{label}, {b} bits", fn(b)) for b in (3, 2) for k, label, fn in (
+                             ("stock", "stock path (rotated lanes, last step's scales)", stock),
+                             ("lanes", "rotated lanes, this step's scales", lambda b: _rotated(b, "allreduce")),
+                             ("gather", "rotated, allgather", lambda b: _rotated(b, "allgather")))],
+                         ("greedy2", "Greedy, budget 2 (rotated lanes)", lad("greedy", 2)),
+                         ("lad2", "LAD, budget 2 (rotated lanes)", lad("lagrangian", 2)),
+                         ("lad1", "LAD, budget 1 (rotated lanes, 0-bit layers allowed)", lad("lagrangian", 1)),
+                         ("gather2-st", "rotated, allgather, 2 bits, stochastic, no error feedback",
+                          _rotated(2, "allgather", "--rounding", "stochastic")),
+                         ("gather2-st-ef", "rotated, allgather, 2 bits, stochastic + error feedback",
+                          _rotated(2, "allgather", "--rounding", "stochastic", "--error-feedback", "on"))],
+        ("trf", TRF): [("fp32", "FP32", fp32),
+                       *[(f"{k}3", f"{label}, 3 bits", fn(3)) for k, label, fn in (
+                           ("stock", "stock path (rotated lanes, last step's scales)", stock),
+                           ("lanes", "rotated lanes, this step's scales", lambda b: _rotated(b, "allreduce")),
+                           ("gather", "rotated, allgather", lambda b: _rotated(b, "allgather")))]],
+    }
+    for (model, script), rows in plan_rows.items():
+        for key, label, argv in rows:
+            g.add("Q", f"Q-{model}-{key}", label, _example(script, argv), seed=0, key=(model, key))
 
 
 def plan(grid: Grid, tables: set[str] | None = None, seeds: list[int] | None = None,

@@ -138,6 +138,38 @@ def _section_r(grid: Grid, res: Results) -> list[str]:
                       "train s, simulated"], rows)
 
 
+def _section_q(grid: Grid, res: Results) -> list[str]:
+    """Per model: each row's headline metric at seeds 0 and 1, their mean, and the wire figures."""
+    copies = {c.id: c for c in res.copies()}
+    lines = ["Simulated workers (4), 1 epoch; the metric per seed, then the mean of the seeds that ran "
+             "(CNN: test accuracy; LSTM, Transformer: validation perplexity). Bits/element: one worker's "
+             "bytes handed to the collectives per step over the elements, at seed 0.", ""]
+    titles = {"cnn": "CNN (Fashion-MNIST)", "lstm": "LSTM (Austen, emb 128, hidden 256)",
+              "trf": "Transformer (Austen)"}
+    for model, title in titles.items():
+        entries = [e for e in grid.table("Q") if e.key[0] == model]
+        if not entries:
+            continue
+        rows = []
+        for e in entries:
+            values = []
+            for rid in (e.row, f"{e.row}-s1"):
+                log = res.log(rid)
+                values.append(None if log is None else _headline(log)[1])
+            shown = ["-" if v is None else f"{v:.4g}" for v in values]
+            if values[0] is None:
+                shown[0] = res.status(e.row)
+            if values[1] is None and f"{e.row}-s1" in copies:
+                shown[1] = res.status(f"{e.row}-s1")
+            done = [v for v in values if v is not None]
+            mean = f"{sum(done) / len(done):.4g}" if done else "-"
+            rows.append([e.label, *shown, mean, *res.cells(e.row, [bits_per_element, allocations, train_seconds])])
+        lines += [f"{title}:", ""]
+        lines += _md_table(["method", "seed 0", "seed 1", "mean", "bits/element on the wire", "allocations",
+                            "train s (seed 0)"], rows)
+    return lines
+
+
 SECTIONS = {
     "A": _section_a,
     "B": lambda g, r: _simple([accuracy, compression, allocations, allocation_seconds],
@@ -157,6 +189,7 @@ SECTIONS = {
                                 ["test accuracy", "compression vs fp32", "normalised variance"])(g, r, "F")],
     "G": _section_g,
     "R": _section_r,
+    "Q": _section_q,
 }
 
 
