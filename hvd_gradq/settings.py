@@ -53,7 +53,7 @@ class Coding:
     """How gradients are coded.
 
     Args:
-        codec: "rotated" (a randomized Hadamard rotation shared by every rank, then one scale per
+        codec: "rotated" (the default; a randomized Hadamard rotation shared by every rank, then one scale per
             rotation block shared by every rank) or "shared_scale" (one scale per layer shared
             by every rank, unrotated): the summable codes, so allreduce is among their
             transports (gathered, a rotated layer travels as the rotated code with each rank's
@@ -86,7 +86,7 @@ class Coding:
             (default 100; 0: keep the initial exponential levels).
     """
 
-    codec: str = "qsgd"
+    codec: str = "rotated"
     bits: int | Mapping[str, int] | Callable[[str], int] = 4
     ratio: float | None = None
     bucket_size: int = 1024

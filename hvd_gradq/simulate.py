@@ -56,7 +56,7 @@ class SimulatedWorkers:
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, torch.Tensor]],
                  workers: int, *, coding: Coding | None = None, allocator: Allocator | None = None,
-                 trigger: Trigger | None = None, codec: str | None = "qsgd", bits: int | Mapping[str, int] = 4,
+                 trigger: Trigger | None = None, codec: str | None = "rotated", bits: int | Mapping[str, int] = 4,
                  ratio: float | None = None, bucket_size: int = 1024, transport: str | Mapping[str, str] = "auto",
                  link: LinkModel | None = None, min_elements: int = 1024, error_feedback: bool | str = "auto",
                  seed: int = 0, refit_levels: int | None = None, rotation: int = 4096, rounding: str = "nearest",

@@ -36,7 +36,7 @@ def test_rotation_settings_are_keywords_of_the_simulation_and_reach_every_transp
     assert lanes.rotation == 512 and lanes.rounding == "stochastic" and lanes.codec_key == ""  # last step's scales
     assert ex.plans["2.weight"].gather.rotation == 512 and ex.plans["2.weight"].gather.rounding == "stochastic"
     assert gathered.codec_key == "rotation=512;rounding=stochastic"
-    for step in range(3):  # trains: finite, moving parameters
+    for _ in range(3):  # trains: finite parameters
         sim.zero_grad()
         for _ in range(2):
             sim.backward(m(torch.randn(8, 64)).square().mean())

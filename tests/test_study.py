@@ -14,9 +14,10 @@ def grid():
 
 def test_grid_has_every_table(grid):
     tables = {e.table for e in grid.entries}
-    assert tables == set("ABCDEFG") | {"R"} == set(study.TABLES)
+    assert tables == set("ABCDEFG") | {"R", "Q"} == set(study.TABLES)
     assert len(grid.table("A")) == 8 and len(grid.table("B")) == 4 and len(grid.table("C")) == 9
     assert len(grid.table("R")) == 8 and len(grid.table("G")) == 4
+    assert [len([e for e in grid.table("Q") if e.key[0] == m]) for m in ("cnn", "lstm", "trf")] == [8, 12, 4]
 
 
 def test_ids_and_commands_are_unique(grid):
@@ -59,7 +60,7 @@ def test_priority_order(grid):
     assert ids[:4] == ["A-cnn-fp32", "A-cnn-uniform", "A-cnn-greedy", "A-cnn-lad"]
     assert ids[4:8] == ["A-lstm-fp32", "A-lstm-uniform", "A-lstm-greedy", "A-lstm-lad"]
     first = list(dict.fromkeys(i.split("-")[0] for i in ids))
-    assert first == ["A", "B", "C", "E", "F", "G", "D", "R"]
+    assert first == ["A", "B", "C", "E", "F", "G", "D", "Q", "R"]
     assert all(i.startswith("R-") for i in ids[-8:])
 
 
@@ -168,6 +169,8 @@ def test_report_from_synthetic_logs(tmp_path, grid):
                                     layers=TRF_LAYERS, codebooks=TRF_BOOKS))
     _write(runs, "F-alq3", _log("FashionCNN", {"test_accuracy": 0.7, "test_loss": 1.0}, ratio=0.1,
                                 variance=[0.1, 0.3, None, 0.2]))
+    _write(runs, "Q-lstm-gather3", _log("AustenLSTM", {"valid_ppl": 140.0, "test_ppl": 150.0}, ratio=0.1))
+    _write(runs, "Q-lstm-gather3-s1", _log("AustenLSTM", {"valid_ppl": 150.0, "test_ppl": 160.0}, ratio=0.1))
     runs.put("A-cnn-uniform", "A-cnn-uniform.txt",
              "$ python ...\nTraceback (most recent call last):\nValueError: boom\n")
     runs.put("A-cnn-uniform", "A-cnn-uniform.status.json", {"id": "A-cnn-uniform", "rc": 1, "ok": False})
@@ -197,11 +200,15 @@ def test_report_from_synthetic_logs(tmp_path, grid):
                                       "1.00 / 0.00 | 8.00 / 8.00 | 2.52 / 2.38 |")
     assert row("| LAD, 2 bits |").count("|") == row("| LAD, 3 bits |").count("|")
     assert row("| A-cnn-fp32 |", after="## Other seeds").startswith(
-        "| A-cnn-fp32 | A | test_accuracy | 0: 0.8125, 1: 0.8075 | 0.81 | 0.005 |")
+        "| A-cnn-fp32 | A,Q | test_accuracy | 0: 0.8125, 1: 0.8075 | 0.81 | 0.005 |")
+    # Table Q: both seeds and their mean; a row not run says so
+    assert row("| rotated, allgather, 3 bits |").startswith("| rotated, allgather, 3 bits | 140 | 150 | 145 | 3.20 |")
+    assert row("| stock path (rotated lanes, last step's scales), 3 bits |").startswith(
+        "| stock path (rotated lanes, last step's scales), 3 bits | not run | - | - |")
     assert "116,602 parameters" in text
     assert "python examples/fashion_mnist_cnn.py --workers 4 --compressor none --seed 0" in text  # the log's command
     assert "python examples/transformer_lm.py --workers 4" in text  # a planned command (G-trf-lad2: not run)
-    assert "Status: 5 of 58 rows done, 1 failed, 52 not run." in text
+    assert "Status: 6 of 80 rows done, 1 failed, 73 not run." in text
     for png in ("table_a_curves.png", "bits_A-cnn-lad.png", "bits_G-trf-lad3.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert not (tmp_path / "bits_G-trf-lad2.png").exists()  # not run

@@ -16,7 +16,11 @@ Summability: every rank uses the same rotation and the same clip scales for a bl
 over ranks of the codes decodes to the mean of their levels, and one inverse rotation after the
 reduction gives the mean gradient. The scales come from the previous step's block energies,
 summed across ranks as fixed-point ratios to the layer's reference RMS (``block_stats`` /
-``scales_from_stats``): integers, so every rank derives bitwise the same scales.
+``rms_from_stats``): integers, so every rank derives bitwise the same scales.
+
+Gathered (allgather, two-phase), codes need not be summable: ``RotatedCodec`` is one rank's
+self-contained rotated code, with its own rotation key (sent in the payload) and each block's own
+exact clip scale (sent as float32), at exactly ``bits`` bits per element.
 """
 from __future__ import annotations
 

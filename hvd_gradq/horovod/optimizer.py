@@ -301,7 +301,7 @@ def DistributedOptimizer(
     coding: Coding | None = None,
     allocator: Allocator | None = None,
     trigger: Trigger | None = None,
-    codec: str = "qsgd",
+    codec: str = "rotated",
     bits: int | Mapping[str, int] | Callable[[str], int] = 4,
     ratio: float | None = None,
     bucket_size: int = 1024,

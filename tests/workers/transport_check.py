@@ -299,7 +299,8 @@ def optim_case(out):
             torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
             compression=hvd.Compression.fp16),
         "allreduce_for_qsgd": lambda: hvd_gradq.DistributedOptimizer(
-            torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), transport="allreduce"),
+            torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), codec="qsgd",
+            transport="allreduce"),
         "unknown_layer": lambda: hvd_gradq.DistributedOptimizer(
             torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), bits={"conv.*": 2}),
     }.items():
