@@ -71,8 +71,9 @@ class Coding:
             construction (a job only, all ranks); default ``LinkModel()`` (10 Gbit/s, 50 us).
         min_elements: layers smaller than this go as exact float32.
         error_feedback: keep what coding drops and add it back at the next step. "auto": for
-            biased codes only (JointSQ, top-k; the shared-scale lanes always keep theirs, for
-            clipping); unbiased codecs go without, as their variance would pile up in the residual.
+            biased codes only (JointSQ, top-k, the rotated code with nearest rounding; the lanes
+            always keep theirs, for clipping); unbiased codecs go without, as their variance would
+            pile up in the residual.
         seed: of the stochastic rounding (each rank draws its own stream).
         rotation: the largest rotation block of ``codec="rotated"`` (a power of two 8..65536), on
             every transport.
