@@ -27,12 +27,13 @@ from pathlib import Path
 
 from benchmarks import procs, provenance
 from benchmarks.archive import Archive
+from hvd_gradq.exchange.timings import PHASES
 from workloads.progress import Progress
 from workloads.tasks import TASKS, compressor_name
 
 ROOT = procs.ROOT
 CLUSTER = ROOT / "launch" / "cluster.sh"
-DEFAULT_COMPRESSORS = "none,fp16,stock2,stock4,stock8,lad2,lad3,jointsq20,jointsq100,powersgd"
+DEFAULT_COMPRESSORS = "none,fp16,stock2,stock4,stock8,rotated2,rotated3,lad2,lad3,jointsq20,jointsq100,powersgd"
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
@@ -145,14 +146,17 @@ def write_report(rows: list[dict], compute: dict[str, float], args, out: Path, s
              "(ring allreduce 2(N-1)/N x payload; allgather (N-1) x frame; two-phase both phases). "
              "Ideal: T_none / (T_compute + T_comm_none x wire ratio).", "",
              "Compute-only step time (1 process): " + ", ".join(f"{m} {s:.3f} s" for m, s in compute.items()), "",
+             "Breakdown (rank 0, mean s per timed step; `opt.step_timings()` for the drop-in, the worker's timers "
+             "around the stock optimizer): compute / encode / decode / wait in collectives; - where not measured "
+             "(DDP).", "",
              "| rate | model | N | compressor | step s | speedup | ideal | of ideal | sent B/step | predicted B/step "
-             "| kernel/predicted | wire ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel/predicted | wire ratio | compute | encode | decode | wait |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             first = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "failed"
             lines.append(f"| {r['rate']} | {r['model']} | {r['size']} | {r['compressor']} | failed: {first} "
-                         "| | | | | | | |")
+                         "| | | | | | | | | | | |")
             continue
         pred = r.get("predicted_sent_per_step")
         kp = f"{r['tx_per_step'] / pred:.3f}" if pred else "-"
@@ -160,7 +164,9 @@ def write_report(rows: list[dict], compute: dict[str, float], args, out: Path, s
             f"| {r['rate']} | {r['model']} | {r['size']} | {r['compressor']} | {r['median_step_s']:.3f} | "
             f"{r.get('speedup', float('nan')):.2f} | {r.get('ideal_speedup', float('nan')):.2f} | "
             f"{r.get('of_ideal', float('nan')):.2f} | {r['tx_per_step']:.0f} | "
-            f"{'-' if pred is None else f'{pred:.0f}'} | {kp} | {r.get('wire_ratio', float('nan')):.3f} |")
+            f"{'-' if pred is None else f'{pred:.0f}'} | {kp} | {r.get('wire_ratio', float('nan')):.3f} | "
+            + " | ".join(f"{r['breakdown'][k]:.3f}" if r.get("breakdown") else "-"
+                         for k in ("compute", "encode", "decode", "wait")) + " |")
     lines += ["", "![speedup](speedup.png)", "", "![breakdown](breakdown.png)", ""]
     (out / "BANDWIDTH.md").write_text("\n".join(lines))
     _plots(rows, compute, out)
@@ -206,10 +212,25 @@ def _plots(rows: list[dict], compute: dict[str, float], out: Path) -> None:
             ax = axes[i][j]
             sel = [r for r in ok if r["model"] == model and r["rate"] == rate]
             names = [r["compressor"] for r in sel]
-            comp_s = [compute[model] for _ in sel]
-            comm_s = [max(r["median_step_s"] - compute[model], 0.0) for r in sel]
-            ax.bar(names, comp_s, label="compute (1 process)")
-            ax.bar(names, comm_s, bottom=comp_s, label="communication + coding")
+            bottom = [0.0] * len(sel)
+            for phase in PHASES:  # rank 0's measured phases; a row without them (DDP): compute + the rest
+                vals = []
+                for r in sel:
+                    b = r.get("breakdown")
+                    if b:
+                        vals.append(b[phase] * r["median_step_s"] / max(b["step"], 1e-9))
+                    elif phase == "compute":
+                        vals.append(compute[model])
+                    elif phase == "other":
+                        vals.append(max(r["median_step_s"] - compute[model], 0.0))
+                    else:
+                        vals.append(0.0)
+                ax.bar(names, vals, bottom=bottom, label=phase)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            base = next((r["median_step_s"] for r in sel if r["compressor"] == "none"), None)
+            if base is not None:
+                ideal = [base / r["ideal_speedup"] if r.get("ideal_speedup") else float("nan") for r in sel]
+                ax.scatter(names, ideal, color="k", marker="_", s=300, zorder=3, label="ideal bound")
             ax.set_title(f"{model} @ {rate}")
             ax.set_ylabel("s per step")
             ax.tick_params(axis="x", rotation=60, labelsize=7)

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import provenance
-from hvd_gradq.bits import native
+from hvd_gradq.bits import native, rotation
 from hvd_gradq.bits.lanes import lane_layout
 from hvd_gradq.codecs import LEVEL_CODECS, DitherSource, JointSQState, make_codec
+from hvd_gradq.codecs import rotated as rot
 from hvd_gradq.codecs.shared_scale import dequantize_lanes, quantize_to_lanes
 
 
@@ -42,10 +43,13 @@ def main(argv=None) -> str:
     ap.add_argument("--bucket", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="", help="write the markdown table here (and the figures as JSON beside it)")
+    ap.add_argument("--isa", choices=native.ISA_NAMES, default=None,
+                    help="use at most this instruction-set path of the kernels (default: the widest the CPU runs)")
     provenance.add_argument(ap)
     args = ap.parse_args(argv)
     commit = provenance.commit(args.allow_dirty, outputs=[Path(args.out).parent] if args.out else [])
     torch.set_num_threads(1)
+    native.set_isa(args.isa)
     n = int(args.mb * 1e6 / 4)
     gbytes = n * 4 / 1e9
     x = torch.randn(n)
@@ -84,10 +88,52 @@ def main(argv=None) -> str:
                         dequantize_lanes(words, n, 3.0, bits, layout, 1), args.reps)
         rows.append(("uniform-lanes (UniformCompressor)", bits, enc_s, dec_s))
 
+    # the rotated codes (the defaults): the lanes of UniformCompressor and of the drop-in's allreduce
+    # (rotation, block quantization, packing and the residual rotated back, fused per block; N = 2
+    # lanes, last step's block scales), and the gathered rotated code (encode with its coding error,
+    # decode added into the sum); rotation block 4096
+    block = 4096
+    m = rotation.padded(n, block)
+    for bits in args.bits:
+        layout = lane_layout(bits, 2, torch.int64)
+        scales = rot.clip_scales(torch.ones(m // block), bits)
+        residual = torch.zeros_like(x)
+        staged = torch.empty_like(x)
+
+        def enc_rot(bits=bits, layout=layout, scales=scales, residual=residual, staged=staged):
+            out = rot.encode_lanes(x, scales, bits, layout, key=7, block=block, addend=residual, energy=True,
+                                   resid_out=staged)
+            if out is None:  # no kernels: the unfused torch path
+                y, _ = rotation.rotate_energy(x, 7, block, residual)
+                err = torch.empty_like(y)
+                words = rot.quantize_blocks(y, scales, bits, layout, err_out=err)
+                rotation.unrotate_(err, 7, block, n, out=staged)
+                return words
+            return out[0]
+
+        words = enc_rot()
+        enc_s = best_of(enc_rot, args.reps)
+
+        def dec_rot(bits=bits, layout=layout, scales=scales, words=words):
+            out = rot.decode_lanes(words, n, scales, bits, layout, 1, 1, key=7, block=block)
+            if out is None:
+                out = rotation.unrotate_(rot.dequantize_blocks(words, m, scales, bits, layout, 1), 7, block, n)
+            return out
+
+        dec_s = best_of(dec_rot, args.reps)
+        rows.append(("rotated lanes (UniformCompressor, drop-in allreduce)", bits, enc_s, dec_s))
+    for bits in args.bits:
+        codec = make_codec("rotated", bits)
+        rng = DitherSource(0)
+        enc_s = best_of(lambda codec=codec, rng=rng: codec.encode_error(x, rng), args.reps)
+        enc = codec.encode(x, rng)
+        dec_s = best_of(lambda codec=codec, enc=enc: codec.decode(enc, out=y, accumulate=True), args.reps)
+        rows.append(("rotated (gathered; encode with its error)", bits, enc_s, dec_s))
+
     lines = [
         f"Codec throughput, 1 thread, {args.mb:g} MB float32 input, bucket {args.bucket}, best of {args.reps}.",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"native kernels: {'yes' if native.load() is not None else 'no'}.",
+        f"native kernels: {'yes, ' + native.isa() + ' path' if native.load() is not None else 'no'}.",
         f"Reference in the same run: torch copy_ of the same tensor: {gbytes / copy_s:.2f} GB/s.",
         f"Commit: {commit}.",
         "",

@@ -22,6 +22,8 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
+from hvd_gradq.bits import native
+from hvd_gradq.exchange.timings import summarize
 from workloads.tasks import BENCH_COMPRESSORS, TASKS, bench_task, compressor_name, make_optimizer
 
 
@@ -67,12 +69,30 @@ def main(argv=None) -> dict:
     c = args.compressor
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
+    breakdown: list[dict] = []  # the stock optimizer's steps, timed here (the drop-in times its own)
+
     def step(i: int) -> float:
+        t0 = time.perf_counter()
         inputs, target = batch(i)
         opt.zero_grad()
         loss = loss_fn(model(inputs), target) / size
         loss.backward()
-        opt.step()
+        if hasattr(opt, "step_timings") or size == 1:
+            opt.step()
+            return float(loss.detach()) * size
+        t1 = time.perf_counter()
+        opt.synchronize()  # Horovod waits for its allreduces and decompresses here
+        t2 = time.perf_counter()
+        with opt.skip_synchronize():
+            opt.step()
+        t3 = time.perf_counter()
+        enc = comp.timer.current["encode"] if comp is not None else 0.0
+        dec = comp.timer.current["decode"] if comp is not None else 0.0
+        if comp is not None:
+            comp.timer.close(t3 - t0, 0)
+        breakdown.append({"compute": max(0.0, t1 - t0 - enc), "encode": enc, "decode": dec,
+                          "wait": max(0.0, t2 - t1 - dec), "allocation": 0.0, "update": t3 - t2, "other": 0.0,
+                          "step": t3 - t0, "bytes": 0})
         return float(loss.detach()) * size
 
     times, losses, (tx, rx) = timed_steps(step, args.warmup, args.steps, hvd.barrier if size > 1 else None)
@@ -98,6 +118,14 @@ def main(argv=None) -> dict:
     if hasattr(opt, "allocation_overhead") and getattr(opt, "allocator", None) is not None:
         result["allocation"] = opt.allocation_overhead()
         result["bits"] = {p.name: p.bits for p in opt.layer_plans()}
+    if hasattr(opt, "step_timings"):
+        records = opt.step_timings(last=args.steps)
+    else:
+        records = breakdown[-args.steps:]
+    if records:
+        result["timings"] = records
+        result["breakdown"] = summarize(records)
+    result["isa"] = native.isa()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     return result

@@ -17,9 +17,11 @@ The benchmarks' names fix the settings (``BENCH_COMPRESSORS``, built by ``make_o
 ``none``, ``fp16``, ``stock2``/``stock4``/``stock8`` (the stock path at 2/4/8 bits),
 ``lad2``/``lad3`` (the drop-in, ``shared_scale`` at 4 bits, exact-LAD Lagrangian allocation at a
 budget of 2/3 bits, similarity trigger), ``jointsq20``/``jointsq100`` (JointSQ at 20x/100x),
-``qsgd4``; and ``powersgd``: PyTorch DDP with the PowerSGD hook (``benchmarks.ddp_worker``, no
-Horovod). Older names are still accepted and mean what they meant (``ALIASES``: old result logs
-use them); what is written now uses the new names.
+``qsgd4``, ``rotated2``/``rotated3`` (the drop-in's default rotated code at 2/3 bits),
+``lad2r``/``lad3r`` (LAD as lad2/lad3 over the rotated code); and ``powersgd``: PyTorch DDP with
+the PowerSGD hook (``benchmarks.ddp_worker``, no Horovod). Older names are still accepted and
+mean what they meant (``ALIASES``: old result logs use them); what is written now uses the new
+names.
 """
 from __future__ import annotations
 
@@ -111,14 +113,18 @@ _EXAMPLES = [Compressor("none", "horovod", "none"), Compressor("fp16", "horovod"
 _BENCH = [*[Compressor(f"stock{b}", "stock", bits=b) for b in (2, 4, 8)],
           *[Compressor(f"lad{b}", "dropin", _SHARED_SCALE, bits=4, budget=float(b)) for b in (2, 3)],
           *[Compressor(f"jointsq{r}", "dropin", "jointsq", ratio=float(r)) for r in (20, 100)],
-          Compressor("qsgd4", "dropin", "qsgd", bits=4), Compressor("powersgd", "ddp")]
+          Compressor("qsgd4", "dropin", "qsgd", bits=4),
+          *[Compressor(f"rotated{b}", "dropin", "rotated", bits=b) for b in (2, 3)],
+          *[Compressor(f"lad{b}r", "dropin", "rotated", bits=4, budget=float(b)) for b in (2, 3)],
+          Compressor("powersgd", "ddp")]
 COMPRESSORS = {c.name: c for c in [*_EXAMPLES, *_BENCH]}
 #: the examples' --compressor
 EXAMPLE_COMPRESSORS = tuple(c.name for c in _EXAMPLES)
 #: the codecs of the drop-in optimizer and the simulation
 DROPIN = tuple(hvd_gradq.CODECS)
 #: what benchmarks.step_worker and benchmarks.tta_worker run under Horovod (powersgd: under DDP)
-BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", "lad2", "lad3", "jointsq20", "jointsq100", "qsgd4")
+BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", "lad2", "lad3", "jointsq20", "jointsq100", "qsgd4",
+                     "rotated2", "rotated3", "lad2r", "lad3r")
 #: old name -> new name
 ALIASES = {"uniform": "stock", "gradq-uniform": _SHARED_SCALE, "uniform2": "stock2", "uniform4": "stock4",
            "uniform8": "stock8"}

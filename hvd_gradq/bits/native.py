@@ -86,7 +86,45 @@ def load() -> ctypes.CDLL | None:
             lib.hvdgq_rotate.restype = None
             lib.hvdgq_unrotate.argtypes = [ptr, i64, i64, u64, f32]
             lib.hvdgq_unrotate.restype = None
+            lib.hvdgq_rotate_into.argtypes = [ptr, ptr, i64, ptr, i64, i64, u64, f32, ptr]
+            lib.hvdgq_rotate_into.restype = None
+            lib.hvdgq_unrotate_into.argtypes = [ptr, i64, i64, u64, f32, ptr, i64]
+            lib.hvdgq_unrotate_into.restype = None
+            lib.hvdgq_quantize_blocks_bits.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32, i32, u64, ptr, ptr]
+            lib.hvdgq_quantize_blocks_bits.restype = None
+            lib.hvdgq_decode_rotated.argtypes = [ptr, i64, i64, ptr, ptr, i32, u64, f32, ptr, i64, i32]
+            lib.hvdgq_decode_rotated.restype = i32
+            lib.hvdgq_encode_rotated_lanes.argtypes = [ptr, ptr, i32, i64, i64, i64, u64, f32, ptr, ptr, ptr, i32, i32,
+                                                       u64, i32, i32, i32, ptr, ptr, ptr]
+            lib.hvdgq_encode_rotated_lanes.restype = i32
+            lib.hvdgq_decode_rotated_lanes.argtypes = [ptr, i64, i32, ctypes.c_double, i32, i32, i64, ptr, ptr, u64,
+                                                       f32, ptr, i64]
+            lib.hvdgq_decode_rotated_lanes.restype = i32
+            lib.hvdgq_isa.argtypes = []
+            lib.hvdgq_isa.restype = i32
+            lib.hvdgq_set_isa.argtypes = [i32]
+            lib.hvdgq_set_isa.restype = i32
             lib.hvdgq_abs_max.argtypes = [ptr, ptr, i64]
             lib.hvdgq_abs_max.restype = f32
             _lib = lib
     return _lib
+
+
+#: the kernels' instruction-set paths, by ``hvdgq_isa()``'s number
+ISA_NAMES = ("generic", "avx2", "avx512")
+
+
+def isa() -> str:
+    """The instruction-set path the kernels take on this CPU, chosen at run time: "avx512",
+    "avx2" or "generic" (portable C); "torch" when the kernels are not loaded."""
+    lib = load()
+    return "torch" if lib is None else ISA_NAMES[lib.hvdgq_isa()]
+
+
+def set_isa(name: str | None) -> str:
+    """Use at most the path ``name`` ("generic", "avx2", "avx512"; None: the widest the CPU
+    runs), for tests that compare every path with the torch reference. Returns the path in use."""
+    lib = load()
+    if lib is None:
+        return "torch"
+    return ISA_NAMES[lib.hvdgq_set_isa(-1 if name is None else ISA_NAMES.index(name))]

@@ -61,8 +61,12 @@ def padded(numel: int, block: int) -> int:
     return -(-numel // block) * block
 
 
-def _norm(block: int) -> float:
+def block_norm(block: int) -> float:
+    """1/sqrt(block) rounded to float32, the factor every transform applies after its butterflies."""
     return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+
+
+_norm = block_norm
 
 
 def signs(key: int, n: int) -> torch.Tensor:
@@ -87,27 +91,55 @@ def _native_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
 
 
-def rotate(x: torch.Tensor, key: int, block: int) -> torch.Tensor:
-    """The rotated copy of ``x`` (any shape; flattened, float32, zero-padded to whole blocks)."""
+def rotate(x: torch.Tensor, key: int, block: int, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """The rotated copy of ``x`` (+ ``addend``, same numel) (any shape; flattened, float32,
+    zero-padded to whole blocks)."""
+    return rotate_energy(x, key, block, addend, energy=False)[0]
+
+
+def rotate_energy(x: torch.Tensor, key: int, block: int, addend: torch.Tensor | None = None, *,
+                  energy: bool = True, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rotate(x, key, block, addend)`` and, with ``energy``, each block's sum of squares
+    (float64), taken by the C kernel in the same pass (its summation order differs from torch's
+    by float64 rounding only). ``out``: a float32 buffer of the padded length to write into."""
     n = x.numel()
-    y = torch.zeros(padded(n, block), dtype=torch.float32, device=x.device)
-    y[:n] = x.detach().reshape(-1)
-    lib = native.load() if _native_ok(y) else None
+    m = padded(n, block)
+    flat = x.detach().reshape(-1)
+    add = None if addend is None else addend.detach().reshape(-1)
+    if out is not None and (out.numel() != m or not _native_ok(out)):
+        raise ValueError(f"out must be a contiguous float32 tensor of {m} elements")
+    lib = native.load() if _native_ok(flat) and (add is None or _native_ok(add)) else None
     if lib is not None:
-        lib.hvdgq_rotate(y.data_ptr(), y.numel(), block, key % (1 << 64), _norm(block))
-        return y
+        y = torch.empty(m, dtype=torch.float32) if out is None else out
+        e = torch.empty(m // block, dtype=torch.float64) if energy else None
+        lib.hvdgq_rotate_into(flat.data_ptr(), None if add is None else add.data_ptr(), n, y.data_ptr(), m, block,
+                              key % (1 << 64), _norm(block), None if e is None else e.data_ptr())
+        return y, e
+    y = torch.zeros(m, dtype=torch.float32, device=x.device)
+    y[:n] = flat if add is None else flat.to(torch.float32) + add.to(torch.float32)
     y.mul_(signs(key, y.numel()).to(y.device))
-    return _butterflies(y, block)
+    y = _butterflies(y, block)
+    if out is not None:
+        y = out.copy_(y)
+    return y, (y.view(-1, block).to(torch.float64).pow(2).sum(dim=1) if energy else None)
 
 
 def unrotate(y: torch.Tensor, key: int, block: int, numel: int) -> torch.Tensor:
     """The first ``numel`` elements of the inverse rotation of ``y`` (flat, whole blocks)."""
+    return unrotate_(y.detach().to(torch.float32).contiguous().clone(), key, block, numel)
+
+
+def unrotate_(y: torch.Tensor, key: int, block: int, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``unrotate`` that overwrites ``y`` (flat contiguous float32, whole blocks) and writes the
+    result into ``out`` (``numel`` float32 elements; None: a view of ``y``); returns it."""
     if y.numel() % block:
         raise ValueError(f"a rotated vector has whole blocks of {block}, got {y.numel()} elements")
-    z = y.detach().to(torch.float32).contiguous().clone()
-    lib = native.load() if _native_ok(z) else None
+    if out is not None and (out.numel() != numel or not _native_ok(out)):
+        raise ValueError(f"out must be a contiguous float32 tensor of {numel} elements")
+    lib = native.load() if _native_ok(y) else None
     if lib is not None:
-        lib.hvdgq_unrotate(z.data_ptr(), z.numel(), block, key % (1 << 64), _norm(block))
-    else:
-        z = _butterflies(z, block).mul_(signs(key, z.numel()).to(z.device))
-    return z[:numel]
+        dst = y if out is None else out
+        lib.hvdgq_unrotate_into(y.data_ptr(), y.numel(), block, key % (1 << 64), _norm(block), dst.data_ptr(), numel)
+        return y[:numel] if out is None else out
+    z = _butterflies(y, block).mul_(signs(key, y.numel()).to(y.device))[:numel]
+    return z if out is None else out.copy_(z)

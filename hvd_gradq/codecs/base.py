@@ -86,6 +86,12 @@ class Codec(ABC):
             offset += nbytes
         return Encoded(numel, parts)
 
+    def encode_error(self, x: torch.Tensor, rng: DitherSource) -> tuple[Encoded, torch.Tensor]:
+        """``encode(x)`` and its coding error ``x - decode(enc)`` (float32, flat): what error
+        feedback keeps. Codecs that have the error at hand while coding override it."""
+        enc = self.encode(x, rng)
+        return enc, flat_float32(x) - self.decode(enc)
+
     def roundtrip(self, x: torch.Tensor, rng: DitherSource) -> torch.Tensor:
         """decode(encode(x)) in ``x``'s shape and dtype; integer tensors pass through untouched."""
         if not x.dtype.is_floating_point:

@@ -18,17 +18,16 @@ class ErrorFeedback:
 
     def compensate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """``grad + residual``, flattened, as a new float32 tensor (``grad`` is not modified)."""
-        x = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)
-        x.copy_(grad.detach().reshape(-1))
+        g = grad.detach().reshape(-1)
         r = self.residuals.get(name)
-        if r is not None:
-            if r.shape != x.shape:
-                raise ValueError(
-                    f"error-feedback residual of layer {name!r} has {r.numel()} elements, "
-                    f"its gradient {x.numel()}"
-                )
-            x.add_(r)
-        return x
+        if r is None:
+            return g.to(torch.float32, copy=True)
+        if r.numel() != g.numel():
+            raise ValueError(
+                f"error-feedback residual of layer {name!r} has {r.numel()} elements, "
+                f"its gradient {g.numel()}"
+            )
+        return torch.add(g.to(torch.float32), r)  # one pass when the gradient is float32
 
     def update(self, name: str, x: torch.Tensor, decoded: torch.Tensor) -> None:
         """Keep ``x - decoded`` (flat tensors) as the residual of ``name``, reusing its buffer."""

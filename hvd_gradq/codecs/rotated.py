@@ -145,8 +145,86 @@ def dequantize_blocks(words: torch.Tensor, n: int, scales: torch.Tensor, bits: i
     return out
 
 
-# ---- the gathered form: one rank's self-contained rotated code ------------------------------------
+def encode_lanes(x: torch.Tensor, scales: torch.Tensor, bits: int, layout: LaneLayout, *, key: int, block: int,
+                 addend: torch.Tensor | None = None, rotated: bool = False, rng: DitherSource | None = None,
+                 energy: bool = False, resid_out: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Rotated lanes in one pass per block (C kernel): rotate ``x`` (+ ``addend``) with ``key``
+    (``rotated``: ``x`` already holds the padded rotated values), quantize every block against
+    ``scales`` as ``quantize_blocks``, pack into ``layout``'s words, and write the coding error,
+    rotated back, into ``resid_out`` (float32, ``x``'s numel). Returns (words, block energies or
+    None), the same words as ``quantize_blocks(rotate(x + addend))``; None without the kernels
+    (the caller takes the unfused path)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    flat = x.detach().reshape(-1)
+    add = None if addend is None else addend.detach().reshape(-1)
+    lib = native.load() if _native_ok(flat, add, resid_out, scales) else None
+    if lib is None:
+        return None
+    n = flat.numel()
+    m = n if rotated else rotation_mod.padded(n, block)
+    if m != scales.numel() * block or (rotated and (energy or add is not None)):
+        raise ValueError("encode_lanes: scales must hold one entry per block; a rotated input takes no addend")
+    numel = n if resid_out is None else resid_out.numel()
+    step, to_unit = _per_block(scales, bits)
+    words = torch.empty(layout.words(m), dtype=layout.container)
+    e = torch.empty(m // block, dtype=torch.float64) if energy else None
+    status = lib.hvdgq_encode_rotated_lanes(
+        flat.data_ptr(), None if add is None else add.data_ptr(), int(rotated), numel if rotated else n, m, block,
+        key % (1 << 64), rotation_mod.block_norm(block), scales.data_ptr(), to_unit.data_ptr(), step.data_ptr(),
+        bits, int(rng is None), 0 if rng is None else rng.key(), layout.lane_bits, layout.lanes_per_word,
+        int(layout.container == torch.float64), words.data_ptr(), None if e is None else e.data_ptr(),
+        None if resid_out is None else resid_out.data_ptr())
+    if status != 0:
+        raise MemoryError("encode_lanes: no memory for a block buffer")
+    return words, e
+
+
+def decode_lanes(words: torch.Tensor, numel: int, scales: torch.Tensor, bits: int, layout: LaneLayout, count: int,
+                 multiplier: int, *, key: int, block: int) -> torch.Tensor | None:
+    """``unrotate(dequantize_blocks(words, ...))[:numel]`` in one pass per block (C kernel); None
+    without the kernels."""
+    lib = native.load() if words.device.type == "cpu" and words.is_contiguous() and _native_ok(scales) else None
+    if lib is None:
+        return None
+    m = scales.numel() * block
+    step, _ = _per_block(scales, bits)
+    per_code = (step / count).to(torch.float32)
+    out = torch.empty(numel, dtype=torch.float32)
+    status = lib.hvdgq_decode_rotated_lanes(
+        words.data_ptr(), m, int(words.dtype == torch.float64), float(multiplier), layout.lane_bits,
+        layout.lanes_per_word, block, per_code.data_ptr(), scales.data_ptr(), key % (1 << 64),
+        rotation_mod.block_norm(block), out.data_ptr(), numel)
+    if status == -1:
+        raise ValueError("float lane words are not integers after reduction: the payload was altered")
+    if status != 0:
+        raise MemoryError("decode_lanes: no memory for a block buffer")
+    return out
+
+
 _BYTE_LANES = LaneLayout(torch.int64, 8, 8)  # one code per byte: the words read as uint8 are the codes
+
+
+def quantize_blocks_bits(y: torch.Tensor, scales: torch.Tensor, bits: int, *, rng: DitherSource | None = None,
+                         err_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``quantize_blocks`` with the codes written as a uint8 bit stream of ``bits`` bits per code
+    (``bits.bitstream.pack_bits``'s format). C kernel and torch path give the same bytes."""
+    n = y.numel()
+    block = n // scales.numel()
+    lib = native.load() if _native_ok(y, scales, err_out) else None
+    if lib is None:
+        words = quantize_blocks(y, scales, bits, _BYTE_LANES, rng=rng, err_out=err_out)
+        return pack_bits(words.view(torch.uint8)[:n], bits)
+    step, to_unit = _per_block(scales, bits)
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    lib.hvdgq_quantize_blocks_bits(y.data_ptr(), n, block, scales.data_ptr(), to_unit.data_ptr(), step.data_ptr(),
+                                   bits, int(rng is None), 0 if rng is None else rng.key(), out.data_ptr(),
+                                   None if err_out is None else err_out.data_ptr())
+    return out
+
+
+# ---- the gathered form: one rank's self-contained rotated code ------------------------------------
 
 
 class RotatedCodec(Codec):
@@ -191,37 +269,68 @@ class RotatedCodec(Codec):
                 ("codes", torch.uint8, packed_nbytes(m, self.bits))]
 
     def encode(self, x: torch.Tensor, rng: DitherSource) -> Encoded:
+        return self._encode(x, rng, with_error=False)[0]
+
+    def encode_error(self, x: torch.Tensor, rng: DitherSource) -> tuple[Encoded, torch.Tensor]:
+        """``encode(x)`` and ``x - decode(enc)``, from the rounding error the quantizer leaves in
+        the rotated domain and one inverse rotation (no decode of its own codes)."""
+        return self._encode(x, rng, with_error=True)
+
+    def _encode(self, x: torch.Tensor, rng: DitherSource, with_error: bool) -> tuple[Encoded, torch.Tensor | None]:
         x = flat_float32(x).contiguous()
         n = x.numel()
         if self.bits == 0:
-            return Encoded(n, {})
+            return Encoded(n, {}), (x.clone() if with_error else None)
         block = self.block(n)
         key = rng.key()
-        y = rotation_mod.rotate(x, key, block)
-        rms = block_energy(y, block).div_(block).sqrt_().to(torch.float32)
+        y, energy = rotation_mod.rotate_energy(x, key, block)
+        rms = energy.div_(block).sqrt_().to(torch.float32)
         word = torch.tensor([key - (1 << 64) if key >= 1 << 63 else key], dtype=torch.int64)
         if not bool(torch.isfinite(rms).all()):
-            return Encoded(n, {"key": word, "scales": torch.full_like(rms, float("nan")),
-                               "codes": torch.zeros(packed_nbytes(y.numel(), self.bits), dtype=torch.uint8)})
+            enc = Encoded(n, {"key": word, "scales": torch.full_like(rms, float("nan")),
+                              "codes": torch.zeros(packed_nbytes(y.numel(), self.bits), dtype=torch.uint8)})
+            return enc, (torch.full_like(x, float("nan")) if with_error else None)
         scales = clip_scales(rms, self.bits)
         # a zero block: any positive scale codes it; scale 0 on the wire decodes it to exact zeros
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        words = quantize_blocks(y, safe, self.bits, _BYTE_LANES, rng=rng if self.unbiased else None)
-        codes = pack_bits(words.view(torch.uint8)[:y.numel()], self.bits)
-        return Encoded(n, {"key": word, "scales": scales, "codes": codes})
+        zero = scales <= 0
+        safe = torch.where(zero, torch.ones_like(scales), scales)
+        err = torch.empty_like(y) if with_error else None
+        codes = quantize_blocks_bits(y, safe, self.bits, rng=rng if self.unbiased else None, err_out=err)
+        enc = Encoded(n, {"key": word, "scales": scales, "codes": codes})
+        if err is None:
+            return enc, None
+        if bool(zero.any()):  # such a block decodes to exact zeros, as it was
+            err.view(-1, block)[zero] = 0.0
+        return enc, rotation_mod.unrotate_(err, key, block, n)
 
-    def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, enc: Encoded, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        """The decoded layer, into ``out`` if given (added to it with ``accumulate``)."""
         n = enc.numel
         if self.bits == 0:
-            return torch.zeros(n) if out is None else out.zero_()
+            if out is None:
+                return torch.zeros(n)
+            return out if accumulate else out.zero_()
         block = self.block(n)
         m = rotation_mod.padded(n, block)
         scales = enc.parts["scales"]
         step, _ = _per_block(scales, self.bits)
-        codes = unpack_bits(enc.parts["codes"], self.bits, m).view(-1, block).to(torch.float32)
-        y = codes.mul_(step.view(-1, 1)).sub_(scales.view(-1, 1)).view(-1)
-        x = rotation_mod.unrotate(y, int(enc.parts["key"].item()) % (1 << 64), block, n)
-        return x if out is None else out.copy_(x.view(out.shape))
+        key = int(enc.parts["key"].item()) % (1 << 64)
+        codes = enc.parts["codes"]
+        flat_out = out.view(-1) if out is not None and out.is_contiguous() else None
+        lib = native.load() if _native_ok(scales, step, flat_out) and codes.is_contiguous() \
+            and (out is None or flat_out is not None) else None
+        if lib is not None:
+            dst = torch.empty(n, dtype=torch.float32) if flat_out is None else flat_out
+            lib.hvdgq_decode_rotated(codes.data_ptr(), m, block, scales.data_ptr(), step.data_ptr(), self.bits, key,
+                                     rotation_mod.block_norm(block), dst.data_ptr(), n,
+                                     int(accumulate and flat_out is not None))
+            return dst if out is None else out
+        levels = unpack_bits(codes, self.bits, m).view(-1, block).to(torch.float32)
+        y = levels.mul_(step.view(-1, 1)).sub_(scales.view(-1, 1)).view(-1)
+        x = rotation_mod.unrotate_(y, key, block, n)
+        if out is None:
+            return x
+        return out.add_(x.view(out.shape)) if accumulate else out.copy_(x.view(out.shape))
 
     def __repr__(self) -> str:
         return f"RotatedCodec(bits={self.bits}, rotation={self.rotation}, rounding={self.rounding!r})"

@@ -11,6 +11,7 @@ on every simulated rank (``simulate``); only the ``Collectives`` differ.
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from collections.abc import Mapping
 
@@ -23,6 +24,7 @@ from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
 from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, ScaledLanes, Skip, TwoPhase
 from hvd_gradq.exchange.residuals import ResidualStore
+from hvd_gradq.exchange.timings import StepTimer, TimedCollectives
 from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, NONE, TRANSPORTS, TWO_PHASE, LinkModel
 from hvd_gradq.plan.planner import LayerPlan, Planner
 from hvd_gradq.settings import Coding, check_bits
@@ -51,6 +53,10 @@ class GradientExchange:
         self.label = label
         #: the collectives the exchanges run on: Horovod's (a job) or an in-process world (simulation)
         self.collectives = collectives
+        #: seconds per phase of this rank's steps (encode, decode, wait here; the caller closes steps)
+        self.timer = StepTimer()
+        self._coll = TimedCollectives(collectives, self.timer)
+        self._step_bytes = 0
         self.size = collectives.size()
         self.rank = collectives.rank()
         link = coding.link if isinstance(coding.link, LinkModel) else LinkModel()
@@ -141,6 +147,7 @@ class GradientExchange:
         """Code layer ``name``'s gradient and start its exchange. ``frozen``: the parameter does
         not require grad now; it still takes part (every rank runs the same collectives) but its
         residuals are left alone."""
+        t0 = time.perf_counter()
         plan = self.plans[name]
         owed = self.residuals.carry.pop(name, None)
         if owed is not None and not frozen:
@@ -149,7 +156,9 @@ class GradientExchange:
             g = grad.detach().reshape(-1).to(torch.float32)
             if not frozen and math.isfinite(abs_max(g)):
                 self.residuals.zero_bit.buffer(name, g).add_(g)
+            self.timer.add("encode", time.perf_counter() - t0)
             return Skip(plan.numel)
+        timed = self.timer.timed
         if plan.transport in (ALLREDUCE, FLOAT32):
             first = self.lanes.prepare(name, grad, frozen=frozen)
             if first is not None:  # rotated lanes with this step's scales: statistics, then codes
@@ -161,30 +170,42 @@ class GradientExchange:
                     ctxs.append(ctx)
                     return payload
 
-                return ScaledLanes(name, stats, encode, lambda out: self.lanes.decode(out, ctxs[0]).reshape(-1),
-                                   self.collectives)
+                self.timer.add("encode", time.perf_counter() - t0)
+                return ScaledLanes(name, stats, timed("encode", encode),
+                                   timed("decode", lambda out: self.lanes.decode(out, ctxs[0]).reshape(-1)), self._coll)
             payload, ctx = self.lanes.encode(name, grad, frozen=frozen)
-            return LaneAllreduce(name, payload, lambda out: self.lanes.decode(out, ctx).reshape(-1),
-                                 self.collectives, plan.transport)
+            self.timer.add("encode", time.perf_counter() - t0)
+            return LaneAllreduce(name, payload, timed("decode", lambda out: self.lanes.decode(out, ctx).reshape(-1)),
+                                 self._coll, plan.transport)
         coder = self.coders[name]
         stamp = (self.codebook.version, self.codebook.digest(name, self.size))
         if plan.transport == ALLGATHER:
-            return Allgather(name, coder.encode_layer(grad, stamp=stamp, frozen=frozen), coder.sum_frames,
-                             self.collectives)
+            frame = coder.encode_layer(grad, stamp=stamp, frozen=frozen)
+            self.timer.add("encode", time.perf_counter() - t0)
+            return Allgather(name, frame, timed("decode", coder.sum_frames), self._coll)
         stream, splits = coder.encode_chunks(grad, stamp=stamp, frozen=frozen)
-        return TwoPhase(name, stream, splits, lambda buf: coder.reduce_own_chunk(buf, stamp=stamp), coder.assemble,
-                        self.collectives)
+        self.timer.add("encode", time.perf_counter() - t0)
+        return TwoPhase(name, stream, splits, timed("decode", lambda buf: coder.reduce_own_chunk(buf, stamp=stamp)),
+                        timed("decode", coder.assemble), self._coll)
 
     def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
         """The layer's aggregate (float32, flat): the sum over ranks, or the mean for an Average."""
         out = exchange.result()
         plan = self.plans[name]
         plan.payload_bytes = exchange.payload_bytes
+        self._step_bytes += exchange.payload_bytes
         if plan.transport not in (ALLREDUCE, FLOAT32):
             self.codebook[name].version += 1  # the lane coder advances it in decode
         if self.op == AVERAGE:
             out = out / self.size
         return out
+
+    def close_step(self, seconds: float, **phases: float) -> dict:
+        """End this rank's step for the timer: ``seconds`` its wall clock, ``phases`` what the
+        caller measured (``exchange.timings``); returns the step's record."""
+        record = self.timer.close(seconds, self._step_bytes, **phases)
+        self._step_bytes = 0
+        return record
 
     # ---- what the allocator asks -----------------------------------------------------------------------
     def quantizer(self, seed: int = 0):

@@ -8,6 +8,7 @@ Horovod's own allreduce carries them.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import ErrorFeedback
 from hvd_gradq.codecs.rotated import ROUNDINGS
 from hvd_gradq.exchange import state as checkpoint
+from hvd_gradq.exchange.timings import StepTimer
 from hvd_gradq.horovod.arguments import named_list
 from hvd_gradq.horovod.channel import broadcast_object, gather_objects
 from hvd_gradq.horovod.collectives import HorovodCollectives
@@ -154,6 +156,9 @@ class UniformCompressor(_HorovodCompressor):
         self._densified: set[str] = set()
         #: per layer, what its latest compress handed to Horovod
         self.payloads: dict[str, PayloadInfo] = {}
+        #: seconds in ``compress`` (encode) and ``decompress`` (decode) since the last
+        #: ``timer.close(step_seconds, bytes)``; Horovod's own waiting is the caller's to time
+        self.timer = StepTimer()
         from hvd_gradq.horovod import elastic  # noqa: F401 - TorchState(compressor=...) keeps its state
 
     # ---- the lane coder, for the current number of ranks ----------------------------------------
@@ -227,11 +232,13 @@ class UniformCompressor(_HorovodCompressor):
                 "densify it. Leave groups unset (sparse gradients then work with sparse_as_dense=True or "
                 "False), build the layer with sparse=False, or use hvd_gradq.DistributedOptimizer."
             )
+        t = time.perf_counter()
         name = self._name_of(tensor)
         frozen = not self._params[self._index[name]][1].requires_grad
         payload, ctx = self._coder().encode(name, tensor, frozen=frozen)
         self.payloads[name] = PayloadInfo(payload.dtype, payload.numel() * payload.element_size(), tensor.numel(),
                                           ctx.packed)
+        self.timer.add("encode", time.perf_counter() - t)
         return payload, ctx
 
     def decompress(self, payload: torch.Tensor, ctx):
@@ -240,6 +247,7 @@ class UniformCompressor(_HorovodCompressor):
             # values and indices exactly, without calling compress; there is nothing to decode
             return payload
         self._densified.discard(ctx.name)
+        t = time.perf_counter()
         try:
             return self._lanes.decode(payload, ctx)
         except (ReductionMismatchError, CodebookMismatchError) as e:
@@ -250,6 +258,8 @@ class UniformCompressor(_HorovodCompressor):
             if e.ranks in (None, self._lanes.size):
                 self._coll.barrier()
             raise
+        finally:
+            self.timer.add("decode", time.perf_counter() - t)
 
     def sync_codebook(self, root_rank: int) -> None:
         """Take the codebook (per-layer scales and reduction counts) of global rank ``root_rank``.

@@ -26,6 +26,7 @@ from hvd_gradq.codebook import Codebook
 from hvd_gradq.exchange.engine import GradientExchange
 from hvd_gradq.exchange.exchanges import Exchange
 from hvd_gradq.exchange.reallocation import Reallocator
+from hvd_gradq.exchange.timings import StepClock
 from hvd_gradq.horovod.arguments import optimizer_named_parameters, parameter_groups
 from hvd_gradq.horovod.channel import HorovodChannel
 from hvd_gradq.horovod.collectives import HorovodCollectives, measure_link
@@ -91,6 +92,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
         self._gq_hooks = []
         self._synchronized = False
         self._should_synchronize = True
+        self._gq_clock = StepClock()  # step timings (exchange.timings)
         if process_set.included() and (hvd.size() > 1 or os.environ.get("HOROVOD_ELASTIC") == "1"):
             self._gq_hooks = [p.register_post_accumulate_grad_hook(self._gq_hook) for p in self._gq_params]
 
@@ -109,6 +111,10 @@ class _GradqOptimizer(torch.optim.Optimizer):
 
     # ---- hooks ------------------------------------------------------------------------------------------
     def _gq_hook(self, p: torch.Tensor) -> None:
+        with self._gq_clock.inside():
+            self._gq_hook_body(p)
+
+    def _gq_hook_body(self, p: torch.Tensor) -> None:
         if self._gq_delay[p] <= 0:
             raise AssertionError(  # Horovod's words
                 "Gradients were computed more than backward_passes_per_step times before call to step(). "
@@ -154,6 +160,10 @@ class _GradqOptimizer(torch.optim.Optimizer):
         if not self.process_set.included() or not self._gq_hooks:
             self._synchronized = True
             return
+        with self._gq_clock.inside():
+            self._gq_synchronize()
+
+    def _gq_synchronize(self) -> None:
         for p in self._gq_params:  # layers whose hook did not fire (yet): every rank sends every layer
             self._gq_launch(p)
         errors: list[BaseException] = []
@@ -194,8 +204,9 @@ class _GradqOptimizer(torch.optim.Optimizer):
                     hvd.barrier(process_set=self.process_set)
             raise err
         step, self._gq_step = self._gq_step, self._gq_step + 1
-        self.reallocation.after_step(step, [self.gradient_exchange], self._gq_by_name,
-                                     float(self.param_groups[0]["lr"]))
+        with self._gq_clock.phase("allocation"):
+            self.reallocation.after_step(step, [self.gradient_exchange], self._gq_by_name,
+                                         float(self.param_groups[0]["lr"]))
         self._synchronized = True
 
     @contextmanager
@@ -218,7 +229,21 @@ class _GradqOptimizer(torch.optim.Optimizer):
                 )
             self.synchronize()
         self._synchronized = False
-        return super(self._gq_update_class, self).step(closure)
+        with self._gq_clock.phase("update"):
+            out = super(self._gq_update_class, self).step(closure)
+        if self.gradient_exchange is not None and self._gq_hooks:
+            self._gq_clock.close(self.gradient_exchange)
+        return out
+
+    def step_timings(self, last: int | None = None) -> list[dict]:
+        """This rank's steps, oldest first (``last``: the latest ones): seconds of ``compute``
+        (everything outside the optimizer: forward, backward, user code), ``encode``, ``decode``,
+        ``wait`` (blocked in collectives), ``allocation``, ``update``, ``other``; their sum
+        ``step`` (end of one step to the end of the next; the first from its first gradient hook)
+        and ``bytes`` handed to the collectives. Empty in a one-process job."""
+        ex = self.gradient_exchange
+        records = [] if ex is None else list(ex.timer.history)
+        return records if last is None else records[-last:]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._gq_pending:

@@ -104,18 +104,26 @@ class GatherCoder:
 
     # ---- coding ---------------------------------------------------------------------------------------
     def _encode(self, x: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 body, decoded values) of ``x``."""
+        """(uint8 body, coding error x - decoded) of ``x``."""
         if x.numel() == 0:
             return torch.zeros(0, dtype=torch.uint8), x
         if isinstance(self.codec, JointSQCodec):
             enc = self.codec.encode(x, self.rng, self._states.setdefault(key, JointSQState()))
+            err = x - self.codec.decode(enc)
         else:
-            enc = self.codec.encode(x, self.rng)
-        return self.codec.to_bytes(enc), self.codec.decode(enc)
+            enc, err = self.codec.encode_error(x, self.rng)
+        return self.codec.to_bytes(enc), err
 
-    def _decode_into(self, body: torch.Tensor, out: torch.Tensor) -> None:
+    def _decode_into(self, body: torch.Tensor, out: torch.Tensor, first: bool = False) -> None:
+        """Add the decoded ``body`` to ``out`` (``first``: write it; ``out`` holds garbage)."""
         if out.numel():
-            out.add_(self.codec.decode(self.codec.from_bytes(body, out.numel())))
+            enc = self.codec.from_bytes(body, out.numel())
+            if isinstance(self.codec, RotatedCodec):  # decodes straight into the sum
+                self.codec.decode(enc, out, accumulate=not first)
+            elif first:
+                self.codec.decode(enc, out)
+            else:
+                out.add_(self.codec.decode(enc))
 
     def _read(self, buf: torch.Tensor) -> tuple[list[tuple[FrameHeader, torch.Tensor]], bool]:
         """One frame per rank from ``buf``, checked for agreement; and whether any sender was non-finite."""
@@ -136,11 +144,11 @@ class GatherCoder:
             x = g.to(torch.float32).contiguous()
         return x, not math.isfinite(abs_max(x))
 
-    def _stage_worker(self, x: torch.Tensor, decoded: torch.Tensor, frozen: bool) -> None:
+    def _stage_worker(self, x: torch.Tensor, err: torch.Tensor, frozen: bool) -> None:
         if self.track_error:
-            self.last_error = (float(torch.sub(decoded, x).square_().sum()), float(x.square().sum()))
+            self.last_error = (float(err.square().sum()), float(x.square().sum()))
         if self.worker_feedback is not None and not frozen:
-            torch.sub(x, decoded, out=self.worker_feedback.staging(self.name, x))
+            self.worker_feedback.staging(self.name, x).copy_(err)
             self._staged = True
 
     def _finish(self, out: torch.Tensor, nonfinite: bool) -> torch.Tensor:
@@ -161,17 +169,17 @@ class GatherCoder:
         x, nonfinite = self._compensated(g, frozen)
         if nonfinite:
             return self._frame(torch.zeros(0, dtype=torch.uint8), True, stamp)
-        body, decoded = self._encode(x, -1)
-        self._stage_worker(x, decoded, frozen)
+        body, err = self._encode(x, -1)
+        self._stage_worker(x, err, frozen)
         return self._frame(body, False, stamp)
 
     def sum_frames(self, buf: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (float32, (numel,)) of the gathered frames; identical on every rank."""
         frames, nonfinite = self._read(buf)
-        out = torch.zeros(self.numel, dtype=torch.float32)
+        out = torch.empty(self.numel, dtype=torch.float32)
         if not nonfinite:
-            for _, body in frames:
-                self._decode_into(body, out)
+            for i, (_, body) in enumerate(frames):
+                self._decode_into(body, out, first=i == 0)
         return self._finish(out, nonfinite)
 
     # ---- two-phase ------------------------------------------------------------------------------------
@@ -183,12 +191,12 @@ class GatherCoder:
         if nonfinite:
             frames = [self._frame(torch.zeros(0, dtype=torch.uint8), True, stamp) for _ in range(self.size)]
         else:
-            decoded = torch.empty_like(x)
+            err = torch.empty_like(x)
             for j, (a, b) in enumerate(zip(self.bounds, self.bounds[1:])):
-                body, dec = self._encode(x[a:b], j)
-                decoded[a:b] = dec
+                body, e = self._encode(x[a:b], j)
+                err[a:b] = e
                 frames.append(self._frame(body, False, stamp))
-            self._stage_worker(x, decoded, frozen)
+            self._stage_worker(x, err, frozen)
         return torch.cat(frames), [f.numel() for f in frames]
 
     def reduce_own_chunk(self, buf: torch.Tensor, *, stamp: tuple[int, int]) -> torch.Tensor:
@@ -204,9 +212,9 @@ class GatherCoder:
         if self.server_feedback is not None and y.numel():
             self.server_feedback.buffer(self.name, y)
             y = self.server_feedback.compensate(self.name, y)
-        body, decoded = self._encode(y, self.size + self.rank)
+        body, err = self._encode(y, self.size + self.rank)
         if self.server_feedback is not None and y.numel():
-            torch.sub(y, decoded, out=self.server_feedback.staging(self.name, y))
+            self.server_feedback.staging(self.name, y).copy_(err)
             self._server_staged = True
         return self._frame(body, False, stamp)
 

@@ -131,6 +131,19 @@ class LaneCoder:
         self.label = label
         self.rotation, self.rounding = rotation, rounding
         self.rng = DitherSource([seed, rank])
+        # per layer, reused every step (no allocation on the hot path): the rotated g + r, the
+        # coding error in the rotated domain
+        self._rotated: dict[str, torch.Tensor] = {}
+        self._errors: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _scratch(buffers: dict[str, torch.Tensor], code: LayerCode) -> torch.Tensor:
+        """Layer ``code``'s float32 buffer of its padded rotated length in ``buffers``."""
+        m = rotation.padded(code.numel, code.rotation)
+        buf = buffers.get(code.name)
+        if buf is None or buf.numel() != m:
+            buf = buffers[code.name] = torch.empty(m, dtype=torch.float32)
+        return buf
 
     def restart(self, rank: int, size: int) -> None:
         """A fresh codebook for a new number of ranks: lanes laid out anew, every scale
@@ -166,8 +179,7 @@ class LaneCoder:
         g = tensor.detach().reshape(-1).to(torch.float32)
         r = self.residuals.buffer(name, g)
         key = rotation.step_key(code.rotation_key, code.version)
-        y = rotation.rotate(g + r, key, code.rotation)
-        energy = rot.block_energy(y, code.rotation)
+        y, energy = rotation.rotate_energy(g, key, code.rotation, r, out=self._scratch(self._rotated, code))
         nonfinite = not math.isfinite(float(energy.sum()))
         blocks = torch.zeros_like(energy, dtype=torch.int64) if nonfinite else \
             rot.block_stats(energy, code.scale, code.rotation, self.size)
@@ -188,9 +200,16 @@ class LaneCoder:
         if any_nonfinite:  # every rank will decode NaN; residuals stay
             words = pack_lanes(torch.zeros(prep.y.numel(), dtype=torch.int64), code.layout)
         else:
-            err = torch.empty_like(prep.y)
-            words = rot.quantize_blocks(prep.y, rot.clip_scales(code.block_rms, code.bits), code.bits, code.layout,
-                                        rng=self.rng if code.rounding == rot.STOCHASTIC else None, err_out=err)
+            scales = rot.clip_scales(code.block_rms, code.bits)
+            rng = self.rng if code.rounding == rot.STOCHASTIC else None
+            staged = self.residuals.staging(code.name, prep.y[:code.numel])
+            fused = rot.encode_lanes(prep.y, scales, code.bits, code.layout, key=prep.key, block=code.rotation,
+                                     rotated=True, rng=rng, resid_out=staged)
+            if fused is not None:  # the residual is staged already
+                words = fused[0]
+            else:
+                err = self._scratch(self._errors, code)
+                words = rot.quantize_blocks(prep.y, scales, code.bits, code.layout, rng=rng, err_out=err)
         head = header_words(rank=self.rank, size=self.size, digest=self.codebook.digest(code.name, self.size),
                             nonfinite=prep.nonfinite, stat=0.0, container=container)
         ctx = LaneContext(code.name, prep.shape, prep.dtype, True, not any_nonfinite, err, prep.key, True)
@@ -242,8 +261,9 @@ class LaneCoder:
             return torch.full(ctx.shape, float("nan"), dtype=ctx.dtype, device=reduced.device)
         if ctx.track:  # packed: the staged residual; float32: sent exactly, nothing left
             if ctx.err is not None:  # back from the rotated domain
-                owed = rotation.unrotate(ctx.err, ctx.key, code.rotation, code.numel)
-                self.residuals.staging(ctx.name, owed).copy_(owed)
+                like = ctx.err[:code.numel]
+                rotation.unrotate_(ctx.err, ctx.key, code.rotation, code.numel,
+                                   out=self.residuals.staging(ctx.name, like))
             self.residuals.commit(ctx.name, zero=not ctx.packed)
         k = head.ranks  # the ranks that contributed: all, or those that have not called hvd.join()
         if code.rotation:
@@ -268,23 +288,32 @@ class LaneCoder:
     def _encode_rotated(self, code: LayerCode, g: torch.Tensor, r: torch.Tensor | None, tensor: torch.Tensor,
                         frozen: bool, track: bool) -> tuple[torch.Tensor, LaneContext]:
         block, key = code.rotation, rotation.step_key(code.rotation_key, code.version)
-        y = rotation.rotate(g if r is None else g + r, key, block)  # flat float32, whole blocks
-        energy = rot.block_energy(y, block)
+        packed = code.packed and not frozen
+        rng = self.rng if code.rounding == rot.STOCHASTIC else None
+        fused = None
+        if packed:  # scales known (last step's): rotate, quantize and keep the error in one pass per block
+            staged = self.residuals.staging(code.name, g) if track else None
+            fused = rot.encode_lanes(g, rot.clip_scales(code.block_rms, code.bits), code.bits, code.layout, key=key,
+                                     block=block, addend=r, rng=rng, energy=True, resid_out=staged)
+        if fused is not None:
+            words, energy = fused
+        else:
+            y, energy = rotation.rotate_energy(g, key, block, r, out=self._scratch(self._rotated, code))
         total = float(energy.sum())
         nonfinite = not math.isfinite(total)
-        packed = code.packed and not frozen
         err = None
         if packed:
             container = code.layout.container
-            blocks = y.numel() // block
+            blocks = energy.numel()
             if nonfinite:  # every rank will decode NaN; keep the residual of the last finite step
-                words = pack_lanes(torch.zeros(y.numel(), dtype=torch.int64), code.layout)
+                words = pack_lanes(torch.zeros(blocks * block, dtype=torch.int64), code.layout)
                 stats = torch.zeros(blocks, dtype=torch.int64)
             else:
                 stats = rot.block_stats(energy, code.scale, block, self.size)
-                err = torch.empty_like(y) if track else None
-                words = rot.quantize_blocks(y, rot.clip_scales(code.block_rms, code.bits), code.bits, code.layout,
-                                            rng=self.rng if code.rounding == rot.STOCHASTIC else None, err_out=err)
+                if fused is None:
+                    err = self._scratch(self._errors, code) if track else None
+                    words = rot.quantize_blocks(y, rot.clip_scales(code.block_rms, code.bits), code.bits,
+                                                code.layout, rng=rng, err_out=err)
             body = torch.cat([words.to(container), stats.to(container)])
             stat = 0.0
         else:  # float32 until the reference RMS is calibrated; frozen layers
@@ -309,12 +338,16 @@ class LaneCoder:
                 code.block_rms = (torch.full((m // block,), ref, dtype=torch.float32) if ref > 0 else None)
             return out
         nwords = code.layout.words(m)
-        mean = rot.dequantize_blocks(body[:nwords], m, rot.clip_scales(code.block_rms, code.bits), code.bits,
-                                     code.layout, k, multiplier)
+        scales = rot.clip_scales(code.block_rms, code.bits)
+        out = rot.decode_lanes(body[:nwords], code.numel, scales, code.bits, code.layout, k, multiplier, key=ctx.key,
+                               block=block)
+        if out is None:
+            mean = rot.dequantize_blocks(body[:nwords], m, scales, code.bits, code.layout, k, multiplier)
+            out = rotation.unrotate_(mean, ctx.key, block, code.numel)
         if not ctx.this_step:  # the scales of the next step, from this step's statistics
             nxt = rot.rms_from_stats(words_to_int64(body[nwords:], multiplier), code.scale, k)
             code.scale, code.block_rms = (None, None) if nxt is None else nxt
-        return rotation.unrotate(mean, ctx.key, block, code.numel)
+        return out
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.state_dict()}

@@ -7,7 +7,18 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* Loops the compiler vectorises, built for AVX-512, AVX2 and plain x86-64; the loader picks one
+ * for the CPU at run time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define VECTOR_CLONES_AVX2 __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES_AVX2
+#define VECTOR_CLONES
+#endif
 
 /* The dither: element i takes 16 bits of SplitMix64(key + (i/4 + 1) * golden), as
  * hvd_gradq/codecs/random.py's counter_uniform does in torch. */
@@ -20,16 +31,37 @@ static inline uint64_t splitmix64(uint64_t key, uint64_t counter) {
 
 /* max |x + addend| over n elements (addend may be NULL); NaN if any sum is NaN, inf if infinite.
  * One read pass and no temporary: the compressor's non-finite check and scale statistic. */
-float hvdgq_abs_max(const float *x, const float *addend, int64_t n) {
-    float mx = 0.0f;
-    int nan = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const float v = addend ? x[i] + addend[i] : x[i];
-        const float a = v < 0 ? -v : v;
-        mx = a > mx ? a : mx;
-        nan |= (a != a);
+float hvdgq_abs_max(const float *x, const float *addend, int64_t n);
+
+/* |v| as its bit pattern with the sign cleared: for such patterns unsigned order is float order,
+ * and every NaN is above +inf (0x7f800000), so an integer max (which vectorises) finds both. */
+VECTOR_CLONES static uint32_t abs_bits_max(const float *x, const float *addend, int64_t n) {
+    uint32_t mx = 0;
+    if (addend) {
+        for (int64_t i = 0; i < n; i++) {
+            const float v = x[i] + addend[i];
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            u &= 0x7fffffffu;
+            mx = u > mx ? u : mx;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, x + i, 4);
+            u &= 0x7fffffffu;
+            mx = u > mx ? u : mx;
+        }
     }
-    return nan ? NAN : mx;
+    return mx;
+}
+
+float hvdgq_abs_max(const float *x, const float *addend, int64_t n) {
+    const uint32_t mx = abs_bits_max(x, addend, n);
+    if (mx > 0x7f800000u) return NAN;
+    float out;
+    memcpy(&out, &mx, 4);
+    return out;
 }
 
 /* Quantizes v = x + residual (residual may be NULL: v = x) and, if residual_out is given, writes
@@ -102,39 +134,92 @@ int hvdgq_dequantize_lanes(const void *in_words, int64_t n, int as_double, doubl
  * scale[b] (levels k * step[b] - scale[b], to_unit[b] = 1 / step[b]), with nearest rounding
  * (`nearest` = 1: t + 0.5) or the 16-bit dither of hvdgq_quantize_lanes (`nearest` = 0).
  * err_out (may be NULL) receives y - level in the rotated domain. */
+
+/* Nearest-rounding codes of one run of elements of a block (constant scale), and their errors. */
+VECTOR_CLONES_AVX2 static void block_codes_nearest(const float *y, int64_t len, float s, float to_unit, float step,
+                                              int top, uint8_t *codes, float *err) {
+    if (err) {
+        for (int64_t i = 0; i < len; i++) {
+            const float v = y[i];
+            const float c = v < -s ? -s : (v > s ? s : v);
+            int k = (int)((c + s) * to_unit + 0.5f);
+            k = k > top ? top : k;
+            codes[i] = (uint8_t)k;
+            err[i] = v - ((float)k * step - s);
+        }
+    } else {
+        for (int64_t i = 0; i < len; i++) {
+            const float v = y[i];
+            const float c = v < -s ? -s : (v > s ? s : v);
+            int k = (int)((c + s) * to_unit + 0.5f);
+            codes[i] = (uint8_t)(k > top ? top : k);
+        }
+    }
+}
+
+/* The same with the 16-bit dither of element `first + i`. */
+static void block_codes_dither(const float *y, int64_t len, int64_t first, float s, float to_unit, float step,
+                               int top, uint64_t key, uint8_t *codes, float *err) {
+    uint64_t rnd = 0;
+    for (int64_t i = 0; i < len; i++) {
+        const int64_t g = first + i;
+        if ((g & 3) == 0 || i == 0) rnd = splitmix64(key, (uint64_t)g >> 2);
+        const float v = y[i];
+        const float c = v < -s ? -s : (v > s ? s : v);
+        float t = (c + s) * to_unit;
+        t = t + ((float)((uint32_t)(rnd >> (16 * (g & 3))) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
+        int k = (int)t;
+        if (k > top) k = top;
+        codes[i] = (uint8_t)k;
+        if (err) err[i] = v - ((float)k * step - s);
+    }
+}
+
+/* `cnt` codes into words of `lanes` lanes of `lane_bits` bits (int64, or the same integer as float64). */
+static void pack_words(const uint8_t *codes, int64_t cnt, int lane_bits, int lanes, int as_double, char *out) {
+    const int64_t words = (cnt + lanes - 1) / lanes;
+    for (int64_t w = 0; w < words; w++) {
+        const uint8_t *c = codes + w * lanes;
+        const int len = cnt - w * lanes < lanes ? (int)(cnt - w * lanes) : lanes;
+        uint64_t word = 0;
+        for (int j = 0; j < len; j++) word |= (uint64_t)c[j] << (lane_bits * j);
+        if (as_double) {
+            const double d = (double)(int64_t)word;
+            memcpy(out + 8 * w, &d, 8);
+        } else {
+            memcpy(out + 8 * w, &word, 8);
+        }
+    }
+}
+
 void hvdgq_quantize_blocks(const float *y, int64_t n, int64_t block, const float *scale, const float *to_unit,
                            const float *step, int bits, int nearest, uint64_t key, int lane_bits, int lanes,
                            int as_double, void *out_words, float *err_out) {
+    /* Chunks of whole words: the codes of a chunk's block runs go to a small buffer (the loop the
+     * compiler vectorises), then into the words. */
     const int top = (1 << bits) - 1;
-    const int64_t words = (n + lanes - 1) / lanes;
-    int64_t i = 0;
-    uint64_t rnd = 0;
-    for (int64_t w = 0; w < words; w++) {
-        int64_t word = 0;
-        for (int j = 0; j < lanes && i < n; j++, i++) {
+    const int64_t chunk = (int64_t)lanes * 256;
+    uint8_t codes[63 * 256];
+    for (int64_t start = 0; start < n; start += chunk) {
+        const int64_t end = start + chunk < n ? start + chunk : n;
+        for (int64_t i = start; i < end;) {
             const int64_t b = i / block;
-            const float s = scale[b];
-            const float v = y[i];
-            const float c = v < -s ? -s : (v > s ? s : v);
-            float t = (c + s) * to_unit[b];
-            if (nearest) {
-                t = t + 0.5f;
-            } else {
-                if ((i & 3) == 0) rnd = splitmix64(key, (uint64_t)i >> 2);
-                t = t + ((float)((uint32_t)(rnd >> (16 * (i & 3))) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
-            }
-            int k = (int)t;
-            if (k > top) k = top;
-            if (err_out) err_out[i] = v - ((float)k * step[b] - s);
-            word |= (int64_t)k << (lane_bits * j);
+            const int64_t stop = (b + 1) * block < end ? (b + 1) * block : end;
+            if (nearest)
+                block_codes_nearest(y + i, stop - i, scale[b], to_unit[b], step[b], top, codes + (i - start),
+                                    err_out ? err_out + i : NULL);
+            else
+                block_codes_dither(y + i, stop - i, i, scale[b], to_unit[b], step[b], top, key, codes + (i - start),
+                                   err_out ? err_out + i : NULL);
+            i = stop;
         }
-        if (as_double) {
-            const double d = (double)word;
-            memcpy((char *)out_words + 8 * w, &d, 8);
-        } else {
-            memcpy((char *)out_words + 8 * w, &word, 8);
-        }
+        pack_words(codes, end - start, lane_bits, lanes, as_double, (char *)out_words + 8 * (start / lanes));
     }
+}
+
+/* Per-block affine map of a run: out[i] = out[i] * per_code - scale (two float32 operations). */
+VECTOR_CLONES static void block_levels(float *out, int64_t len, float per_code, float scale) {
+    for (int64_t i = 0; i < len; i++) out[i] = out[i] * per_code - scale;
 }
 
 /* Inverse of hvdgq_quantize_blocks after the allreduce: out[i] = sum * per_code[b] - scale[b]
@@ -158,11 +243,245 @@ int hvdgq_dequantize_blocks(const void *in_words, int64_t n, int as_double, doub
             memcpy(&word, (const char *)in_words + 8 * w, 8);
             word *= (int64_t)multiplier;
         }
-        for (int j = 0; j < lanes && i < n; j++, i++) {
+        const int len = n - i < lanes ? (int)(n - i) : lanes;
+        for (int j = 0; j < len; j++) out[i + j] = (float)(((uint64_t)word >> (lane_bits * j)) & mask);
+        i += len;
+    }
+    for (int64_t k = 0; k < n;) {
+        const int64_t b = k / block;
+        const int64_t stop = (b + 1) * block < n ? (b + 1) * block : n;
+        block_levels(out + k, stop - k, per_code[b], scale[b]);
+        k = stop;
+    }
+    return 0;
+}
+
+/* ---- the gathered rotated code (hvd_gradq/codecs/rotated.py RotatedCodec) ---------------------- */
+int hvdgq_isa(void);
+void hvdgq_unrotate_block(float *v, int64_t block, int64_t first, uint64_t key, float norm, float *out, int64_t keep,
+                          int accumulate, int isa);
+void hvdgq_rotate_block(const float *x, const float *addend, int64_t len, float *v, int64_t block, int64_t first,
+                        uint64_t key, float norm, double *energy, int isa);
+
+/* `cnt` (a multiple of 8, or the stream's last codes) codes into an LSB-first stream of `bits`
+ * bits per code (code i at bit bits * i), as hvd_gradq/bits/bitstream.py pack_bits. */
+#define PACK_CASE(B)                                                                                 \
+    case B:                                                                                          \
+        for (int64_t g = 0; g < groups; g++) {                                                       \
+            uint64_t word = 0;                                                                       \
+            for (int j = 0; j < 8; j++) word |= (uint64_t)codes[8 * g + j] << ((B) * j);             \
+            memcpy(out + g * (B), &word, (B)); /* little-endian: the low B bytes */                  \
+        }                                                                                            \
+        break;
+
+static void pack_stream(const uint8_t *codes, int64_t cnt, int bits, uint8_t *out) {
+    const int64_t groups = cnt / 8;
+    switch (bits) {
+        PACK_CASE(1) PACK_CASE(2) PACK_CASE(3) PACK_CASE(4)
+        PACK_CASE(5) PACK_CASE(6) PACK_CASE(7) PACK_CASE(8)
+        default: break;
+    }
+    if (cnt % 8) {
+        uint64_t word = 0;
+        for (int64_t j = 0; j < cnt % 8; j++) word |= (uint64_t)codes[8 * groups + j] << (bits * j);
+        const int64_t tail = ((cnt % 8) * bits + 7) / 8;
+        memcpy(out + groups * bits, &word, (size_t)tail);
+    }
+}
+
+/* Codes of the rotated y (n elements, whole blocks) against per-block scales, as
+ * hvdgq_quantize_blocks, written as a bit stream of `bits` bits per code; err_out (may be NULL)
+ * gets y - level. */
+void hvdgq_quantize_blocks_bits(const float *y, int64_t n, int64_t block, const float *scale, const float *to_unit,
+                                const float *step, int bits, int nearest, uint64_t key, uint8_t *out, float *err_out) {
+    const int top = (1 << bits) - 1;
+    enum { CHUNK = 8 * 2048 };
+    uint8_t codes[CHUNK];
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t end = start + CHUNK < n ? start + CHUNK : n;
+        for (int64_t i = start; i < end;) {
             const int64_t b = i / block;
-            const uint64_t sum = ((uint64_t)word >> (lane_bits * j)) & mask;
-            out[i] = (float)sum * per_code[b] - scale[b];
+            const int64_t stop = (b + 1) * block < end ? (b + 1) * block : end;
+            if (nearest)
+                block_codes_nearest(y + i, stop - i, scale[b], to_unit[b], step[b], top, codes + (i - start),
+                                    err_out ? err_out + i : NULL);
+            else
+                block_codes_dither(y + i, stop - i, i, scale[b], to_unit[b], step[b], top, key, codes + (i - start),
+                                   err_out ? err_out + i : NULL);
+            i = stop;
+        }
+        pack_stream(codes, end - start, bits, out + start / 8 * bits);
+    }
+}
+
+/* Levels k * step - scale of `cnt` (a multiple of 8) codes of an LSB-first stream; `bits` is a
+ * compile-time constant in each copy, so the group's bytes load as one word. */
+#define UNPACK_CASE(B)                                                                               \
+    case B:                                                                                          \
+        for (int64_t g = 0; g < cnt / 8; g++) {                                                      \
+            uint64_t word = 0;                                                                       \
+            memcpy(&word, src + g * (B), (B));                                                       \
+            for (int j = 0; j < 8; j++) out[8 * g + j] = (float)((word >> ((B) * j)) & ((1u << (B)) - 1u)) * st - s; \
+        }                                                                                            \
+        break;
+
+static void unpack_levels(const uint8_t *src, int64_t cnt, int bits, float st, float s, float *out) {
+    switch (bits) {
+        UNPACK_CASE(1) UNPACK_CASE(2) UNPACK_CASE(3) UNPACK_CASE(4)
+        UNPACK_CASE(5) UNPACK_CASE(6) UNPACK_CASE(7) UNPACK_CASE(8)
+        default: break;
+    }
+}
+
+/* Decode of a rotated stream (m codes, whole blocks): per block, levels k * step[b] - scale[b],
+ * the inverse rotation, and the first `numel` elements written (or added, `accumulate`) to out. */
+int hvdgq_decode_rotated(const uint8_t *in, int64_t m, int64_t block, const float *scale, const float *step,
+                         int bits, uint64_t key, float norm, float *out, int64_t numel, int accumulate) {
+    float *v = (float *)malloc((size_t)block * sizeof(float));
+    if (!v) return -1;
+    const int isa = hvdgq_isa();
+    for (int64_t b0 = 0; b0 < m && b0 < numel; b0 += block) {
+        const int64_t b = b0 / block;
+        const float st = step[b], s = scale[b];
+        /* block * bits is a multiple of 8 bits (block >= 8): the block starts on a byte */
+        const uint8_t *src = in + b0 / 8 * bits;
+        unpack_levels(src, block, bits, st, s, v);
+        const int64_t keep = numel - b0 < block ? numel - b0 : block;
+        hvdgq_unrotate_block(v, block, b0, key, norm, out + b0, keep, accumulate, isa);
+    }
+    free(v);
+    return 0;
+}
+
+/* ---- rotated lanes, fused: one pass per block while it sits in the L1 cache ---------------------- */
+
+/* Codes pushed one by one into words of `lanes` lanes (the order hvdgq_quantize_blocks packs). */
+typedef struct {
+    char *out;
+    int64_t w;
+    uint64_t word;
+    int j, lanes, lane_bits, as_double;
+} lane_packer;
+
+static inline void packer_flush(lane_packer *p) {
+    if (p->as_double) {
+        const double d = (double)(int64_t)p->word;
+        memcpy(p->out + 8 * p->w, &d, 8);
+    } else {
+        memcpy(p->out + 8 * p->w, &p->word, 8);
+    }
+    p->w++;
+    p->word = 0;
+    p->j = 0;
+}
+
+static void packer_push(lane_packer *p, const uint8_t *codes, int64_t cnt) {
+    /* locals, not p's fields, in the loop: stores through p->out may alias them */
+    uint64_t word = p->word;
+    int j = p->j;
+    const int lanes = p->lanes, lane_bits = p->lane_bits;
+    int64_t i = 0;
+    while (i < cnt) {
+        const int64_t take = cnt - i < lanes - j ? cnt - i : lanes - j;
+        for (int64_t k = 0; k < take; k++) word |= (uint64_t)codes[i + k] << (lane_bits * (j + k));
+        i += take;
+        j += (int)take;
+        if (j == lanes) {
+            p->word = word;
+            packer_flush(p);
+            word = 0;
+            j = 0;
         }
     }
+    p->word = word;
+    p->j = j;
+}
+
+/* The rotated lanes' encode of a layer of n elements, m = n rounded up to whole blocks:
+ * per block, rotate x (+ addend) (skipped with `rotated`: x already holds the m rotated values),
+ * take its energy (energy may be NULL), quantize against the block's scale as
+ * hvdgq_quantize_blocks, pack into words, and, with resid_out, rotate the block's error back:
+ * resid_out[0 .. n) = the coding error in the gradient's domain (what error feedback keeps).
+ * Returns -1 if a block buffer could not be allocated. */
+int hvdgq_encode_rotated_lanes(const float *x, const float *addend, int rotated, int64_t n, int64_t m, int64_t block,
+                               uint64_t key, float norm, const float *scale, const float *to_unit, const float *step,
+                               int bits, int nearest, uint64_t dither_key, int lane_bits, int lanes, int as_double,
+                               void *out_words, double *energy, float *resid_out) {
+    float *v = (float *)malloc((size_t)block * 2 * sizeof(float));
+    uint8_t *codes = (uint8_t *)malloc((size_t)block);
+    if (!v || !codes) {
+        free(v);
+        free(codes);
+        return -1;
+    }
+    float *err = v + block;
+    const int isa = hvdgq_isa();
+    const int top = (1 << bits) - 1;
+    lane_packer p = {(char *)out_words, 0, 0, 0, lanes, lane_bits, as_double};
+    for (int64_t b0 = 0; b0 < m; b0 += block) {
+        const int64_t b = b0 / block;
+        const int64_t len = n - b0 < 0 ? 0 : (n - b0 < block ? n - b0 : block);
+        const float *y;
+        if (rotated) {
+            y = x + b0;
+        } else {
+            hvdgq_rotate_block(x + b0, addend ? addend + b0 : NULL, len, v, block, b0, key, norm,
+                               energy ? energy + b : NULL, isa);
+            y = v;
+        }
+        if (nearest)
+            block_codes_nearest(y, block, scale[b], to_unit[b], step[b], top, codes, resid_out ? err : NULL);
+        else
+            block_codes_dither(y, block, b0, scale[b], to_unit[b], step[b], top, dither_key, codes,
+                               resid_out ? err : NULL);
+        packer_push(&p, codes, block);
+        if (resid_out && len > 0) hvdgq_unrotate_block(err, block, b0, key, norm, resid_out + b0, len, 0, isa);
+    }
+    if (p.j) packer_flush(&p);
+    free(v);
+    free(codes);
+    return 0;
+}
+
+/* The rotated lanes' decode: reduced words (as hvdgq_dequantize_blocks reads them) -> per block
+ * the levels sum * per_code[b] - scale[b], the inverse rotation, and out[0 .. numel). Returns -1
+ * on a float word that is not an integer, -2 if a buffer could not be allocated. */
+int hvdgq_decode_rotated_lanes(const void *in_words, int64_t m, int as_double, double multiplier, int lane_bits,
+                               int lanes, int64_t block, const float *per_code, const float *scale, uint64_t key,
+                               float norm, float *out, int64_t numel) {
+    float *v = (float *)malloc((size_t)block * sizeof(float));
+    if (!v) return -2;
+    const int isa = hvdgq_isa();
+    const uint64_t mask = (lane_bits >= 64) ? ~0ull : ((1ull << lane_bits) - 1ull);
+    for (int64_t b0 = 0; b0 < m && b0 < numel; b0 += block) {
+        for (int64_t idx = b0; idx < b0 + block;) {
+            const int64_t w = idx / lanes;
+            const int j = (int)(idx % lanes);
+            const int cnt = b0 + block - idx < lanes - j ? (int)(b0 + block - idx) : lanes - j;
+            int64_t iw;
+            if (as_double) {
+                double d;
+                memcpy(&d, (const char *)in_words + 8 * w, 8);
+                const double scaled = d * multiplier;
+                const double r = __builtin_round(scaled);
+                if (!(__builtin_fabs(scaled - r) <= 0.25)) {
+                    free(v);
+                    return -1;
+                }
+                iw = (int64_t)r;
+            } else {
+                memcpy(&iw, (const char *)in_words + 8 * w, 8);
+                iw *= (int64_t)multiplier;
+            }
+            const uint64_t word = (uint64_t)iw >> (lane_bits * j);
+            float *dst = v + (idx - b0);
+            for (int k = 0; k < cnt; k++) dst[k] = (float)((word >> (lane_bits * k)) & mask);
+            idx += cnt;
+        }
+        block_levels(v, block, per_code[b0 / block], scale[b0 / block]);
+        const int64_t keep = numel - b0 < block ? numel - b0 : block;
+        hvdgq_unrotate_block(v, block, b0, key, norm, out + b0, keep, 0, isa);
+    }
+    free(v);
     return 0;
 }
