@@ -100,6 +100,9 @@ def load() -> ctypes.CDLL | None:
             lib.hvdgq_decode_rotated_lanes.argtypes = [ptr, i64, i32, ctypes.c_double, i32, i32, i64, ptr, ptr, u64,
                                                        f32, ptr, i64]
             lib.hvdgq_decode_rotated_lanes.restype = i32
+            lib.hvdgq_encode_rotated_bits.argtypes = [ptr, i64, i64, u64, f32, ptr, ptr, ptr, ptr, i32, i32, u64, ptr,
+                                                      ptr, i64]
+            lib.hvdgq_encode_rotated_bits.restype = i32
             lib.hvdgq_isa.argtypes = []
             lib.hvdgq_isa.restype = i32
             lib.hvdgq_set_isa.argtypes = [i32]

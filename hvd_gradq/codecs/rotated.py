@@ -303,6 +303,40 @@ class RotatedCodec(Codec):
             err.view(-1, block)[zero] = 0.0
         return enc, rotation_mod.unrotate_(err, key, block, n)
 
+    def encode_compensated(self, g: torch.Tensor, addend: torch.Tensor | None, rng: DitherSource,
+                           resid_out: torch.Tensor, scratch: torch.Tensor | None = None,
+                           ) -> tuple[Encoded | None, bool] | None:
+        """``encode(g + addend)`` with its coding error written into ``resid_out`` (float32, g's
+        numel), in two passes over memory (rotation with the addend and the block energies; then
+        codes, bit stream and the error rotated back, per block): no copy of g + addend is made.
+        ``scratch``: a float32 buffer of the padded length for the rotated values. Returns
+        (encoded, True), or (None, False) when g + addend is not finite (``resid_out`` is then
+        unspecified); None without the C kernels (nothing drawn: the caller takes
+        ``encode_error``)."""
+        flat = g.detach().reshape(-1)
+        n = flat.numel()
+        lib = native.load()
+        if lib is None or self.bits == 0 or n == 0 or not _native_ok(flat, addend, resid_out, scratch):
+            return None
+        block = self.block(n)
+        key = rng.key()
+        y, energy = rotation_mod.rotate_energy(flat, key, block, addend, out=scratch)
+        rms = energy.div_(block).sqrt_().to(torch.float32)
+        if not bool(torch.isfinite(rms).all()):
+            return None, False
+        scales = clip_scales(rms, self.bits)
+        safe = torch.where(scales <= 0, torch.ones_like(scales), scales)
+        step, to_unit = _per_block(safe, self.bits)
+        codes = torch.empty(packed_nbytes(y.numel(), self.bits), dtype=torch.uint8)
+        status = lib.hvdgq_encode_rotated_bits(
+            y.data_ptr(), y.numel(), block, key, rotation_mod.block_norm(block), safe.data_ptr(), to_unit.data_ptr(),
+            step.data_ptr(), scales.data_ptr(), self.bits, int(not self.unbiased),
+            rng.key() if self.unbiased else 0, codes.data_ptr(), resid_out.data_ptr(), n)
+        if status != 0:
+            raise MemoryError("rotated: no memory for a block buffer")
+        word = torch.tensor([key - (1 << 64) if key >= 1 << 63 else key], dtype=torch.int64)
+        return Encoded(n, {"key": word, "scales": scales, "codes": codes}), True
+
     def decode(self, enc: Encoded, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
         """The decoded layer, into ``out`` if given (added to it with ``accumulate``)."""
         n = enc.numel

@@ -197,7 +197,7 @@ class GradientExchange:
         if plan.transport not in (ALLREDUCE, FLOAT32):
             self.codebook[name].version += 1  # the lane coder advances it in decode
         if self.op == AVERAGE:
-            out = out / self.size
+            out = out.div_(self.size)  # every decode returns a tensor of its own
         return out
 
     def close_step(self, seconds: float, **phases: float) -> dict:

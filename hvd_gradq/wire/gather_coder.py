@@ -19,6 +19,7 @@ import torch
 
 from hvd_gradq.bits.chunks import chunk_bounds
 from hvd_gradq.bits.dither import DitherSource
+from hvd_gradq.bits.rotation import padded
 from hvd_gradq.codecs import Codec, ErrorFeedback, JointSQCodec, JointSQState
 from hvd_gradq.codecs.rotated import RotatedCodec
 from hvd_gradq.codecs.shared_scale import abs_max
@@ -79,6 +80,7 @@ class GatherCoder:
         self._states: dict[int, JointSQState] = {}
         self._staged = False
         self._server_staged = False
+        self._scratch: torch.Tensor | None = None  # the rotated code's rotated values, reused
         #: what error messages tell the user to build identically on every rank
         self.label = label
         #: measure the coding error of this rank's encoding (``last_error``): two extra reductions
@@ -166,12 +168,37 @@ class GatherCoder:
     def encode_layer(self, g: torch.Tensor, *, stamp: tuple[int, int], frozen: bool = False) -> torch.Tensor:
         """This rank's frame of the whole layer. ``stamp``: (codebook version, layer digest);
         ``frozen``: the parameter does not require grad now (its residual is left alone)."""
+        if isinstance(self.codec, RotatedCodec) and self.worker_feedback is not None and not frozen \
+                and not self.track_error:
+            fused = self._encode_rotated(g, stamp)
+            if fused is not None:
+                return fused
         x, nonfinite = self._compensated(g, frozen)
         if nonfinite:
             return self._frame(torch.zeros(0, dtype=torch.uint8), True, stamp)
         body, err = self._encode(x, -1)
         self._stage_worker(x, err, frozen)
         return self._frame(body, False, stamp)
+
+    def _encode_rotated(self, g: torch.Tensor, stamp: tuple[int, int]) -> torch.Tensor | None:
+        """The rotated code's frame without materialising g + r: its residual goes straight into
+        the staging buffer (None: no C kernels, or g is not float32; the generic path runs)."""
+        flat = g.detach().reshape(-1)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            return None
+        r = self.worker_feedback.buffer(self.name, flat)
+        staged = self.worker_feedback.staging(self.name, flat)
+        m = padded(self.numel, self.codec.block(self.numel))
+        if self._scratch is None or self._scratch.numel() != m:
+            self._scratch = torch.empty(m, dtype=torch.float32)
+        done = self.codec.encode_compensated(flat, r, self.rng, staged, scratch=self._scratch)
+        if done is None:
+            return None
+        enc, finite = done
+        if not finite:  # every rank will decode NaN; the residual stays
+            return self._frame(torch.zeros(0, dtype=torch.uint8), True, stamp)
+        self._staged = True
+        return self._frame(self.codec.to_bytes(enc), False, stamp)
 
     def sum_frames(self, buf: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (float32, (numel,)) of the gathered frames; identical on every rank."""

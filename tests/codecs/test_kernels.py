@@ -150,3 +150,35 @@ def test_abs_max_kernel_keeps_nan_and_inf(special):
     else:
         assert got == want
     assert abs_max(-torch.zeros(5)) == 0.0
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_gathered_rotated_frames_without_a_copy_of_g_plus_r_equal_the_generic_path(rounding):
+    """``GatherCoder`` codes the rotated code from g and its residual directly (two passes, the
+    residual staged by the kernel); with ``track_error`` it takes the generic path (g + r, then
+    ``encode_error``). Same frames, same residuals, step after step."""
+    from hvd_gradq.codecs import ErrorFeedback
+    from hvd_gradq.wire.gather_coder import GatherCoder
+
+    numel = 20_000
+    fast, generic = (GatherCoder("w", numel, rot.RotatedCodec(2, rounding=rounding), rank=0, size=2,
+                                 rng=DitherSource(4), worker_feedback=ErrorFeedback(), server_feedback=None)
+                     for _ in range(2))
+    generic.track_error = True
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        g = torch.randn(numel, generator=gen)
+        g[:4096] = 0.0  # a zero block: scale 0 on the wire, zero error
+        frames = [c.encode_layer(g, stamp=(step, 7)) for c in (fast, generic)]
+        assert torch.equal(frames[0], frames[1]), step
+        for c, f in zip((fast, generic), frames):
+            c.sum_frames(torch.cat([f, f]))  # commits the staged residual
+        r_fast, r_gen = (c.worker_feedback.residuals["w"] for c in (fast, generic))
+        assert torch.allclose(r_fast, r_gen, atol=1e-6, rtol=0), step
+        assert torch.equal(r_fast[:4096], torch.zeros(4096))
+    bad = torch.randn(numel)
+    bad[5] = float("nan")
+    kept = fast.worker_feedback.residuals["w"].clone()
+    frame = fast.encode_layer(bad, stamp=(3, 7))
+    out = fast.sum_frames(torch.cat([frame, frame]))
+    assert bool(out.isnan().all()) and torch.equal(fast.worker_feedback.residuals["w"], kept)

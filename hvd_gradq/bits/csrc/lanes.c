@@ -485,3 +485,38 @@ int hvdgq_decode_rotated_lanes(const void *in_words, int64_t m, int as_double, d
     free(v);
     return 0;
 }
+
+/* The gathered rotated code's encode after the rotation: y (m rotated values, whole blocks) ->
+ * per block the codes against scale[b] (nonzero) as a bit stream of `bits` bits per code, and,
+ * with resid_out, the block's coding error rotated back into resid_out[0 .. numel) (a block whose
+ * wire scale is 0 decodes to zeros: its error is y itself). Returns -1 if no block buffer. */
+int hvdgq_encode_rotated_bits(const float *y, int64_t m, int64_t block, uint64_t key, float norm, const float *scale,
+                              const float *to_unit, const float *step, const float *wire_scale, int bits, int nearest,
+                              uint64_t dither_key, uint8_t *out, float *resid_out, int64_t numel) {
+    float *err = (float *)malloc((size_t)block * sizeof(float));
+    uint8_t *codes = (uint8_t *)malloc((size_t)block);
+    if (!err || !codes) {
+        free(err);
+        free(codes);
+        return -1;
+    }
+    const int isa = hvdgq_isa();
+    const int top = (1 << bits) - 1;
+    for (int64_t b0 = 0; b0 < m; b0 += block) {
+        const int64_t b = b0 / block;
+        float *e = resid_out ? err : NULL;
+        if (nearest)
+            block_codes_nearest(y + b0, block, scale[b], to_unit[b], step[b], top, codes, e);
+        else
+            block_codes_dither(y + b0, block, b0, scale[b], to_unit[b], step[b], top, dither_key, codes, e);
+        pack_stream(codes, block, bits, out + b0 / 8 * bits);
+        if (resid_out && b0 < numel) {
+            if (!(wire_scale[b] > 0.0f)) memcpy(err, y + b0, (size_t)block * sizeof(float));
+            const int64_t keep = numel - b0 < block ? numel - b0 : block;
+            hvdgq_unrotate_block(err, block, b0, key, norm, resid_out + b0, keep, 0, isa);
+        }
+    }
+    free(err);
+    free(codes);
+    return 0;
+}
