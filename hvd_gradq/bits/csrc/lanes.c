@@ -326,6 +326,19 @@ void hvdgq_quantize_blocks_bits(const float *y, int64_t n, int64_t block, const 
         break;
 
 static void unpack_levels(const uint8_t *src, int64_t cnt, int bits, float st, float s, float *out) {
+    if (bits == 1 || bits == 2 || bits == 4) {
+        /* a byte holds 8 / bits whole codes: look its levels up (each level is the same
+         * k * st - s as below), 256 entries made per call */
+        const int per = 8 / bits;
+        float lv[16];
+        for (int k = 0; k < (1 << bits); k++) lv[k] = (float)k * st - s;
+        float table[256 * 8];
+        for (int v = 0; v < 256; v++)
+            for (int j = 0; j < per; j++) table[v * per + j] = lv[(v >> (bits * j)) & ((1 << bits) - 1)];
+        const int64_t nbytes = cnt / per;
+        for (int64_t i = 0; i < nbytes; i++) memcpy(out + i * per, table + src[i] * per, (size_t)per * sizeof(float));
+        return;
+    }
     switch (bits) {
         UNPACK_CASE(1) UNPACK_CASE(2) UNPACK_CASE(3) UNPACK_CASE(4)
         UNPACK_CASE(5) UNPACK_CASE(6) UNPACK_CASE(7) UNPACK_CASE(8)
