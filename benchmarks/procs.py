@@ -143,6 +143,7 @@ def horovodrun_command(script: str | Path | list[str], *args, np: int = 2, mode:
     env = environment()
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # as launch/hvdrun: ranks share cores here
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     program = [*map(str, script)] if isinstance(script, (list, tuple)) else [str(script)]

@@ -60,14 +60,14 @@ def measure(probe: LossProbe, params: dict, pairs: list[tuple[str, str]], lr: fl
     points = []
     with torch.no_grad():
         base = ev.stepped(grads, lr)
-        ref = [ev.loss(base, bt) for bt in batches]
+        ref = [ev.loss(base, bt, i) for i, bt in enumerate(batches)]
 
         def delta(coded: dict[str, int]) -> float:  # signed loss change, Eq. 6
             w = dict(base)
             for n, b in coded.items():
                 m = ev.model_name[n]
                 w[m] = ev.weights[m] - lr * codes[(n, b)].view_as(ev.weights[m])
-            return float(np.mean([ev.loss(w, bt) - r for bt, r in zip(batches, ref)]))
+            return float(np.mean([ev.loss(w, bt, i) - r for i, (bt, r) in enumerate(zip(batches, ref))]))
 
         single = {(n, b): delta({n: b}) for n in {a for p in pairs for a in p} for b in BITS}
         for a, c in pairs:

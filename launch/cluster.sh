@@ -167,7 +167,8 @@ cmd_status() {
   [ -f "$DIR/hosts" ] && echo "hosts=$(cat "$DIR/hosts")"
 }
 
-cmd_run() {  # horovodrun across the nodes, launched from node 1 ([--mpi|--gloo] first; default --mpi)
+cmd_run() {  # horovodrun across the nodes, launched from node 1 ([--mpi|--gloo] first; default --mpi);
+  # MPI yields when idle unless the caller set OMPI_MCA_mpi_yield_when_idle (see launch/hvdrun)
   [ -f "$DIR/hosts" ] || die "the cluster is down: run 'sudo $0 up' first"
   need_root run
   local controller=--mpi
@@ -176,6 +177,7 @@ cmd_run() {  # horovodrun across the nodes, launched from node 1 ([--mpi|--gloo]
   cd "$ROOT"
   exec ip netns exec "${NS}1" env PATH="$DIR/bin:$venv/bin:$PATH" \
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+    OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}" \
     "$venv/bin/horovodrun" "$controller" -H "$(cat "$DIR/hosts")" --network-interface eth0 "$@"
 }
 

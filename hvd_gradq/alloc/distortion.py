@@ -6,6 +6,8 @@ All metrics fill an (layers, options) table for ``solvers.RDCurves``:
                        |L(W - lr * g_mixed(l, b)) - L(W - lr * g)|, g_mixed with only layer l coded.
                        Evaluated with ``torch.func.functional_call`` on detached weights (the live
                        model and its buffers are untouched), under ``no_grad``: L * |B| * K forwards.
+                       A batch's forwards all draw the same random numbers (``PROBE_SEED`` + its
+                       index), so dropout's masks cancel in the difference.
 * ``lad_first_order``  Eq. 7-8: lr * |g_{t+1} . e_l(b)| with g_{t+1} the gradient at W - lr * g,
                        one extra backward per batch instead of L * |B| forwards.
 * ``mse``              ||g_l - Q_b(g_l)||^2, the signal-level baseline.
@@ -25,6 +27,9 @@ import torch
 from torch.func import functional_call
 
 Quantize = Callable[[str, int, torch.Tensor], torch.Tensor]
+#: the probe forwards' random seed (plus the batch index): a loss difference then measures the
+#: weights, not two different dropout masks
+PROBE_SEED = 0x1AD
 
 
 @dataclass
@@ -70,6 +75,7 @@ class LossEvaluator:
         self.buffers = {n: b.detach().clone() for n, b in probe.model.named_buffers()}
         self.forwards = 0
         self.backwards = 0
+        self._devices = sorted({p.device.index or 0 for p in self.weights.values() if p.device.type == "cuda"})
 
     def stepped(self, grads: dict[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:
         """The weights after an SGD step W - lr * g on every layer in ``grads`` (model names)."""
@@ -79,10 +85,19 @@ class LossEvaluator:
             out[m] = self.weights[m] - lr * g.view_as(self.weights[m])
         return out
 
-    def loss(self, weights: dict[str, torch.Tensor], batch) -> float:
-        x, y = batch
+    def _forward(self, weights: dict[str, torch.Tensor], x, index: int):
+        """The model at ``weights`` on ``x``, with the random numbers of batch ``index`` (dropout
+        draws the same masks at every evaluation of that batch; training's RNG is untouched)."""
         buffers = {n: b.clone() for n, b in self.buffers.items()} if self.buffers else {}
-        out = functional_call(self.probe.model, {**weights, **buffers}, (x,))
+        with torch.random.fork_rng(devices=self._devices):
+            torch.manual_seed(PROBE_SEED + index)
+            return functional_call(self.probe.model, {**weights, **buffers}, (x,))
+
+    def loss(self, weights: dict[str, torch.Tensor], batch, index: int = 0) -> float:
+        """The loss at ``weights`` on ``batch``, the ``index``-th probe batch: the same index gives
+        the same dropout masks, so that a difference of two losses measures the weights only."""
+        x, y = batch
+        out = self._forward(weights, x, index)
         self.forwards += 1
         return float(self.probe.loss_fn(out, y))
 
@@ -90,10 +105,9 @@ class LossEvaluator:
         """Mean gradient over ``batches`` at ``weights`` (model names)."""
         leaves = {n: w.detach().clone().requires_grad_(True) for n, w in weights.items()}
         total = {n: torch.zeros_like(w) for n, w in leaves.items()}
-        for x, y in batches:
-            buffers = {n: b.clone() for n, b in self.buffers.items()} if self.buffers else {}
+        for index, (x, y) in enumerate(batches):
             with torch.enable_grad():
-                loss = self.probe.loss_fn(functional_call(self.probe.model, {**leaves, **buffers}, (x,)), y)
+                loss = self.probe.loss_fn(self._forward(leaves, x, index), y)
                 gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             self.forwards += 1
             self.backwards += 1
@@ -123,14 +137,14 @@ def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str
     coded = _errors(grads, quantize, options)
     with torch.no_grad():
         base = ev.stepped(grads, lr)
-        ref = [ev.loss(base, b) for b in batches]
+        ref = [ev.loss(base, b, i) for i, b in enumerate(batches)]
         table = np.zeros((len(grads), len(options)))
         for i, n in enumerate(grads):
             m = ev.model_name[n]
             w = ev.weights[m]
             for k, q in enumerate(coded[n]):
                 mixed = {**base, m: w - lr * q.view_as(w)}
-                table[i, k] = np.mean([abs(ev.loss(mixed, b) - r) for b, r in zip(batches, ref)])
+                table[i, k] = np.mean([abs(ev.loss(mixed, b, j) - r) for j, (b, r) in enumerate(zip(batches, ref))])
     return table, {"forwards": ev.forwards, "backwards": ev.backwards}
 
 

@@ -164,3 +164,29 @@ def test_lad_with_clipping_measures_the_clipped_step():
     assert not np.allclose(clipped.last_curves.distortion, unclipped.last_curves.distortion)
     with pytest.raises(ValueError, match="max_grad_norm"):
         Allocator(2.0, probe=probe, max_grad_norm=0.0)
+
+
+def test_exact_lad_is_not_dropout_noise():
+    """A model in training mode with dropout: every forward of a probe batch draws the same masks,
+    so a layer coded losslessly has distortion exactly 0, the table is the same at every call,
+    and training's random stream is not consumed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
+    model.train()
+    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(2)]
+    probe = LossProbe(model, F.mse_loss, batches)
+    params = dict(model.named_parameters())
+    grads, _ = D.probe_gradients(probe, params)
+
+    def lossless_at_8(name, bits, g):
+        return g if bits == 8 else halve(name, bits, g)
+
+    state = torch.random.get_rng_state()
+    first, _ = D.lad_exact(probe, params, grads, lossless_at_8, (2, 8), 0.1)
+    again, _ = D.lad_exact(probe, params, grads, lossless_at_8, (2, 8), 0.1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert np.array_equal(first, again)
+    assert np.all(first[:, 1] == 0.0), first
+    assert np.all(first[:, 0] > 0.0), first
+    g1, _ = D.probe_gradients(probe, params)
+    assert all(torch.equal(grads[n], g1[n]) for n in grads)
