@@ -274,7 +274,17 @@ void hvdgq_rotate_block(const float *x, const float *addend, int64_t len, float 
         }                                                                                            \
         break;
 
-static void pack_stream(const uint8_t *codes, int64_t cnt, int bits, uint8_t *out) {
+static int use_pdep(void);
+static int64_t pack_stream_fast(const uint8_t *codes, int64_t cnt, int bits, uint8_t *out, const uint8_t *end);
+
+/* `end`: the end of the whole output stream (a fast path writes 8 bytes per group). */
+static void pack_stream(const uint8_t *codes, int64_t cnt, int bits, uint8_t *out, const uint8_t *end) {
+    if (use_pdep()) {
+        const int64_t done = pack_stream_fast(codes, cnt, bits, out, end);
+        codes += done;
+        out += done / 8 * bits;
+        cnt -= done;
+    }
     const int64_t groups = cnt / 8;
     switch (bits) {
         PACK_CASE(1) PACK_CASE(2) PACK_CASE(3) PACK_CASE(4)
@@ -310,7 +320,7 @@ void hvdgq_quantize_blocks_bits(const float *y, int64_t n, int64_t block, const 
                                    err_out ? err_out + i : NULL);
             i = stop;
         }
-        pack_stream(codes, end - start, bits, out + start / 8 * bits);
+        pack_stream(codes, end - start, bits, out + start / 8 * bits, out + (n * bits + 7) / 8);
     }
 }
 
@@ -325,7 +335,105 @@ void hvdgq_quantize_blocks_bits(const float *y, int64_t n, int64_t block, const 
         }                                                                                            \
         break;
 
-static void unpack_levels(const uint8_t *src, int64_t cnt, int bits, float st, float s, float *out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+/* 8 codes at a time: pdep spreads a group's `bits`-bit codes into the 8 bytes of a word, AVX2
+ * widens them to floats, then k * st - s (a multiply and a subtract, as the scalar loop). Reads
+ * 8 bytes per group: only for groups that end at least 8 bytes before `end`. Returns the number
+ * of codes done. */
+__attribute__((target("bmi2,avx2"))) static int64_t unpack_levels_pdep(const uint8_t *src, const uint8_t *end,
+                                                                       int64_t cnt, int bits, float st, float s,
+                                                                       float *out) {
+    const uint64_t spread = 0x0101010101010101ull * ((1ull << bits) - 1ull);
+    const __m256 vst = _mm256_set1_ps(st), vs = _mm256_set1_ps(s);
+    int64_t g = 0;
+    for (; g < cnt / 8 && src + g * bits + 8 <= end; g++) {
+        uint64_t word;
+        memcpy(&word, src + g * bits, 8);
+        const uint64_t bytes = _pdep_u64(word, spread);
+        const __m256i k = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes));
+        _mm256_storeu_ps(out + 8 * g, _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(k), vst), vs));
+    }
+    return 8 * g;
+}
+
+__attribute__((target("bmi2"))) static int64_t pack_lanes_bmi2(const uint8_t *codes, int64_t take, int lane_bits,
+                                                                int j, uint64_t *word) {
+    const uint64_t spread = 0x0101010101010101ull * ((1ull << lane_bits) - 1ull);
+    uint64_t w = *word;
+    int64_t k = 0;
+    for (; k + 8 <= take; k += 8) {
+        uint64_t bytes;
+        memcpy(&bytes, codes + k, 8);
+        w |= _pext_u64(bytes, spread) << (lane_bits * (j + k));
+    }
+    *word = w;
+    return k;
+}
+
+/* Groups of 8 codes into `bits` bytes each with pext; writes 8 bytes per group, so only groups
+ * whose 8 bytes end by `end`. Returns the number of codes done. */
+__attribute__((target("bmi2"))) static int64_t pack_stream_bmi2(const uint8_t *codes, int64_t cnt, int bits,
+                                                                uint8_t *out, const uint8_t *end) {
+    const uint64_t spread = 0x0101010101010101ull * ((1ull << bits) - 1ull);
+    int64_t g = 0;
+    for (; g < cnt / 8 && out + g * bits + 8 <= end; g++) {
+        uint64_t bytes;
+        memcpy(&bytes, codes + 8 * g, 8);
+        const uint64_t packed = _pext_u64(bytes, spread);
+        memcpy(out + g * bits, &packed, 8);
+    }
+    return 8 * g;
+}
+
+__attribute__((target("bmi2,avx2"))) static int lanes_to_float_avx2(uint64_t word, int lane_bits, int cnt,
+                                                                      float *dst) {
+    const uint64_t spread = 0x0101010101010101ull * ((1ull << lane_bits) - 1ull);
+    int k = 0;
+    for (; k + 8 <= cnt; k += 8) {
+        const uint64_t bytes = _pdep_u64(word >> (lane_bits * k), spread);
+        _mm256_storeu_ps(dst + k, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
+    }
+    return k;
+}
+#endif
+
+static int use_pdep(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static int ok = -1;
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2");
+    }
+    return ok && hvdgq_isa() >= 1;
+#else
+    return 0;
+#endif
+}
+
+/* The first `cnt` lanes of `lane_bits` (<= 8) bits of `word`, 8 at a time, as floats into dst
+ * (pdep + AVX2; without them, returns 0 and the caller's loop does them). Returns lanes done. */
+static int lanes_to_float_pdep(uint64_t word, int lane_bits, int cnt, float *dst) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    return lanes_to_float_avx2(word, lane_bits, cnt, dst);
+#else
+    (void)word; (void)lane_bits; (void)cnt; (void)dst;
+    return 0;
+#endif
+}
+
+static void unpack_levels(const uint8_t *src, const uint8_t *end, int64_t cnt, int bits, float st, float s,
+                          float *out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (use_pdep()) {
+        const int64_t done = unpack_levels_pdep(src, end, cnt, bits, st, s, out);
+        src += done / 8 * bits;
+        out += done;
+        cnt -= done;
+    }
+#else
+    (void)end;
+#endif
     if (bits == 1 || bits == 2 || bits == 4) {
         /* a byte holds 8 / bits whole codes: look its levels up (each level is the same
          * k * st - s as below), 256 entries made per call */
@@ -358,7 +466,7 @@ int hvdgq_decode_rotated(const uint8_t *in, int64_t m, int64_t block, const floa
         const float st = step[b], s = scale[b];
         /* block * bits is a multiple of 8 bits (block >= 8): the block starts on a byte */
         const uint8_t *src = in + b0 / 8 * bits;
-        unpack_levels(src, block, bits, st, s, v);
+        unpack_levels(src, in + m / 8 * bits, block, bits, st, s, v);
         const int64_t keep = numel - b0 < block ? numel - b0 : block;
         hvdgq_unrotate_block(v, block, b0, key, norm, out + b0, keep, accumulate, isa);
     }
@@ -373,8 +481,28 @@ typedef struct {
     char *out;
     int64_t w;
     uint64_t word;
-    int j, lanes, lane_bits, as_double;
+    int j, lanes, lane_bits, as_double, pext;
 } lane_packer;
+
+/* codes[0 .. take) (bytes, each < 2**lane_bits <= 256) into *word from lane j on, 8 at a time
+ * with pext; returns how many were packed (the caller packs the rest). */
+static int64_t pack_stream_fast(const uint8_t *codes, int64_t cnt, int bits, uint8_t *out, const uint8_t *end) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    return pack_stream_bmi2(codes, cnt, bits, out, end);
+#else
+    (void)codes; (void)cnt; (void)bits; (void)out; (void)end;
+    return 0;
+#endif
+}
+
+static int64_t pack_lanes_pext(const uint8_t *codes, int64_t take, int lane_bits, int j, uint64_t *word) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    return pack_lanes_bmi2(codes, take, lane_bits, j, word);
+#else
+    (void)codes; (void)take; (void)lane_bits; (void)j; (void)word;
+    return 0;
+#endif
+}
 
 static inline void packer_flush(lane_packer *p) {
     if (p->as_double) {
@@ -396,7 +524,8 @@ static void packer_push(lane_packer *p, const uint8_t *codes, int64_t cnt) {
     int64_t i = 0;
     while (i < cnt) {
         const int64_t take = cnt - i < lanes - j ? cnt - i : lanes - j;
-        for (int64_t k = 0; k < take; k++) word |= (uint64_t)codes[i + k] << (lane_bits * (j + k));
+        int64_t k = p->pext ? pack_lanes_pext(codes + i, take, lane_bits, j, &word) : 0;
+        for (; k < take; k++) word |= (uint64_t)codes[i + k] << (lane_bits * (j + k));
         i += take;
         j += (int)take;
         if (j == lanes) {
@@ -430,7 +559,7 @@ int hvdgq_encode_rotated_lanes(const float *x, const float *addend, int rotated,
     float *err = v + block;
     const int isa = hvdgq_isa();
     const int top = (1 << bits) - 1;
-    lane_packer p = {(char *)out_words, 0, 0, 0, lanes, lane_bits, as_double};
+    lane_packer p = {(char *)out_words, 0, 0, 0, lanes, lane_bits, as_double, lane_bits <= 8 && use_pdep()};
     for (int64_t b0 = 0; b0 < m; b0 += block) {
         const int64_t b = b0 / block;
         const int64_t len = n - b0 < 0 ? 0 : (n - b0 < block ? n - b0 : block);
@@ -466,6 +595,7 @@ int hvdgq_decode_rotated_lanes(const void *in_words, int64_t m, int as_double, d
     if (!v) return -2;
     const int isa = hvdgq_isa();
     const uint64_t mask = (lane_bits >= 64) ? ~0ull : ((1ull << lane_bits) - 1ull);
+    const int pdep = lane_bits <= 8 && use_pdep();
     for (int64_t b0 = 0; b0 < m && b0 < numel; b0 += block) {
         for (int64_t idx = b0; idx < b0 + block;) {
             const int64_t w = idx / lanes;
@@ -488,7 +618,8 @@ int hvdgq_decode_rotated_lanes(const void *in_words, int64_t m, int as_double, d
             }
             const uint64_t word = (uint64_t)iw >> (lane_bits * j);
             float *dst = v + (idx - b0);
-            for (int k = 0; k < cnt; k++) dst[k] = (float)((word >> (lane_bits * k)) & mask);
+            int k = pdep ? lanes_to_float_pdep(word, lane_bits, cnt, dst) : 0;
+            for (; k < cnt; k++) dst[k] = (float)((word >> (lane_bits * k)) & mask);
             idx += cnt;
         }
         block_levels(v, block, per_code[b0 / block], scale[b0 / block]);
@@ -522,7 +653,7 @@ int hvdgq_encode_rotated_bits(const float *y, int64_t m, int64_t block, uint64_t
             block_codes_nearest(y + b0, block, scale[b], to_unit[b], step[b], top, codes, e);
         else
             block_codes_dither(y + b0, block, b0, scale[b], to_unit[b], step[b], top, dither_key, codes, e);
-        pack_stream(codes, block, bits, out + b0 / 8 * bits);
+        pack_stream(codes, block, bits, out + b0 / 8 * bits, out + m / 8 * bits);
         if (resid_out && b0 < numel) {
             if (!(wire_scale[b] > 0.0f)) memcpy(err, y + b0, (size_t)block * sizeof(float));
             const int64_t keep = numel - b0 < block ? numel - b0 : block;
