@@ -84,7 +84,7 @@ def plot_breakdown(rows: list[dict], path: Path, title: str) -> None:
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return
-    fig, ax = plt.subplots(figsize=(1.3 * len(ok) + 3, 4.2))
+    fig, ax = plt.subplots(figsize=(1.3 * len(ok) + 4.5, 4.2))
     names = [r["compressor"] for r in ok]
     bottom = [0.0] * len(ok)
     for phase in PHASES:
@@ -96,10 +96,17 @@ def plot_breakdown(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("s per step (rank 0, mean of timed steps)")
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def redraw(out: Path) -> None:
+    """Draw ``out``/breakdown.png again from ``out``/results.json."""
+    data = json.loads((out / "results.json").read_text())
+    args = data["args"]
+    plot_breakdown(data["rows"], out / "breakdown.png", f"{args['model']}, loopback, np = {args['np']}")
 
 
 def write_report(rows: list[dict], args, out: Path, commit: str, seconds: float) -> None:
@@ -140,9 +147,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cell-timeout", type=float, default=600)
     ap.add_argument("--out", default="docs/results/overhead")
+    ap.add_argument("--redraw", action="store_true", help="only draw --out/breakdown.png again from its results.json")
     provenance.add_argument(ap)
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.redraw:
+        redraw(out)
+        return json.loads((out / "results.json").read_text())["rows"]
     commit = provenance.commit(args.allow_dirty, outputs=[out])
     order = [compressor_name(c) for c in args.compressors.split(",") if c] + [COMPUTE_ONLY]
     cells, t0 = [], time.time()
