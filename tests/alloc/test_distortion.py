@@ -190,3 +190,34 @@ def test_exact_lad_is_not_dropout_noise():
     assert np.all(first[:, 0] > 0.0), first
     g1, _ = D.probe_gradients(probe, params)
     assert all(torch.equal(grads[n], g1[n]) for n in grads)
+
+
+def test_skipping_the_smallest_layers_probes_fewer_and_fixes_them_at_the_widest_option():
+    model, probe, _, quantize = cnn_setup()
+    params = dict(model.named_parameters())  # biases and norms included
+    total = sum(p.numel() for p in params.values())
+    options = (0, 2, 3, 4, 8)
+    full, c_full = Allocator(3.0, metric="lad", options=options, probe=probe).allocate(params, quantize, lr=0.1)
+    fast, c_fast = Allocator(3.0, metric="lad", options=options, probe=probe,
+                             skip_share=0.02).allocate(params, quantize, lr=0.1)
+    unprobed = fast.info["unprobed"]
+    assert unprobed and sum(params[n].numel() for n in unprobed) <= 0.02 * total
+    assert max(params[n].numel() for n in unprobed) <= min(params[n].numel() for n in params if n not in unprobed)
+    assert all(fast.bits[n] == 8 for n in unprobed)
+    batches = len(probe.get_batches())
+    assert c_full["forwards"] - c_fast["forwards"] == len(unprobed) * len(options) * batches
+    assert set(fast.bits) == set(params)
+    assert fast.rate == sum(fast.bits[n] * params[n].numel() for n in params) <= 3.0 * total
+    # the budget is still spent, up to the granularity of the large layers' options (measured: 0.949)
+    assert fast.rate >= 0.9 * 3.0 * total
+    # the large layers' widths: the same as probing every layer, or one option step apart
+    steps = [abs(options.index(fast.bits[n]) - options.index(full.bits[n])) for n in params if n not in unprobed]
+    assert max(steps) <= 1 and sum(steps) <= 1, (full.bits, fast.bits)
+
+
+def test_skip_share_is_checked():
+    _, probe, _, _ = cnn_setup()
+    with pytest.raises(ValueError, match="skip_share"):
+        Allocator(2.0, probe=probe, skip_share=1.0)
+    with pytest.raises(ValueError, match="skip_share"):
+        Allocator(2.0, probe=probe, skip_share=0.01, group="type")
