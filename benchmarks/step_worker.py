@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         enc = comp.timer.current["encode"] if comp is not None else 0.0
         dec = comp.timer.current["decode"] if comp is not None else 0.0
         if comp is not None:
-            comp.timer.close(t3 - t0, 0)
+            comp.timer.reset()
         breakdown.append({"compute": max(0.0, t1 - t0 - enc), "encode": enc, "decode": dec,
                           "wait": max(0.0, t2 - t1 - dec), "allocation": 0.0, "update": t3 - t2, "other": 0.0,
                           "step": t3 - t0, "bytes": 0})

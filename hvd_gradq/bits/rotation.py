@@ -66,8 +66,6 @@ def block_norm(block: int) -> float:
     return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
 
 
-_norm = block_norm
-
 
 def signs(key: int, n: int) -> torch.Tensor:
     """The ``n`` signs (float32, +1 or -1) of key ``key``."""
@@ -84,7 +82,7 @@ def _butterflies(y: torch.Tensor, block: int) -> torch.Tensor:
         a, c = v[:, :, 0, :], v[:, :, 1, :]
         blocks = torch.stack([a + c, a - c], dim=2).view(-1, block)
         h *= 2
-    return blocks.reshape(-1).mul_(_norm(block))
+    return blocks.reshape(-1).mul_(block_norm(block))
 
 
 def _native_ok(x: torch.Tensor) -> bool:
@@ -113,7 +111,7 @@ def rotate_energy(x: torch.Tensor, key: int, block: int, addend: torch.Tensor | 
         y = torch.empty(m, dtype=torch.float32) if out is None else out
         e = torch.empty(m // block, dtype=torch.float64) if energy else None
         lib.hvdgq_rotate_into(flat.data_ptr(), None if add is None else add.data_ptr(), n, y.data_ptr(), m, block,
-                              key % (1 << 64), _norm(block), None if e is None else e.data_ptr())
+                              key % (1 << 64), block_norm(block), None if e is None else e.data_ptr())
         return y, e
     y = torch.zeros(m, dtype=torch.float32, device=x.device)
     y[:n] = flat if add is None else flat.to(torch.float32) + add.to(torch.float32)
@@ -139,7 +137,8 @@ def unrotate_(y: torch.Tensor, key: int, block: int, numel: int, out: torch.Tens
     lib = native.load() if _native_ok(y) else None
     if lib is not None:
         dst = y if out is None else out
-        lib.hvdgq_unrotate_into(y.data_ptr(), y.numel(), block, key % (1 << 64), _norm(block), dst.data_ptr(), numel)
+        lib.hvdgq_unrotate_into(y.data_ptr(), y.numel(), block, key % (1 << 64), block_norm(block), dst.data_ptr(),
+                                numel)
         return y[:numel] if out is None else out
     z = _butterflies(y, block).mul_(signs(key, y.numel()).to(y.device))[:numel]
     return z if out is None else out.copy_(z)

@@ -92,6 +92,20 @@ class Codec(ABC):
         enc = self.encode(x, rng)
         return enc, flat_float32(x) - self.decode(enc)
 
+    def encode_compensated(self, g: torch.Tensor, addend: torch.Tensor, rng: DitherSource,
+                           resid_out: torch.Tensor) -> tuple[Encoded | None, bool] | None:
+        """``encode(g + addend)`` without materialising the sum, its coding error written into
+        ``resid_out``: (encoded, True), or (None, False) when g + addend is not finite
+        (``resid_out`` then unspecified). None (here): the codec has no such path, nothing was
+        drawn from ``rng``; the caller adds and calls ``encode_error``."""
+        return None
+
+    def decode_into(self, enc: Encoded, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+        """Decode ``enc`` into ``out`` (contiguous float32, numel elements), or add it to ``out``."""
+        if accumulate:
+            return out.add_(self.decode(enc).view(out.shape))
+        return self.decode(enc, out)
+
     def roundtrip(self, x: torch.Tensor, rng: DitherSource) -> torch.Tensor:
         """decode(encode(x)) in ``x``'s shape and dtype; integer tensors pass through untouched."""
         if not x.dtype.is_floating_point:

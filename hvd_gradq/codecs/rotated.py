@@ -254,6 +254,7 @@ class RotatedCodec(Codec):
         rotation_mod.block_for(8, rotation)  # validates the largest block
         super().__init__(bits)
         self.rotation, self.rounding = rotation, rounding
+        self._scratch: torch.Tensor | None = None  # encode_compensated's rotated values, reused
         self.unbiased = rounding == STOCHASTIC
 
     def block(self, numel: int) -> int:
@@ -303,24 +304,23 @@ class RotatedCodec(Codec):
             err.view(-1, block)[zero] = 0.0
         return enc, rotation_mod.unrotate_(err, key, block, n)
 
-    def encode_compensated(self, g: torch.Tensor, addend: torch.Tensor | None, rng: DitherSource,
-                           resid_out: torch.Tensor, scratch: torch.Tensor | None = None,
-                           ) -> tuple[Encoded | None, bool] | None:
-        """``encode(g + addend)`` with its coding error written into ``resid_out`` (float32, g's
-        numel), in two passes over memory (rotation with the addend and the block energies; then
-        codes, bit stream and the error rotated back, per block): no copy of g + addend is made.
-        ``scratch``: a float32 buffer of the padded length for the rotated values. Returns
-        (encoded, True), or (None, False) when g + addend is not finite (``resid_out`` is then
-        unspecified); None without the C kernels (nothing drawn: the caller takes
-        ``encode_error``)."""
+    def encode_compensated(self, g: torch.Tensor, addend: torch.Tensor, rng: DitherSource,
+                           resid_out: torch.Tensor) -> tuple[Encoded | None, bool] | None:
+        """``Codec.encode_compensated`` in two passes over memory (the rotation with the addend
+        and the block energies into a buffer kept for the layer; then codes, bit stream and the
+        error rotated back, per block). None without the C kernels or for other than contiguous
+        float32 input (nothing drawn)."""
         flat = g.detach().reshape(-1)
         n = flat.numel()
         lib = native.load()
-        if lib is None or self.bits == 0 or n == 0 or not _native_ok(flat, addend, resid_out, scratch):
+        if lib is None or self.bits == 0 or n == 0 or not _native_ok(flat, addend, resid_out):
             return None
         block = self.block(n)
+        m = rotation_mod.padded(n, block)
+        if self._scratch is None or self._scratch.numel() != m:
+            self._scratch = torch.empty(m, dtype=torch.float32)
         key = rng.key()
-        y, energy = rotation_mod.rotate_energy(flat, key, block, addend, out=scratch)
+        y, energy = rotation_mod.rotate_energy(flat, key, block, addend, out=self._scratch)
         rms = energy.div_(block).sqrt_().to(torch.float32)
         if not bool(torch.isfinite(rms).all()):
             return None, False
@@ -336,6 +336,9 @@ class RotatedCodec(Codec):
             raise MemoryError("rotated: no memory for a block buffer")
         word = torch.tensor([key - (1 << 64) if key >= 1 << 63 else key], dtype=torch.int64)
         return Encoded(n, {"key": word, "scales": scales, "codes": codes}), True
+
+    def decode_into(self, enc: Encoded, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+        return self.decode(enc, out, accumulate=accumulate)  # one pass per block, added by the kernel
 
     def decode(self, enc: Encoded, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
         """The decoded layer, into ``out`` if given (added to it with ``accumulate``)."""

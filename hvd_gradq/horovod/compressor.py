@@ -156,8 +156,8 @@ class UniformCompressor(_HorovodCompressor):
         self._densified: set[str] = set()
         #: per layer, what its latest compress handed to Horovod
         self.payloads: dict[str, PayloadInfo] = {}
-        #: seconds in ``compress`` (encode) and ``decompress`` (decode) since the last
-        #: ``timer.close(step_seconds, bytes)``; Horovod's own waiting is the caller's to time
+        #: seconds in ``compress`` (encode) and ``decompress`` (decode), accumulated in
+        #: ``timer.current`` until ``timer.reset()``; Horovod's own waiting is the caller's to time
         self.timer = StepTimer()
         from hvd_gradq.horovod import elastic  # noqa: F401 - TorchState(compressor=...) keeps its state
 

@@ -19,7 +19,6 @@ import torch
 
 from hvd_gradq.bits.chunks import chunk_bounds
 from hvd_gradq.bits.dither import DitherSource
-from hvd_gradq.bits.rotation import padded
 from hvd_gradq.codecs import Codec, ErrorFeedback, JointSQCodec, JointSQState
 from hvd_gradq.codecs.rotated import RotatedCodec
 from hvd_gradq.codecs.shared_scale import abs_max
@@ -80,7 +79,6 @@ class GatherCoder:
         self._states: dict[int, JointSQState] = {}
         self._staged = False
         self._server_staged = False
-        self._scratch: torch.Tensor | None = None  # the rotated code's rotated values, reused
         #: what error messages tell the user to build identically on every rank
         self.label = label
         #: measure the coding error of this rank's encoding (``last_error``): two extra reductions
@@ -119,13 +117,7 @@ class GatherCoder:
     def _decode_into(self, body: torch.Tensor, out: torch.Tensor, first: bool = False) -> None:
         """Add the decoded ``body`` to ``out`` (``first``: write it; ``out`` holds garbage)."""
         if out.numel():
-            enc = self.codec.from_bytes(body, out.numel())
-            if isinstance(self.codec, RotatedCodec):  # decodes straight into the sum
-                self.codec.decode(enc, out, accumulate=not first)
-            elif first:
-                self.codec.decode(enc, out)
-            else:
-                out.add_(self.codec.decode(enc))
+            self.codec.decode_into(self.codec.from_bytes(body, out.numel()), out, accumulate=not first)
 
     def _read(self, buf: torch.Tensor) -> tuple[list[tuple[FrameHeader, torch.Tensor]], bool]:
         """One frame per rank from ``buf``, checked for agreement; and whether any sender was non-finite."""
@@ -168,9 +160,8 @@ class GatherCoder:
     def encode_layer(self, g: torch.Tensor, *, stamp: tuple[int, int], frozen: bool = False) -> torch.Tensor:
         """This rank's frame of the whole layer. ``stamp``: (codebook version, layer digest);
         ``frozen``: the parameter does not require grad now (its residual is left alone)."""
-        if isinstance(self.codec, RotatedCodec) and self.worker_feedback is not None and not frozen \
-                and not self.track_error:
-            fused = self._encode_rotated(g, stamp)
+        if self.worker_feedback is not None and not frozen and not self.track_error:
+            fused = self._encode_compensated(g, stamp)
             if fused is not None:
                 return fused
         x, nonfinite = self._compensated(g, frozen)
@@ -180,18 +171,12 @@ class GatherCoder:
         self._stage_worker(x, err, frozen)
         return self._frame(body, False, stamp)
 
-    def _encode_rotated(self, g: torch.Tensor, stamp: tuple[int, int]) -> torch.Tensor | None:
-        """The rotated code's frame without materialising g + r: its residual goes straight into
-        the staging buffer (None: no C kernels, or g is not float32; the generic path runs)."""
+    def _encode_compensated(self, g: torch.Tensor, stamp: tuple[int, int]) -> torch.Tensor | None:
+        """The frame of codecs that code g + r without materialising it (``Codec.encode_compensated``;
+        the residual goes straight into the staging buffer); None where the codec has no such path."""
         flat = g.detach().reshape(-1)
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            return None
-        r = self.worker_feedback.buffer(self.name, flat)
-        staged = self.worker_feedback.staging(self.name, flat)
-        m = padded(self.numel, self.codec.block(self.numel))
-        if self._scratch is None or self._scratch.numel() != m:
-            self._scratch = torch.empty(m, dtype=torch.float32)
-        done = self.codec.encode_compensated(flat, r, self.rng, staged, scratch=self._scratch)
+        r = self.worker_feedback.buffer(self.name, flat)  # zeros at the first step, so commit can swap
+        done = self.codec.encode_compensated(flat, r, self.rng, self.worker_feedback.staging(self.name, flat))
         if done is None:
             return None
         enc, finite = done

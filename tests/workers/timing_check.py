@@ -70,7 +70,7 @@ for step in range(args.steps):
     prev = now
     if args.codec == "stock":
         coding.append({"encode": comp.timer.current["encode"], "decode": comp.timer.current["decode"]})
-        comp.timer.close(0.0, 0)
+        comp.timer.reset()
 out["walls"] = walls
 out["coding"] = coding
 if args.codec != "stock":

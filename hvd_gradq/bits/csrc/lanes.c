@@ -100,6 +100,24 @@ void hvdgq_quantize_lanes(const float *x, int64_t n, float scale, float to_unit,
     }
 }
 
+/* Reduced word w as exact int64: an int64 word times `multiplier`, or a float64 word times it
+ * rounded to the integer it must be. Returns -1 if that float is not within 0.25 of an integer
+ * (the payload was altered), else 0. */
+static inline int read_word(const void *in_words, int64_t w, int as_double, double multiplier, int64_t *out) {
+    if (as_double) {
+        double d;
+        memcpy(&d, (const char *)in_words + 8 * w, 8);
+        const double scaled = d * multiplier;
+        const double r = __builtin_round(scaled);
+        if (!(__builtin_fabs(scaled - r) <= 0.25)) return -1;
+        *out = (int64_t)r;
+    } else {
+        memcpy(out, (const char *)in_words + 8 * w, 8);
+        *out *= (int64_t)multiplier;
+    }
+    return 0;
+}
+
 /* Inverse after the allreduce: reduced words (int64, or float64 times `multiplier` = N after
  * Average) -> per-element code sums -> mean level  sum * (step / count) - scale.
  * Returns 0, or -1 if a float64 word is not within 0.25 of an integer (the payload was altered). */
@@ -110,17 +128,7 @@ int hvdgq_dequantize_lanes(const void *in_words, int64_t n, int as_double, doubl
     int64_t i = 0;
     for (int64_t w = 0; w < words; w++) {
         int64_t word;
-        if (as_double) {
-            double d;
-            memcpy(&d, (const char *)in_words + 8 * w, 8);
-            const double scaled = d * multiplier;
-            const double r = __builtin_round(scaled);
-            if (!(__builtin_fabs(scaled - r) <= 0.25)) return -1;
-            word = (int64_t)r;
-        } else {
-            memcpy(&word, (const char *)in_words + 8 * w, 8);
-            word *= (int64_t)multiplier;
-        }
+        if (read_word(in_words, w, as_double, multiplier, &word)) return -1;
         for (int j = 0; j < lanes && i < n; j++, i++) {
             const uint64_t sum = ((uint64_t)word >> (lane_bits * j)) & mask;
             out[i] = (float)sum * per_code - scale;
@@ -175,6 +183,30 @@ static void block_codes_dither(const float *y, int64_t len, int64_t first, float
     }
 }
 
+/* Codes (and errors, err may be NULL) of the run y[0 .. len) of one block whose first element is
+ * element `first` of the layer: nearest rounding, or the 16-bit dither of key `key`. */
+static inline void block_codes(const float *y, int64_t len, int64_t first, float s, float to_unit, float step,
+                               int top, int nearest, uint64_t key, uint8_t *codes, float *err) {
+    if (nearest)
+        block_codes_nearest(y, len, s, to_unit, step, top, codes, err);
+    else
+        block_codes_dither(y, len, first, s, to_unit, step, top, key, codes, err);
+}
+
+/* Codes of elements [start, end) of y, block by block, into codes[0 .. end - start); err_out
+ * (may be NULL) gets y - level at the same positions. */
+static void span_codes(const float *y, int64_t start, int64_t end, int64_t block, const float *scale,
+                       const float *to_unit, const float *step, int top, int nearest, uint64_t key, uint8_t *codes,
+                       float *err_out) {
+    for (int64_t i = start; i < end;) {
+        const int64_t b = i / block;
+        const int64_t stop = (b + 1) * block < end ? (b + 1) * block : end;
+        block_codes(y + i, stop - i, i, scale[b], to_unit[b], step[b], top, nearest, key, codes + (i - start),
+                    err_out ? err_out + i : NULL);
+        i = stop;
+    }
+}
+
 /* `cnt` codes into words of `lanes` lanes of `lane_bits` bits (int64, or the same integer as float64). */
 static void pack_words(const uint8_t *codes, int64_t cnt, int lane_bits, int lanes, int as_double, char *out) {
     const int64_t words = (cnt + lanes - 1) / lanes;
@@ -202,17 +234,7 @@ void hvdgq_quantize_blocks(const float *y, int64_t n, int64_t block, const float
     uint8_t codes[63 * 256];
     for (int64_t start = 0; start < n; start += chunk) {
         const int64_t end = start + chunk < n ? start + chunk : n;
-        for (int64_t i = start; i < end;) {
-            const int64_t b = i / block;
-            const int64_t stop = (b + 1) * block < end ? (b + 1) * block : end;
-            if (nearest)
-                block_codes_nearest(y + i, stop - i, scale[b], to_unit[b], step[b], top, codes + (i - start),
-                                    err_out ? err_out + i : NULL);
-            else
-                block_codes_dither(y + i, stop - i, i, scale[b], to_unit[b], step[b], top, key, codes + (i - start),
-                                   err_out ? err_out + i : NULL);
-            i = stop;
-        }
+        span_codes(y, start, end, block, scale, to_unit, step, top, nearest, key, codes, err_out);
         pack_words(codes, end - start, lane_bits, lanes, as_double, (char *)out_words + 8 * (start / lanes));
     }
 }
@@ -232,17 +254,7 @@ int hvdgq_dequantize_blocks(const void *in_words, int64_t n, int as_double, doub
     int64_t i = 0;
     for (int64_t w = 0; w < words; w++) {
         int64_t word;
-        if (as_double) {
-            double d;
-            memcpy(&d, (const char *)in_words + 8 * w, 8);
-            const double scaled = d * multiplier;
-            const double r = __builtin_round(scaled);
-            if (!(__builtin_fabs(scaled - r) <= 0.25)) return -1;
-            word = (int64_t)r;
-        } else {
-            memcpy(&word, (const char *)in_words + 8 * w, 8);
-            word *= (int64_t)multiplier;
-        }
+        if (read_word(in_words, w, as_double, multiplier, &word)) return -1;
         const int len = n - i < lanes ? (int)(n - i) : lanes;
         for (int j = 0; j < len; j++) out[i + j] = (float)(((uint64_t)word >> (lane_bits * j)) & mask);
         i += len;
@@ -309,17 +321,7 @@ void hvdgq_quantize_blocks_bits(const float *y, int64_t n, int64_t block, const 
     uint8_t codes[CHUNK];
     for (int64_t start = 0; start < n; start += CHUNK) {
         const int64_t end = start + CHUNK < n ? start + CHUNK : n;
-        for (int64_t i = start; i < end;) {
-            const int64_t b = i / block;
-            const int64_t stop = (b + 1) * block < end ? (b + 1) * block : end;
-            if (nearest)
-                block_codes_nearest(y + i, stop - i, scale[b], to_unit[b], step[b], top, codes + (i - start),
-                                    err_out ? err_out + i : NULL);
-            else
-                block_codes_dither(y + i, stop - i, i, scale[b], to_unit[b], step[b], top, key, codes + (i - start),
-                                   err_out ? err_out + i : NULL);
-            i = stop;
-        }
+        span_codes(y, start, end, block, scale, to_unit, step, top, nearest, key, codes, err_out);
         pack_stream(codes, end - start, bits, out + start / 8 * bits, out + (n * bits + 7) / 8);
     }
 }
@@ -571,11 +573,8 @@ int hvdgq_encode_rotated_lanes(const float *x, const float *addend, int rotated,
                                energy ? energy + b : NULL, isa);
             y = v;
         }
-        if (nearest)
-            block_codes_nearest(y, block, scale[b], to_unit[b], step[b], top, codes, resid_out ? err : NULL);
-        else
-            block_codes_dither(y, block, b0, scale[b], to_unit[b], step[b], top, dither_key, codes,
-                               resid_out ? err : NULL);
+        block_codes(y, block, b0, scale[b], to_unit[b], step[b], top, nearest, dither_key, codes,
+                    resid_out ? err : NULL);
         packer_push(&p, codes, block);
         if (resid_out && len > 0) hvdgq_unrotate_block(err, block, b0, key, norm, resid_out + b0, len, 0, isa);
     }
@@ -602,19 +601,9 @@ int hvdgq_decode_rotated_lanes(const void *in_words, int64_t m, int as_double, d
             const int j = (int)(idx % lanes);
             const int cnt = b0 + block - idx < lanes - j ? (int)(b0 + block - idx) : lanes - j;
             int64_t iw;
-            if (as_double) {
-                double d;
-                memcpy(&d, (const char *)in_words + 8 * w, 8);
-                const double scaled = d * multiplier;
-                const double r = __builtin_round(scaled);
-                if (!(__builtin_fabs(scaled - r) <= 0.25)) {
-                    free(v);
-                    return -1;
-                }
-                iw = (int64_t)r;
-            } else {
-                memcpy(&iw, (const char *)in_words + 8 * w, 8);
-                iw *= (int64_t)multiplier;
+            if (read_word(in_words, w, as_double, multiplier, &iw)) {
+                free(v);
+                return -1;
             }
             const uint64_t word = (uint64_t)iw >> (lane_bits * j);
             float *dst = v + (idx - b0);
@@ -649,10 +638,7 @@ int hvdgq_encode_rotated_bits(const float *y, int64_t m, int64_t block, uint64_t
     for (int64_t b0 = 0; b0 < m; b0 += block) {
         const int64_t b = b0 / block;
         float *e = resid_out ? err : NULL;
-        if (nearest)
-            block_codes_nearest(y + b0, block, scale[b], to_unit[b], step[b], top, codes, e);
-        else
-            block_codes_dither(y + b0, block, b0, scale[b], to_unit[b], step[b], top, dither_key, codes, e);
+        block_codes(y + b0, block, b0, scale[b], to_unit[b], step[b], top, nearest, dither_key, codes, e);
         pack_stream(codes, block, bits, out + b0 / 8 * bits, out + m / 8 * bits);
         if (resid_out && b0 < numel) {
             if (!(wire_scale[b] > 0.0f)) memcpy(err, y + b0, (size_t)block * sizeof(float));
