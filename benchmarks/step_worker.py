@@ -58,6 +58,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", required=True, help="directory for rank<i>.json")
+    ap.add_argument("--no-spread", action="store_true",
+                    help="LAD rows: rank 0 evaluates the whole distortion table (Allocator(spread=False))")
     args = ap.parse_args(argv)
     hvd.init()
     torch.set_num_threads(1)
@@ -65,7 +67,7 @@ def main(argv=None) -> dict:
     rank, size = hvd.rank(), hvd.size()
     model, batch, loss_fn = bench_task(args.model, rank, size)
     opt, comp = make_optimizer(args.compressor, model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                               batch, loss_fn)
+                               batch, loss_fn, spread=not args.no_spread)
     c = args.compressor
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 

@@ -52,9 +52,25 @@ def test_every_rank_switches_to_the_same_codebook_at_the_same_step(tmp_path, mod
     assert head["channel"] == ("mpi4py" if mode == "mpi" else "horovod")
 
 
-def test_a_failing_allocation_on_rank_0_ends_the_job_on_every_rank(tmp_path):
+@pytest.mark.parametrize("mode,np_", [("mpi", 3), ("gloo", 2)])
+def test_the_lad_table_spread_over_the_ranks_is_rank_0s_table_cell_for_cell(tmp_path, mode, np_):
+    run = horovodrun(WORKER, "--out", tmp_path, "--steps", "5", "--spread-check", np=np_, mode=mode, timeout=300)
+    assert run.returncode == 0, run.output[-6000:]
+    head = rank_files(tmp_path, np_)[0]
+    check = head["spread_check"]
+    spread, alone = check["spread"], check["alone"]
+    assert "error" not in spread and "error" not in alone, check
+    assert spread["bits"] == alone["bits"]
+    assert check["spread_table"] == check["alone_table"]  # bitwise: the same forwards, split
+    assert spread["forwards"] == alone["forwards"] + (np_ - 1) * 4  # each rank: 2 gradient + 2 reference passes
+    # every rank's allocation events in training took the spread path: the same versions everywhere
+    assert all(e["forwards"] > 0 for e in head["events"])
+
+
+@pytest.mark.parametrize("metric", ["mse", "lad"])
+def test_a_failing_allocation_on_rank_0_ends_the_job_on_every_rank(tmp_path, metric):
     start = time.monotonic()
-    run = horovodrun(WORKER, "--out", tmp_path, "--fail", "--metric", "mse", "--steps", "3", timeout=120)
+    run = horovodrun(WORKER, "--out", tmp_path, "--fail", "--metric", metric, "--steps", "3", timeout=120)
     assert run.returncode != 0
     assert time.monotonic() - start < 60
     for res in rank_files(tmp_path, 2):

@@ -143,9 +143,10 @@ def solver_name(name: str) -> str:
     return SOLVER_ALIASES.get(name, name)
 
 
-def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn):
+def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: bool = True):
     """Wrap ``opt`` for benchmark compressor ``name`` (op=Sum: callers divide the loss by the
-    number of workers). Returns (distributed optimizer, the UniformCompressor or None)."""
+    number of workers). Returns (distributed optimizer, the UniformCompressor or None).
+    ``spread``: the LAD rows' ``Allocator(spread=)`` (the table split over the ranks or not)."""
     name = compressor_name(name)
     if name not in BENCH_COMPRESSORS:
         raise ValueError(f"unknown compressor {name!r}; choose one of {', '.join(BENCH_COMPRESSORS)}")
@@ -165,6 +166,7 @@ def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn):
         kw["ratio"] = c.ratio
     if c.budget is not None:
         probe = hvd_gradq.LossProbe(model, loss_fn, lambda: [batch(10_000)])
-        kw["allocator"] = hvd_gradq.Allocator(c.budget, metric="lad", options=(0, 2, 3, 4, 6, 8), probe=probe)
+        kw["allocator"] = hvd_gradq.Allocator(c.budget, metric="lad", options=(0, 2, 3, 4, 6, 8), probe=probe,
+                                              spread=spread)
         kw["trigger"] = hvd_gradq.Trigger(tau=0.95, k_min=20)
     return hvd_gradq.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum, **kw), None

@@ -31,6 +31,27 @@ RATES = ("paper", "wire")
 
 
 @dataclass
+class Evaluation:
+    """What one allocation measured: the distortion table of the probed layers (rows ``names``,
+    columns the options; NaN where another rank's part holds the cell), the layers left unprobed
+    (``skip_share``) and the forward/backward passes it took."""
+
+    names: tuple[str, ...]
+    fixed: tuple[str, ...]
+    table: np.ndarray
+    counts: dict
+
+    @staticmethod
+    def merge(parts: Sequence[Evaluation]) -> Evaluation:
+        """One evaluation from every rank's part (same layers; passes summed over the ranks)."""
+        head = parts[0]
+        if any(p.names != head.names or p.fixed != head.fixed for p in parts):
+            raise ValueError("the ranks' table parts are for different layers")
+        counts = {k: sum(p.counts[k] for p in parts) for k in head.counts}
+        return Evaluation(head.names, head.fixed, distortion.merge_parts([p.table for p in parts]), counts)
+
+
+@dataclass
 class AllocationEvent:
     """One allocation: when, what it decided, what it cost."""
 
@@ -69,19 +90,26 @@ class Allocator:
             The LAD metrics then run L' x |B| x K forward passes for the L' probed layers only
             (on the benchmark LSTM 4 of its 11 tensors hold 99.8% of the elements). 0 (default):
             every layer is probed, as the paper does.
+        spread: in a job of N > 1 ranks, the exact LAD metric's L x |B| x K forward passes are
+            split over the ranks (each evaluates every N-th cell on the probe batches of rank 0,
+            which it receives) and the table is gathered on rank 0: the same table cell for cell,
+            about 1/N of the forwards per rank. False: rank 0 evaluates all of it.
     """
 
     def __init__(self, budget: float, *, metric: str = "lad", solver: str = "lagrangian",
                  options: Sequence[int] = (2, 3, 4, 5, 6, 7, 8), rate: str = "paper", probe: LossProbe | None = None,
                  lr: float | None = None, eps: float = 1e-9, dp_units: int = 4000,
                  ampa: AMPASchedule | None = None, group: str = "layer", max_grad_norm: float | None = None,
-                 skip_share: float = 0.0) -> None:
+                 skip_share: float = 0.0, spread: bool = True) -> None:
         checks.number(budget, "budget (average bits per element)", low=0)
         checks.number(skip_share, "skip_share (a fraction of the elements)", low=0)
         if skip_share >= 1 or (skip_share > 0 and (group != "layer" or solver == "ampa")):
             raise ValueError(f"skip_share must be in [0, 1) and is for group='layer' with a table solver, got "
                              f"skip_share={skip_share!r}, group={group!r}, solver={solver!r}")
         self.skip_share = float(skip_share)
+        if not isinstance(spread, bool):
+            raise TypeError(f"spread must be True or False, got {spread!r}")
+        self.spread = spread
         opts = tuple(options)
         if not opts or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 8 for b in opts) \
                 or list(opts) != sorted(set(opts)):
@@ -126,36 +154,64 @@ class Allocator:
         self.group = group
         self.last_curves: RDCurves | None = None
 
+    @property
+    def spreads(self) -> bool:
+        """Whether a job splits this allocator's table over its ranks (``spread`` and exact LAD)."""
+        return self.spread and self.metric == "lad" and self.solver != "ampa"
+
     def allocate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float,
                  wire_bits: Callable[[str, int], float] | None = None) -> tuple[Allocation, dict]:
         """Bits per layer of ``params`` (name -> parameter). Returns the allocation and the cost
         (seconds, forward and backward passes)."""
         start = time.perf_counter()
-        eta = self.lr if self.lr is not None else lr
-        grads, counts = distortion.probe_gradients(self.probe, params)
-        if self.max_grad_norm is not None:  # the step training takes after clip_grad_norm_
-            norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
-            eta *= min(1.0, self.max_grad_norm / norm) if norm > 0 else 1.0
         if self.solver == "ampa":
+            grads, counts = distortion.probe_gradients(self.probe, params)
             current = {n: self.ampa.bits.get(n, self.ampa.levels[0]) for n in grads}
             sens = {n: float(g.abs().mean() * (g - quantize(n, current[n], g)).abs().mean()) for n, g in grads.items()}
             bits = self.ampa.update(sens)
             rate = float(sum(bits[n] * p.numel() for n, p in params.items()))
             alloc = Allocation(bits=bits, choice=(), rate=rate, distortion=float("nan"), solver="ampa")
             return alloc, {"seconds": time.perf_counter() - start, **counts}
+        ev = self.evaluate(params, quantize, lr=lr)
+        return self.decide(ev, params, wire_bits), {"seconds": time.perf_counter() - start, **ev.counts}
+
+    def evaluate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float, batches=None,
+                 part: tuple[int, int] = (0, 1)) -> Evaluation:
+        """The distortion table of the probed layers (the measuring half of ``allocate``).
+
+        ``batches``: the probe batches (default: drawn from the probe once, for the gradient and
+        the losses alike). ``part=(r, n)``: with the exact LAD metric, only every n-th cell from r
+        (see ``distortion.lad_exact``); the ranks of a job each evaluate one part of the same
+        batches and ``Evaluation.merge`` puts the table together."""
+        if self.solver == "ampa":
+            raise ValueError("the AMPA schedule keeps state between allocations: use allocate()")
+        batches = self.probe.get_batches() if batches is None else batches
+        eta = self.lr if self.lr is not None else lr
+        grads, counts = distortion.probe_gradients(self.probe, params, batches)
+        if self.max_grad_norm is not None:  # the step training takes after clip_grad_norm_
+            norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+            eta *= min(1.0, self.max_grad_norm / norm) if norm > 0 else 1.0
         fixed = self._unprobed(params)
         if fixed:
             grads = {n: g for n, g in grads.items() if n not in fixed}
         if self.metric == "lad":
-            table, c = distortion.lad_exact(self.probe, params, grads, quantize, self.options, eta)
+            table, c = distortion.lad_exact(self.probe, params, grads, quantize, self.options, eta,
+                                            batches=batches, part=part)
         elif self.metric == "lad_first_order":
-            table, c = distortion.lad_first_order(self.probe, params, grads, quantize, self.options, eta)
+            table, c = distortion.lad_first_order(self.probe, params, grads, quantize, self.options, eta,
+                                                  batches=batches)
         elif self.metric == "mse":
             table, c = distortion.mse(grads, quantize, self.options)
         else:
             table, c = distortion.ampa(grads, quantize, self.options)
-        counts = {k: counts[k] + c[k] for k in counts}
-        names = tuple(grads)
+        return Evaluation(tuple(grads), fixed, table, {k: counts[k] + c[k] for k in counts})
+
+    def decide(self, ev: Evaluation, params: dict[str, torch.Tensor],
+               wire_bits: Callable[[str, int], float] | None = None) -> Allocation:
+        """The allocation from a (whole) ``evaluate`` table: the solving half of ``allocate``."""
+        names, fixed, table = ev.names, ev.fixed, ev.table
+        if np.isnan(table).any():
+            raise ValueError("the distortion table has cells not evaluated: merge the parts of every rank first")
         if self.rate == "wire":
             if wire_bits is None:
                 raise ValueError("rate='wire' needs the transports' payload sizes (use it through the optimizer)")
@@ -195,7 +251,7 @@ class Allocator:
             alloc = Allocation(bits={**alloc.bits, **fixed_bits}, choice=alloc.choice, rate=alloc.rate + fixed_rate,
                                distortion=alloc.distortion, solver=alloc.solver,
                                info={**alloc.info, "unprobed": sorted(fixed_bits)})
-        return alloc, {"seconds": time.perf_counter() - start, **counts}
+        return alloc
 
     def _unprobed(self, params: dict[str, torch.Tensor]) -> tuple[str, ...]:
         """The smallest layers, together at most ``skip_share`` of the elements (never all)."""

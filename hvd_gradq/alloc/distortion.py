@@ -117,10 +117,12 @@ class LossEvaluator:
         return {n: t / len(batches) for n, t in total.items()}
 
 
-def probe_gradients(probe: LossProbe, params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Mean gradient of each named parameter over the probe batches at the current weights."""
+def probe_gradients(probe: LossProbe, params: dict[str, torch.Tensor],
+                    batches=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Mean gradient of each named parameter over the probe batches (``batches``, default: the
+    probe's) at the current weights."""
     ev = LossEvaluator(probe, params)
-    g = ev.grads(ev.weights, probe.get_batches())
+    g = ev.grads(ev.weights, probe.get_batches() if batches is None else batches)
     return {n: g[ev.model_name[n]].reshape(-1) for n in params}, {"forwards": ev.forwards, "backwards": ev.backwards}
 
 
@@ -130,29 +132,48 @@ def _errors(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequenc
 
 
 def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-              quantize: Quantize, options: Sequence[int], lr: float) -> tuple[np.ndarray, dict]:
-    """Eq. 2-3 by direct evaluation. Returns the (layers, options) table and the pass counts."""
+              quantize: Quantize, options: Sequence[int], lr: float, *, batches=None,
+              part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, dict]:
+    """Eq. 2-3 by direct evaluation. Returns the (layers, options) table and the pass counts.
+
+    ``part=(r, n)`` evaluates only the cells (layer i, option k) with (i * |B| + k) % n == r and
+    leaves the others NaN: n processes holding the same weights, gradients and ``batches`` each
+    take one part, and the parts merged (``merge_parts``) are the whole table, cell for cell."""
     ev = LossEvaluator(probe, params)
-    batches = probe.get_batches()
-    coded = _errors(grads, quantize, options)
+    batches = probe.get_batches() if batches is None else batches
+    rank, size = part
+    table = np.full((len(grads), len(options)), np.nan)
     with torch.no_grad():
         base = ev.stepped(grads, lr)
-        ref = [ev.loss(base, b, i) for i, b in enumerate(batches)]
-        table = np.zeros((len(grads), len(options)))
-        for i, n in enumerate(grads):
+        ref = [ev.loss(base, b, i) for i, b in enumerate(batches)] if rank < len(grads) * len(options) else []
+        for i, (n, g) in enumerate(grads.items()):
             m = ev.model_name[n]
             w = ev.weights[m]
-            for k, q in enumerate(coded[n]):
+            for k, b in enumerate(options):
+                # every cell is coded, in the same order on every process: the codec's random
+                # numbers are then those of the whole table's evaluation
+                q = quantize(n, b, g) if b else torch.zeros_like(g)
+                if (i * len(options) + k) % size != rank:
+                    continue
                 mixed = {**base, m: w - lr * q.view_as(w)}
-                table[i, k] = np.mean([abs(ev.loss(mixed, b, j) - r) for j, (b, r) in enumerate(zip(batches, ref))])
+                table[i, k] = np.mean([abs(ev.loss(mixed, x, j) - r) for j, (x, r) in enumerate(zip(batches, ref))])
     return table, {"forwards": ev.forwards, "backwards": ev.backwards}
 
 
+def merge_parts(tables: Sequence[np.ndarray]) -> np.ndarray:
+    """The whole table from the parts of ``lad_exact(part=...)`` (each cell in exactly one)."""
+    have = np.stack([~np.isnan(t) for t in tables])
+    if not (have.sum(axis=0) == 1).all():
+        raise ValueError("the table parts do not cover every cell exactly once")
+    return np.nansum(np.stack(tables), axis=0)
+
+
 def lad_first_order(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-                    quantize: Quantize, options: Sequence[int], lr: float) -> tuple[np.ndarray, dict]:
+                    quantize: Quantize, options: Sequence[int], lr: float, *,
+                    batches=None) -> tuple[np.ndarray, dict]:
     """Eq. 7-8: lr * |g_{t+1} . e_l(b)|, g_{t+1} the mean gradient at W - lr g over the batches."""
     ev = LossEvaluator(probe, params)
-    g_next = ev.grads(ev.stepped(grads, lr), probe.get_batches())
+    g_next = ev.grads(ev.stepped(grads, lr), probe.get_batches() if batches is None else batches)
     coded = _errors(grads, quantize, options)
     table = np.zeros((len(grads), len(options)))
     for i, (n, g) in enumerate(grads.items()):

@@ -2,8 +2,9 @@
 
 In order: the root refits the adaptive levels when due and shares them; the root's trigger sees
 the aggregated per-layer gradient norms and its verdict is shared with the step as a cross-check;
-when it fires, the root allocates and shares the new codebook, which every rank applies before
-the next step; the allocation is recorded as an ``AllocationEvent``. What "share" means is the
+when it fires, the root allocates (with the exact LAD metric, every rank evaluates a part of the
+table: ``decide_bits_spread``) and shares the new codebook, which every rank applies before the
+next step; the allocation is recorded as an ``AllocationEvent``. What "share" means is the
 ``Channel``'s: Horovod broadcasts in a job (``horovod.channel``), nothing at all in the
 simulation, where every rank's engine is in this process (``LocalChannel``).
 """
@@ -18,6 +19,7 @@ from typing import Protocol
 import torch
 
 from hvd_gradq.alloc import AllocationEvent, Allocator, Trigger
+from hvd_gradq.alloc.allocator import Evaluation
 from hvd_gradq.exchange.engine import GradientExchange
 
 _log = logging.getLogger("hvd_gradq")
@@ -35,6 +37,12 @@ class Channel(Protocol):
     def share(self, payload):
         """The root's picklable ``payload`` on every rank."""
 
+    def gather(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order, on every rank."""
+
+    def ranks(self) -> tuple[int, int]:
+        """(this process's rank, the number of ranks) among those the channel joins."""
+
 
 class LocalChannel:
     """Every rank in this process: the root's decisions are everyone's already."""
@@ -47,6 +55,12 @@ class LocalChannel:
     def share(self, payload):
         return payload
 
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def ranks(self) -> tuple[int, int]:
+        return 0, 1
+
 
 def decide_bits(allocator: Allocator, exchange: GradientExchange, params: Mapping[str, torch.Tensor], step: int,
                 lr: float) -> dict:
@@ -57,9 +71,50 @@ def decide_bits(allocator: Allocator, exchange: GradientExchange, params: Mappin
         alloc, cost = allocator.allocate(dict(params), exchange.quantizer(seed=step), lr=lr,
                                          wire_bits=exchange.wire_bits)
     except Exception as e:  # every rank must leave the broadcast: send the error instead
-        return {"error": f"{type(e).__name__}: {e}"}
+        return _error(e)
     return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "summary": alloc.summary(),
             "forwards": cost["forwards"], "backwards": cost["backwards"]}
+
+
+def _error(e: Exception) -> dict:
+    return {"error": f"{type(e).__name__}: {e}"}
+
+
+def decide_bits_spread(allocator: Allocator, exchange: GradientExchange, params: Mapping[str, torch.Tensor],
+                       step: int, lr: float, channel: Channel) -> dict | None:
+    """``decide_bits`` with the exact LAD table split over the ranks (``Allocator.spread``); every
+    rank calls it. Three collectives, the same on every rank whatever fails: the root's probe
+    batches (or its error), every rank's part of the table (or its error), then the root solves.
+    Returns the root's payload on the root, None elsewhere (``share`` it)."""
+    rank, size = channel.ranks()
+    is_root = rank == 0
+    batches = None
+    if is_root:
+        try:
+            batches = {"batches": allocator.probe.get_batches()}
+        except Exception as e:
+            batches = _error(e)
+    batches = channel.share(batches)
+    part = batches
+    if "error" not in batches:
+        try:
+            part = allocator.evaluate(dict(params), exchange.quantizer(seed=step), lr=lr,
+                                      batches=batches["batches"], part=(rank, size))
+        except Exception as e:
+            part = _error(e)
+    parts = channel.gather(part)
+    if not is_root:
+        return None
+    failed = [(r, p["error"]) for r, p in enumerate(parts) if isinstance(p, dict)]
+    if failed:
+        return {"error": "; ".join(f"rank {r}: {msg}" for r, msg in failed[:3])}
+    try:
+        ev = Evaluation.merge(parts)
+        alloc = allocator.decide(ev, dict(params), exchange.wire_bits)
+    except Exception as e:
+        return _error(e)
+    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "summary": alloc.summary(),
+            "forwards": ev.counts["forwards"], "backwards": ev.counts["backwards"]}
 
 
 def apply_bits(payload: dict, exchange: GradientExchange, step: int) -> None:
@@ -109,8 +164,11 @@ class Reallocator:
             self.seconds += time.perf_counter() - start
             return None
         via = self.channel.name  # asked before the share: after it, a finished peer may end MPI
-        payload = decide_bits(self.allocator, root, {n: params[n] for n in names}, step, lr) \
-            if self.is_root else None
+        layers = {n: params[n] for n in names}
+        if self.allocator.spreads and self.channel.ranks()[1] > 1:
+            payload = decide_bits_spread(self.allocator, root, layers, step, lr, self.channel)
+        else:
+            payload = decide_bits(self.allocator, root, layers, step, lr) if self.is_root else None
         payload = self.channel.share(payload)
         for ex in exchanges:
             apply_bits(payload, ex, step)

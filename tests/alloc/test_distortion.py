@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from hvd_gradq.alloc import Allocator, LossProbe
 from hvd_gradq.alloc import distortion as D
+from hvd_gradq.alloc.allocator import Evaluation
 from hvd_gradq.codecs import DitherSource, make_codec
 from workloads.datasets import fashion_mnist
 from workloads.models import FashionCNN
@@ -221,3 +222,29 @@ def test_skip_share_is_checked():
         Allocator(2.0, probe=probe, skip_share=1.0)
     with pytest.raises(ValueError, match="skip_share"):
         Allocator(2.0, probe=probe, skip_share=0.01, group="type")
+
+
+def test_the_parts_of_the_exact_table_merge_into_the_whole_table():
+    _model, probe, params, _ = cnn_setup(2)
+
+    def quantizer():  # a fresh stream per evaluation, as the engine's quantizer(seed=step) is
+        rng = DitherSource([5])
+        return lambda name, bits, g: make_codec("qsgdinf", bits, bucket_size=512).roundtrip(g, rng)
+
+    allocator = Allocator(3.0, metric="lad", probe=probe, options=(0, 2, 4, 8))
+    whole = allocator.evaluate(params, quantizer(), lr=0.1)
+    parts = [allocator.evaluate(params, quantizer(), lr=0.1, part=(r, 3)) for r in range(3)]
+    for r, p in enumerate(parts):  # each part holds its own cells only
+        cells = np.argwhere(~np.isnan(p.table))
+        assert all((i * 4 + k) % 3 == r for i, k in cells) and len(cells) > 0
+    merged = Evaluation.merge(parts)
+    assert np.array_equal(merged.table, whole.table)  # bitwise: the random numbers of the codec match
+    assert merged.counts["forwards"] == whole.counts["forwards"] + 2 * (2 + 2)
+    assert allocator.decide(merged, params).bits == allocator.decide(whole, params).bits
+    with pytest.raises(ValueError, match="not evaluated"):
+        allocator.decide(parts[0], params)
+    with pytest.raises(ValueError, match="exactly once"):
+        Evaluation.merge([parts[0], parts[0], parts[1]])
+    with pytest.raises(TypeError, match="spread"):
+        Allocator(3.0, probe=probe, spread="yes")
+    assert allocator.spreads and not Allocator(3.0, metric="mse", probe=probe).spreads

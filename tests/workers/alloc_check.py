@@ -27,6 +27,8 @@ ap.add_argument("--solver", default="lagrangian")
 ap.add_argument("--trigger", default="interval")
 ap.add_argument("--codec", default="shared_scale")
 ap.add_argument("--fail", action="store_true")
+ap.add_argument("--spread-check", action="store_true",
+                help="after training: the allocation with the LAD table spread over the ranks against rank 0 alone")
 args = ap.parse_args()
 
 hvd.init()
@@ -74,6 +76,18 @@ try:
 except Exception as e:
     out.write_text(json.dumps({"rank": rank, "error": type(e).__name__, "message": str(e), "step": len(steps)}))
     raise
+spread = None
+if args.spread_check:  # the same inputs: fixed probe batches, the quantizer of one step, the same weights
+    from hvd_gradq.exchange.reallocation import decide_bits, decide_bits_spread
+    from hvd_gradq.horovod.channel import HorovodChannel
+    ex = opt.gradient_exchange
+    layers = {n: opt._gq_by_name[n] for n in ex.allocatable}
+    payload = decide_bits_spread(allocator, ex, layers, 99, 0.05, HorovodChannel(hvd.global_process_set))
+    if rank == 0:
+        spread_table = allocator.last_curves.distortion.tolist()
+        alone = decide_bits(allocator, ex, layers, 99, 0.05)
+        spread = {"spread": payload, "alone": alone, "spread_table": spread_table,
+                  "alone_table": allocator.last_curves.distortion.tolist()}
 params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 digest = hvd.allgather(torch.tensor([[float(params.double().sum()), float(params.double().abs().sum())]]),
                        name="check.params").tolist()
@@ -82,5 +96,5 @@ out.write_text(json.dumps({
     "events": [{"step": e.step, "version": e.version, "summary": e.summary, "forwards": e.forwards,
                 "seconds": e.seconds} for e in opt.allocation_events],
     "overhead": opt.allocation_overhead(), "summary": opt.transport_summary(),
-    "channel": channel_name(hvd.global_process_set),
+    "channel": channel_name(hvd.global_process_set), "spread_check": spread,
 }))
