@@ -64,7 +64,7 @@ def main(argv=None) -> str:
             enc = codec.encode(x, rng)
             dec_s = best_of(lambda codec=codec, enc=enc: codec.decode(enc, out=y), args.reps)
             rows.append((name, bits, enc_s, dec_s))
-    for ratio in (20, 1000):  # JointSQ: sorting by magnitude dominates; fewer repetitions
+    for ratio in (20, 1000):  # JointSQ: the histogram-located magnitude order, fewer repetitions
         codec = make_codec("jointsq", ratio=ratio)
         rng, state = DitherSource(0), JointSQState()
         reps = min(args.reps, 2)

@@ -109,6 +109,14 @@ def load() -> ctypes.CDLL | None:
             lib.hvdgq_set_isa.restype = i32
             lib.hvdgq_abs_max.argtypes = [ptr, ptr, i64]
             lib.hvdgq_abs_max.restype = f32
+            lib.hvdgq_jsq_hist.argtypes = [ptr, i64, ptr, ptr]
+            lib.hvdgq_jsq_hist.restype = None
+            lib.hvdgq_jsq_gather.argtypes = [ptr, i64, ptr, ptr, i32, ptr, i64]
+            lib.hvdgq_jsq_gather.restype = i64
+            lib.hvdgq_jsq_max_gap.argtypes = [ptr, i64, ctypes.c_uint32, i64, ptr]
+            lib.hvdgq_jsq_max_gap.restype = i64
+            lib.hvdgq_jsq_emit.argtypes = [ptr, i64, ptr, ptr, i32, i32, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+            lib.hvdgq_jsq_emit.restype = i64
             _lib = lib
     return _lib
 

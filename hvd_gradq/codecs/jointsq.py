@@ -29,13 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hvd_gradq import checks
+from hvd_gradq.bits import native
 from hvd_gradq.bits.bitstream import pack_bits, packed_nbytes, unpack_bits
 from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
 from hvd_gradq.codecs.jointsq_widths import WIDTHS, ClassCounts, greedy_allocation, noise, reallocate
+from hvd_gradq.codecs.magnitude_order import MagnitudeOrder
 
 HEADER_BYTES = 4 * 5 + 4 * 3  # int32 k8 k4 k2 mode width | float32 scale of each class
 _SLACK_BYTES = 8  # byte rounding of the packed parts
@@ -98,73 +101,42 @@ class JointSQCodec(Codec):
         return self.target_bytes(numel)
 
     @staticmethod
-    def size_of(alloc: ClassCounts, order: torch.Tensor, n: int) -> int:
-        """Exact payload bytes that ``alloc`` produces (``order``: indices by magnitude, desc)."""
+    def size_of(alloc: ClassCounts, order, n: int) -> int:
+        """Exact payload bytes that ``alloc`` produces (``order``: a ``MagnitudeOrder`` of the layer)."""
         k = alloc.k
-        if k == 0:
-            pos = 0
-        else:
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[order[:k]] = True
-            sent = mask.nonzero().view(-1)  # ascending, in O(n) rather than a sort
-            w = max(1, int(torch.diff(sent, prepend=torch.zeros(1, dtype=sent.dtype)).max()).bit_length())
-            pos = _wide_nbytes(k, w) if w <= 32 and _wide_nbytes(k, w) < packed_nbytes(n, 1) else packed_nbytes(n, 1)
+        mode, w = _position_code(k, order.max_gap(k), n)
+        pos = 0 if k == 0 else _wide_nbytes(k, w) if mode == _DELTA else packed_nbytes(n, 1)
         return (HEADER_BYTES + pos + packed_nbytes(k, 2) + alloc.k8 + packed_nbytes(alloc.k4, 4)
                 + packed_nbytes(alloc.k2, 2))
 
     # ---- encode / decode ------------------------------------------------------------------------
-    def allocate(self, x: torch.Tensor, state: JointSQState | None = None) -> tuple[ClassCounts, torch.Tensor]:
-        """The allocation for flat float32 ``x`` and the element order (indices by magnitude, desc).
+    def allocate(self, x: torch.Tensor, state: JointSQState | None = None,
+                 order: MagnitudeOrder | None = None) -> tuple[ClassCounts, MagnitudeOrder]:
+        """The allocation for flat float32 ``x`` and its magnitude order (``codecs.magnitude_order``:
+        the classes are the ranks [0, k8), [k8, k8 + k4), [k8 + k4, k)).
 
         The value budget c starts from the worst case of the position cost (``value_budget``) and
         is raised while the payload the allocation really produces stays within the target."""
-        n = x.numel()
-        sq = x * x
-        total = float(sq.sum(dtype=torch.float64))
-        target = self.target_bytes(n)
+        x = flat_float32(x).contiguous()
+        order = MagnitudeOrder(x) if order is None else order
         R = state.R if (self.reallocation and state is not None) else None
-        # Only the largest elements can be sent: select (top-k) enough candidates instead of
-        # sorting the whole layer, sized from a strided sample; if the allocation reaches the end
-        # of the candidates, take twice as many and redo it.
-        K = self._candidate_count(sq, target, R)
-        while True:
-            if n <= K:
-                vals, order = torch.sort(sq, descending=True, stable=True)
-            else:
-                vals, order = torch.topk(sq, K)
-            sq_desc = vals.double()
-            alloc, r0, c = self._fit_budget(sq_desc, order, n, target, R, state)
-            if n <= K or alloc.k + 1 < K:
-                break
-            K = min(n, 2 * K)
+        alloc, r0, c = self._fit_budget(order, x.numel(), self.target_bytes(x.numel()), R, state)
         if self.reallocation and state is not None and c > 0:
             state.R = r0
-            h = noise(sq_desc, alloc, total)
+            h = noise(order, alloc)
             if state.last_noise is not None and state.last_noise > 0:  # Eq. 15-16
                 state.R = min(4.0, max(1.0, state.R - self.lr * (h - state.last_noise) / state.last_noise))
             state.last_noise = h
         return alloc, order
 
-    def _candidate_count(self, sq: torch.Tensor, target: int, R: float | None) -> int:
-        n = sq.numel()
-        stride = max(1, n // 65536)
-        if stride == 1:
-            return n
-        sample = torch.sort(sq[::stride], descending=True).values.double()
-        c_s = self.value_budget(n) * sample.numel() // n  # the starting value budget, scaled
-        k_s = greedy_allocation(sample, c_s).k
-        if R is not None:
-            k_s = max(k_s, round(R * c_s / 8))
-        return min(n, 2 * k_s * stride + 1024)  # the budget refinement raises c by tens of percent
-
-    def _fit_budget(self, sq_desc, order, n, target, R, state):
+    def _fit_budget(self, order, n, target, R, state):
         """(allocation, R used, value budget c) with the payload within ``target`` bytes."""
         def solve(c: int) -> tuple[ClassCounts, float | None]:
-            a = greedy_allocation(sq_desc, c)
+            a = greedy_allocation(order, c)
             r = R
             if self.reallocation and state is not None and c > 0:
                 r = R if R is not None else min(4.0, max(1.0, 8 * a.k / c))
-                a = reallocate(sq_desc, a, round(r * c / 8), self.max_moves)
+                a = reallocate(order, a, round(r * c / 8), self.max_moves)
             return a, r
 
         c = self.value_budget(n)
@@ -184,30 +156,64 @@ class JointSQCodec(Codec):
     def encode(self, x: torch.Tensor, rng: DitherSource, state: JointSQState | None = None) -> Encoded:
         x = flat_float32(x).contiguous()
         n = x.numel()
-        if not bool(torch.isfinite(x).all()):
-            alloc, order = ClassCounts(0, 0, 0), torch.zeros(0, dtype=torch.long)
-            scales = torch.full((3,), float("nan"))
+        order = MagnitudeOrder(x)
+        if not order.finite:
+            alloc, scales = ClassCounts(0, 0, 0), torch.full((3,), float("nan"))
         else:
-            alloc, order = self.allocate(x, state)
+            alloc, _ = self.allocate(x, state, order)
             scales = torch.zeros(3)
         bounds = [0, alloc.k8, alloc.k8 + alloc.k4, alloc.k]
-        cls = torch.empty(n, dtype=torch.uint8)
-        cls.fill_(3)  # 3 = not sent
+        counts = (alloc.k8, alloc.k4, alloc.k2)
+        cuts = [order.cut(b - 1) for b in bounds[1:]]
         for j in range(3):
-            cls[order[bounds[j]:bounds[j + 1]]] = j
+            if counts[j] and bool(torch.isfinite(scales[j])):  # the class maximum: its first rank
+                scales[j] = x[order.cut(bounds[j])[1]].abs()
+        k = alloc.k
+        mode, w = _position_code(k, order.max_gap(k), n)
+        header = torch.tensor([alloc.k8, alloc.k4, alloc.k2, mode, w], dtype=torch.int32)
+        lib = native.load()
+        if lib is None or k == 0:
+            parts = self._emit_torch(x, order, cuts, scales, counts, mode, w, rng)
+        else:
+            keys = [rng.key() if c else 0 for c in counts]  # as DitherSource.uniform draws them
+            parts = {"positions": torch.empty(_wide_nbytes(k, w) if mode == _DELTA else packed_nbytes(n, 1),
+                                              dtype=torch.uint8),
+                     "classes": torch.empty(packed_nbytes(k, 2), dtype=torch.uint8),
+                     **{f"v{width}": torch.empty(packed_nbytes(c, width), dtype=torch.uint8)
+                        for width, c in zip(WIDTHS, counts)}}
+            ck = np.array([c[0] for c in cuts], dtype=np.uint32)
+            ci = np.array([c[1] for c in cuts], dtype=np.int64)
+            sc = scales.float().contiguous()
+            dk = np.array(keys, dtype=np.uint64)
+            got = lib.hvdgq_jsq_emit(x.data_ptr(), n, ck.ctypes.data, ci.ctypes.data, mode, w, sc.data_ptr(),
+                                     dk.ctypes.data, k, parts["positions"].data_ptr(), parts["classes"].data_ptr(),
+                                     parts["v8"].data_ptr(), parts["v4"].data_ptr(), parts["v2"].data_ptr())
+            assert got == k, (got, k)
+        return Encoded(n, {"header": header, "scales": scales.float(), **parts})
+
+    def _emit_torch(self, x, order, cuts, scales, counts, mode, w, rng) -> dict:
+        """The payload's parts by tensor operations (the reference of ``hvdgq_jsq_emit``)."""
+        n = x.numel()
+        masks = order.members(cuts)
+        cls = torch.full((n,), 3, dtype=torch.uint8)
+        for j in (2, 1, 0):  # the prefixes are nested: the widest class last
+            cls[masks[j]] = j
         sent = (cls != 3).nonzero().view(-1)  # index order
         classes = cls[sent]
         parts = {}
         for j, width in enumerate(WIDTHS):
             vals = x[sent[classes == j]]
-            if vals.numel() and bool(torch.isfinite(scales[j])):
-                scales[j] = vals.abs().max()
             parts[f"v{width}"] = self._quantize(vals, float(scales[j]), width, rng)
-        mode, w, pos = self._positions(sent, n)
-        header = torch.tensor([alloc.k8, alloc.k4, alloc.k2, mode, w], dtype=torch.int32)
-        return Encoded(n, {"header": header, "scales": scales.float(), "positions": pos,
-                           "classes": pack_bits(classes, 2) if classes.numel() else torch.zeros(0, dtype=torch.uint8),
-                           **parts})
+        pos = torch.zeros(0, dtype=torch.uint8)
+        if sent.numel():
+            if mode == _DELTA:
+                pos = _pack_wide(torch.diff(sent, prepend=torch.zeros(1, dtype=sent.dtype)), w)
+            else:
+                bitmap = torch.zeros(n, dtype=torch.uint8)
+                bitmap[sent] = 1
+                pos = pack_bits(bitmap, 1)
+        return {"positions": pos,
+                "classes": pack_bits(classes, 2) if classes.numel() else torch.zeros(0, dtype=torch.uint8), **parts}
 
     @staticmethod
     def _quantize(vals: torch.Tensor, scale: float, width: int, rng: DitherSource) -> torch.Tensor:
@@ -219,19 +225,6 @@ class JointSQCodec(Codec):
         k = r.clamp_(max=1.0).mul_(m - 1).add_(rng.uniform(vals.numel())).floor_().clamp_(max=m - 1)
         codes = k.to(torch.uint8).bitwise_left_shift_(1).bitwise_or_(torch.signbit(vals).to(torch.uint8))
         return pack_bits(codes, width)
-
-    @staticmethod
-    def _positions(sent: torch.Tensor, n: int) -> tuple[int, int, torch.Tensor]:
-        k = sent.numel()
-        if k == 0:
-            return _DELTA, 0, torch.zeros(0, dtype=torch.uint8)
-        gaps = torch.diff(sent, prepend=torch.zeros(1, dtype=sent.dtype))
-        w = max(1, int(gaps.max()).bit_length())
-        if w <= 32 and _wide_nbytes(k, w) < packed_nbytes(n, 1):
-            return _DELTA, w, _pack_wide(gaps, w)
-        bitmap = torch.zeros(n, dtype=torch.uint8)
-        bitmap[sent] = 1
-        return _BITMAP, 1, pack_bits(bitmap, 1)
 
     def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
         n = enc.numel
@@ -293,6 +286,17 @@ class JointSQCodec(Codec):
         if offset != stream.numel():
             raise ValueError(f"jointsq: stream has {stream.numel()} bytes, its header describes {offset}")
         return Encoded(numel, parts)
+
+
+def _position_code(k: int, max_gap: int, n: int) -> tuple[int, int]:
+    """(mode, width) of the positions of k sent elements: delta-coded gaps of ``width`` bits when
+    that is smaller than the bitmap of n bits, else the bitmap."""
+    if k == 0:
+        return _DELTA, 0
+    w = max(1, max_gap.bit_length())
+    if w <= 32 and _wide_nbytes(k, w) < packed_nbytes(n, 1):
+        return _DELTA, w
+    return _BITMAP, 1
 
 
 def _wide_nbytes(count: int, width: int) -> int:

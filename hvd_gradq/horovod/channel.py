@@ -114,8 +114,8 @@ class HorovodChannel:
     def share(self, payload):
         return broadcast_object(payload, self.process_set)
 
-    def gather(self, obj) -> list:
-        return gather_objects(obj, self.process_set, name="hvd_gradq.table")
+    def gather(self, obj, name: str = "hvd_gradq.gather") -> list:
+        return gather_objects(obj, self.process_set, name=name)
 
     def ranks(self) -> tuple[int, int]:
         return self.process_set.rank(), self.process_set.size()
