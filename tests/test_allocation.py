@@ -76,3 +76,22 @@ def test_a_failing_allocation_on_rank_0_ends_the_job_on_every_rank(tmp_path, met
     for res in rank_files(tmp_path, 2):
         assert res["error"] == "RuntimeError" and "allocation on rank 0 failed at step 0" in res["message"], res
         assert "budget" in res["message"]
+
+
+def test_probe_batches_travel_without_the_dataset_they_are_sliced_from():
+    import collections
+    import io
+
+    import torch
+
+    from hvd_gradq.exchange.reallocation import _compact
+
+    data = torch.randn(100_000, 8)
+    pair = collections.namedtuple("Pair", "x y")
+    batches = [(data[10:20], data[:10, 0].long()), pair(data[5:7], {"mask": data[0]})]
+    out = _compact(batches)
+    buf = io.BytesIO()
+    torch.save([out[0], tuple(out[1])], buf)
+    assert buf.tell() < 20_000  # the slices, not the 3.2 MB they were cut from
+    assert torch.equal(out[0][0], data[10:20]) and isinstance(out[1], pair) and torch.equal(out[1].y["mask"], data[0])
+    assert out[0][0].untyped_storage().data_ptr() != data.untyped_storage().data_ptr()
