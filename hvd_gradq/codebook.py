@@ -30,6 +30,8 @@ SHARED_SCALE = "shared_scale"
 ROTATED = "rotated"
 #: the codecs whose codes are summable in an allreduce
 SUMMABLE = (ROTATED, SHARED_SCALE)
+#: the codec name of the low-rank factors of matrix gradients (``codecs.lowrank``, PowerSGD)
+LOWRANK = "lowrank"
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LayerCode:
     rotation_key: int = 0  # the 64-bit key of the rotation's signs (the same on every rank)
     rounding: str = "nearest"  # of the rotated lanes: "nearest" or "stochastic"
     block_rms: torch.Tensor | None = None  # rotated lanes: float32 RMS per rotation block (scales)
+    rank: int = 0  # of a low-rank layer: the factors' rank (its bits are then FLOAT_BITS)
 
     @property
     def packed(self) -> bool:
@@ -62,6 +65,8 @@ class LayerCode:
         layout = None if self.layout is None else (str(self.layout.container), self.layout.lane_bits)
         key = (f"{self.name}|{self.numel}|{self.bits}|{layout}|{scale}|{self.version}|{size}|{self.codec}|"
                f"{self.transport}|{self.codec_key}|{codebook_version}")
+        if self.rank:
+            key += f"|rank={self.rank}"
         if self.rotation:
             rms = 0 if self.block_rms is None else zlib.crc32(self.block_rms.numpy().tobytes())
             key += f"|rot={self.rotation}:{self.rotation_key:x}:{self.rounding}:{rms:x}"
@@ -71,7 +76,7 @@ class LayerCode:
         return {"numel": self.numel, "bits": self.bits, "scale": self.scale, "version": self.version,
                 "codec": self.codec, "transport": self.transport, "codec_key": self.codec_key,
                 "rotation": self.rotation, "rotation_key": self.rotation_key, "rounding": self.rounding,
-                "block_rms": None if self.block_rms is None else self.block_rms.clone()}
+                "block_rms": None if self.block_rms is None else self.block_rms.clone(), "rank": self.rank}
 
     def follow(self, state: Mapping) -> None:
         """Take the values that evolve while training (scale, reduction count, codec parameters)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from hvd_gradq import checks
 from hvd_gradq.alloc import Allocator
 from hvd_gradq.alloc.trigger import Trigger
-from hvd_gradq.codebook import SHARED_SCALE
+from hvd_gradq.codebook import LOWRANK, SHARED_SCALE
 from hvd_gradq.codecs import make_codec
 from hvd_gradq.codecs.rotated import ROUNDINGS
 from hvd_gradq.plan.cost_model import TRANSPORTS, LinkModel
@@ -64,6 +64,10 @@ class Coding:
             where several keys match a layer, the last one wins), or a function of the layer
             name. 0 = the layer is not sent at all (its gradient waits in error feedback).
         ratio: jointsq's / topk's compression ratio against float32 (e.g. 20 or 1000).
+        rank: of ``codec="lowrank"`` (PowerSGD's factors, ``codecs.lowrank``): the rank of every
+            matrix layer (conv kernels as out x rest), a ``{name or regex: rank}`` mapping (others
+            get 4) or a function of the name. Layers that are not matrices, or whose rank-r
+            factors would be more than half the matrix, take the rotated code at ``bits``.
         bucket_size: elements per bucket of the level codecs (one float32 norm per bucket).
         transport: "auto" (the cost model's cheapest), "allreduce", "allgather", "two_phase", or
             a ``{name or regex: transport}`` mapping.
@@ -90,6 +94,7 @@ class Coding:
     codec: str = "rotated"
     bits: int | Mapping[str, int] | Callable[[str], int] = 4
     ratio: float | None = None
+    rank: int | Mapping[str, int] | Callable[[str], int] = 4
     bucket_size: int = 1024
     transport: str | Mapping[str, str] = "auto"
     link: LinkModel | str | None = None
@@ -151,6 +156,15 @@ class Coding:
             check_bits(b, f"layer {name!r}")
         return out
 
+    def layer_ranks(self, names: list[str]) -> dict[str, int]:
+        """The low-rank codec's rank per layer (0 for every layer under another codec)."""
+        if self.codec != LOWRANK:
+            return dict.fromkeys(names, 0)
+        out = per_layer(self.rank, names, 4, "rank")
+        for name, r in out.items():
+            checks.integer(r, f"rank of layer {name!r} (the low-rank factors' rank)", low=1)
+        return out
+
     def layer_transports(self, names: list[str]) -> dict[str, str]:
         out = per_layer(self.transport, names, "auto", "transport")
         for name, t in out.items():
@@ -162,15 +176,23 @@ class Coding:
         """Whether a gathered layer whose codec is (un)biased keeps error feedback."""
         return self.error_feedback is True or (self.error_feedback == "auto" and not unbiased)
 
+    def _rank_key(self) -> str:
+        if isinstance(self.rank, Mapping):
+            return repr(sorted(self.rank.items()))
+        return repr(self.rank) if isinstance(self.rank, int) else "per-layer function"
+
     @property
     def config(self) -> dict:
         """What a saved compression state must have been made with to resume."""
         return {"codec": self.codec, "ratio": self.ratio, "bucket_size": self.bucket_size,
+                **({"rank": self._rank_key()} if self.codec == LOWRANK else {}),
                 "min_elements": self.min_elements, "error_feedback": self.error_feedback,
                 "rotation": self.rotation, "rounding": self.rounding, "block_scales": self.block_scales}
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Coding)}
+#: the settings' names, which the optimizers also take as keywords
+CODING_KEYWORDS = tuple(_DEFAULTS)
 
 
 def check_reallocation(coding: Coding, allocator: Allocator | None, trigger: Trigger | None) -> Trigger | None:
@@ -182,6 +204,9 @@ def check_reallocation(coding: Coding, allocator: Allocator | None, trigger: Tri
         return None
     if not isinstance(allocator, Allocator):
         raise TypeError(f"allocator must be a hvd_gradq.Allocator, got {type(allocator).__name__}")
+    if coding.codec == LOWRANK:
+        raise ValueError("codec='lowrank' takes its ranks from rank=; the allocator does not choose ranks yet: "
+                         "use a codec with bit widths (e.g. 'rotated') with an allocator, or lowrank without one")
     if coding.codec in RATIO_CODECS:
         raise ValueError(f"codec={coding.codec!r} sets its own element-level budget (ratio=); an allocator needs a "
                          f"codec with bit widths, one of {[c for c in CODECS if c not in RATIO_CODECS]}")

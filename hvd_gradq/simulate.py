@@ -36,7 +36,7 @@ from hvd_gradq.exchange.collectives import SimulatedWorld
 from hvd_gradq.exchange.engine import GradientExchange
 from hvd_gradq.exchange.reallocation import LocalChannel, Reallocator
 from hvd_gradq.plan.cost_model import LinkModel
-from hvd_gradq.settings import Coding, check_reallocation
+from hvd_gradq.settings import CODING_KEYWORDS, Coding, check_reallocation
 from hvd_gradq.wire.header import AVERAGE
 
 
@@ -57,7 +57,8 @@ class SimulatedWorkers:
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, torch.Tensor]],
                  workers: int, *, coding: Coding | None = None, allocator: Allocator | None = None,
                  trigger: Trigger | None = None, codec: str | None = "rotated", bits: int | Mapping[str, int] = 4,
-                 ratio: float | None = None, bucket_size: int = 1024, transport: str | Mapping[str, str] = "auto",
+                 ratio: float | None = None, rank: int | Mapping[str, int] = 4, bucket_size: int = 1024,
+                 transport: str | Mapping[str, str] = "auto",
                  link: LinkModel | None = None, min_elements: int = 1024, error_feedback: bool | str = "auto",
                  seed: int = 0, refit_levels: int | None = None, rotation: int = 4096, rounding: str = "nearest",
                  block_scales: str = "this_step") -> None:
@@ -81,10 +82,8 @@ class SimulatedWorkers:
             self.coding = None
             self.exchanges = []
         else:
-            self.coding = Coding.of(coding, codec=codec, bits=bits, ratio=ratio, bucket_size=bucket_size,
-                                    transport=transport, link=link, min_elements=min_elements,
-                                    error_feedback=error_feedback, seed=seed, refit_levels=refit_levels,
-                                    rotation=rotation, rounding=rounding, block_scales=block_scales)
+            given = locals()  # the coding keywords have the names of Coding's fields
+            self.coding = Coding.of(coding, **{key: given[key] for key in CODING_KEYWORDS})
             trigger = check_reallocation(self.coding, allocator, trigger)
             self.exchanges = [GradientExchange(self._named, coding=self.coding, collectives=self.world.rank(r),
                                                op=AVERAGE, label="hvd_gradq.SimulatedWorkers")

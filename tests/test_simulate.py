@@ -30,7 +30,7 @@ def simulate(case: str, size: int):
 
 
 @pytest.mark.parametrize("case,size", [("lanes", 2), ("gather", 2), ("jointsq", 2), ("topk", 2), ("alq", 2),
-                                       ("rotated", 2), ("gather", 4)])
+                                       ("rotated", 2), ("gather", 4), ("lowrank", 2), ("lowrank", 4)])
 def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size):
     run = horovodrun(WORKERS / "sim_check.py", "--case", case, "--out", tmp_path, np=size, timeout=240)
     assert run.returncode == 0, run.output[-6000:]
@@ -44,6 +44,10 @@ def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size
         assert len(real["versions"]) == 2, "the interval trigger should have fired at steps 0 and 2"
     if case == "alq":
         assert real["levels"] and real["levels"] == levels_of(sim.exchanges[0])
+    if case == "lowrank":  # factors on the matrices, measured bytes as the cost model predicts
+        low = [p for p in sim.layer_plans() if p.transport == "lowrank"]
+        assert len(low) >= 3 and {p.rank for p in low} == {1, 2}
+        assert all(p.payload_bytes == p.predicted.payload_bytes for p in low)
     if case == "rotated":  # every transport carries rotated codes
         plans = sim.layer_plans()
         assert {p.transport for p in plans if p.wire_codec == "rotated"} == {"allreduce", "allgather", "two_phase"}
@@ -170,7 +174,7 @@ def train(case: str, size: int, steps: range, state=None):
     return sim, model, saved
 
 
-@pytest.mark.parametrize("case", ["lanes", "gather", "jointsq", "alq", "rotated"])
+@pytest.mark.parametrize("case", ["lanes", "gather", "jointsq", "alq", "rotated", "lowrank"])
 def test_simulated_resume_is_bit_identical_to_uninterrupted_training(case):
     _, full, _ = train(case, 2, range(8))
     _, _, saved = train(case, 2, range(4))
@@ -189,3 +193,35 @@ def test_simulated_checkpoint_of_another_size_is_refused_or_reset():
         sim.load_compression_state_dict(saved["compression"])
     sim.load_compression_state_dict(saved["compression"], reset=True)
     assert all(not ex.residuals.worker.residuals for ex in sim.exchanges)
+
+
+def test_low_rank_layers_send_what_entered_minus_what_they_still_owe():
+    """lr = 0 keeps the weights, so every worker's gradient is known: over the steps, N times the
+    mean the low-rank layers applied plus every worker's residual is the sum of what entered."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Tanh(), torch.nn.Linear(64, 40))
+    sim = hvd_gradq.SimulatedWorkers(torch.optim.SGD(model.parameters(), lr=0.0), model.named_parameters(), 3,
+                                     codec="lowrank", rank=3, min_elements=64)
+    names = [n for n, p in sim.exchanges[0].plans.items() if p.transport == "lowrank"]
+    assert names == ["0.weight", "2.weight"]
+    params = dict(model.named_parameters())
+    sent = {n: torch.zeros(params[n].numel(), dtype=torch.float64) for n in names}
+    entered = {n: torch.zeros(params[n].numel(), dtype=torch.float64) for n in names}
+    g = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        sim.zero_grad()
+        for _r in range(3):
+            x = torch.randn(16, 48, generator=g)
+            loss = model(x).square().mean()
+            for n, gr in zip(names, torch.autograd.grad(loss, [params[n] for n in names], retain_graph=True)):
+                entered[n] += gr.reshape(-1).double()
+            sim.backward(loss)
+        sim.synchronize()
+        for n in names:
+            sent[n] += 3 * params[n].grad.reshape(-1).double()
+        sim.step()
+    for n in names:
+        owed = sum(ex.lowrank[n].residual.double() for ex in sim.exchanges)
+        scale = float(entered[n].abs().max())
+        assert float((sent[n] + owed - entered[n]).abs().max()) <= 1e-5 * scale, n
+        assert float(owed.abs().max()) > 1e-3 * scale  # rank 3 of a 64 x 48 matrix: something is owed

@@ -104,7 +104,8 @@ def test_optimizer_features_with_compression(tmp_path, mode):
         assert len(set(err["sparse_digest"])) == 1
 
 
-@pytest.mark.parametrize("case", ["version_mismatch", "bits_mismatch", "rotation_mismatch"])
+@pytest.mark.parametrize("case", ["version_mismatch", "bits_mismatch", "rotation_mismatch",
+                                  "lowrank_seed_mismatch"])
 def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, case):
     start = time.monotonic()
     run = horovodrun(WORKER, "--case", case, "--out", tmp_path, np=2, timeout=120)

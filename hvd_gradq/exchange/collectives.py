@@ -22,7 +22,9 @@ class Collectives(Protocol):
 
     def rank(self) -> int: ...
 
-    def allreduce_sum_async(self, tensor: torch.Tensor, name: str): ...
+    def allreduce_sum_async(self, tensor: torch.Tensor, name: str):
+        """The sum over the ranks, written into ``tensor`` itself (in place, as Horovod's
+        ``allreduce_async_``): a caller that still needs its own values must hand over a copy."""
 
     def allgather_async(self, tensor: torch.Tensor, name: str): ...
 
@@ -43,6 +45,7 @@ class _Collective:
         self.kind, self.name = kind, name
         self.inputs: dict[int, tuple[torch.Tensor, list[int] | None]] = {}
         self.read: set[int] = set()
+        self.total: torch.Tensor | None = None  # an allreduce's sum, formed at the first read
 
 
 class SimulatedWorld:
@@ -76,10 +79,12 @@ class SimulatedWorld:
             missing = sorted(set(range(self.size)) - set(op.inputs))
             raise RuntimeError(f"collective {name!r}: rank {rank} reads it before ranks {missing} submitted; in a "
                                "simulation every worker must run its backward before the step")
-        if op.kind == "allreduce":  # summed in rank order
-            out = op.inputs[0][0].clone()
-            for r in range(1, self.size):
-                out += op.inputs[r][0]
+        if op.kind == "allreduce":  # summed in rank order, into each rank's own tensor (in place, as Horovod)
+            if op.total is None:
+                op.total = op.inputs[0][0].clone()
+                for r in range(1, self.size):
+                    op.total += op.inputs[r][0]
+            out = op.inputs[rank][0].copy_(op.total)
         elif op.kind == "allgather":
             out = torch.cat([op.inputs[r][0] for r in range(self.size)])
         else:  # alltoall: rank j receives piece j of every rank's tensor, in rank order

@@ -20,16 +20,17 @@ import torch
 from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
+from hvd_gradq.codecs.lowrank import LowRankCoder
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
-from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, ScaledLanes, Skip, TwoPhase
+from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoAllreduces, TwoPhase
 from hvd_gradq.exchange.residuals import ResidualStore
 from hvd_gradq.exchange.timings import StepTimer, TimedCollectives
-from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, NONE, TRANSPORTS, TWO_PHASE, LinkModel
+from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, LOWRANK, NONE, TRANSPORTS, TWO_PHASE, LinkModel
 from hvd_gradq.plan.planner import LayerPlan, Planner
 from hvd_gradq.settings import Coding, check_bits
 from hvd_gradq.wire.gather_coder import GatherCoder
-from hvd_gradq.wire.header import AVERAGE, SUM
+from hvd_gradq.wire.header import AVERAGE, SUM, header_words, read_header
 from hvd_gradq.wire.lane_coder import LaneCoder
 
 
@@ -70,11 +71,14 @@ class GradientExchange:
         self.lanes = LaneCoder(bits=1, op=SUM, min_elements=coding.min_elements, seed=coding.seed, rank=self.rank,
                                size=self.size, codebook=self.codebook, residuals=self.residuals.lanes, label=label)
         self.coders: dict[str, GatherCoder] = {}
+        self.lowrank: dict[str, LowRankCoder] = {}  # the low-rank layers' factors and residuals
         self.plans: dict[str, LayerPlan] = {}
         self._track_error = False
         self._coders_made = 0  # each coder draws from its own stream (see _plan)
         names = [n for n, _ in named]
         self.numel = {n: p.numel() for n, p in named}
+        self.shapes = {n: tuple(p.shape) for n, p in named}
+        self.ranks = coding.layer_ranks(names)
         bits_of = coding.layer_bits(names)
         self.forced = coding.layer_transports(names)
         for name in names:
@@ -87,10 +91,15 @@ class GradientExchange:
 
     # ---- planning -------------------------------------------------------------------------------------
     def _plan(self, name: str, bits: int) -> None:
-        plan, code = self.planner.plan(name, self.numel[name], bits, self.forced[name])
+        plan, code = self.planner.plan(name, self.numel[name], bits, self.forced[name], self.shapes[name],
+                                       self.ranks[name])
         self.codebook.add(code)
         self.plans[name] = plan
         self.coders.pop(name, None)
+        self.lowrank.pop(name, None)
+        if plan.transport == LOWRANK:  # Q starts from the same key on every rank
+            shape = self.planner.lowrank_shape(self.shapes[name], code.rank)
+            self.lowrank[name] = LowRankCoder(name, shape, code.rank, key=int(code.codec_key[2:], 16))
         if plan.gather is not None:
             # A stream per coder, not one shared by all layers: two-phase second halves run when
             # their first half completes, an order that varies from run to run, and the dither must not
@@ -130,7 +139,11 @@ class GradientExchange:
         flat float32 tensor; None if nothing."""
         coder = self.coders.get(name)
         chunk = None if coder is None else (coder.bounds[coder.rank], coder.bounds[coder.rank + 1])
-        return self.residuals.take_owed(name, self.numel[name], chunk)
+        owed = self.residuals.take_owed(name, self.numel[name], chunk)
+        low = self.lowrank[name].take_residual() if name in self.lowrank else None
+        if low is not None:
+            owed = low if owed is None else owed + low
+        return owed
 
     def adopt(self, shared: Mapping) -> None:
         """Follow the root's ``codebook.state_dict()`` (between steps: a fresh engine after the set
@@ -159,6 +172,8 @@ class GradientExchange:
             self.timer.add("encode", time.perf_counter() - t0)
             return Skip(plan.numel)
         timed = self.timer.timed
+        if plan.transport == LOWRANK:
+            return self._launch_lowrank(name, grad, frozen, t0)
         if plan.transport in (ALLREDUCE, FLOAT32):
             first = self.lanes.prepare(name, grad, frozen=frozen)
             if first is not None:  # rotated lanes with this step's scales: statistics, then codes
@@ -171,7 +186,7 @@ class GradientExchange:
                     return payload
 
                 self.timer.add("encode", time.perf_counter() - t0)
-                return ScaledLanes(name, stats, timed("encode", encode),
+                return TwoAllreduces(name, stats, timed("encode", encode),
                                    timed("decode", lambda out: self.lanes.decode(out, ctxs[0]).reshape(-1)), self._coll)
             payload, ctx = self.lanes.encode(name, grad, frozen=frozen)
             self.timer.add("encode", time.perf_counter() - t0)
@@ -187,6 +202,23 @@ class GradientExchange:
         self.timer.add("encode", time.perf_counter() - t0)
         return TwoPhase(name, stream, splits, timed("decode", lambda buf: coder.reduce_own_chunk(buf, stamp=stamp)),
                         timed("decode", coder.assemble), self._coll)
+
+    def _launch_lowrank(self, name: str, grad: torch.Tensor, frozen: bool, t0: float) -> Exchange:
+        """P = M Q with the summed header (op, ranks, codebook digest checked on the sum), then Q."""
+        coder = self.lowrank[name]
+        p = coder.first(grad, frozen=frozen)
+        head = header_words(rank=self.rank, size=self.size, digest=self.codebook.digest(name, self.size),
+                            nonfinite=not bool(torch.isfinite(p).all()), stat=0.0, container=torch.float32)
+        at = head.numel()
+
+        def second(summed: torch.Tensor) -> torch.Tensor:
+            read_header(summed[:at], size=self.size, op=SUM, layer=name, compressor=self.label)
+            return coder.second(summed[at:])
+
+        self.timer.add("encode", time.perf_counter() - t0)
+        timed = self.timer.timed
+        return TwoAllreduces(name, torch.cat([head, p]), timed("encode", second), timed("decode", coder.decode),
+                             self._coll, LOWRANK)
 
     def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
         """The layer's aggregate (float32, flat): the sum over ranks, or the mean for an Average."""
@@ -288,7 +320,8 @@ class GradientExchange:
     def state_dict(self) -> dict:
         """This rank's compression state: codebook, residuals, dither streams and the coders' own."""
         return {"codebook": self.codebook.state_dict(), "residuals": self.residuals.state_dict(),
-                "lanes": self.lanes.state_dict(), "coders": {n: c.state_dict() for n, c in self.coders.items()}}
+                "lanes": self.lanes.state_dict(), "coders": {n: c.state_dict() for n, c in self.coders.items()},
+                "lowrank": {n: c.state_dict() for n, c in self.lowrank.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state_dict()`` of the same rank of a job with the same model, size and
@@ -306,10 +339,14 @@ class GradientExchange:
         self.lanes.load_state_dict(state["lanes"])
         for name, coder_state in state["coders"].items():
             self.coders[name].load_state_dict(coder_state)
+        for name, coder_state in state.get("lowrank", {}).items():
+            self.lowrank[name].load_state_dict(coder_state)
 
     def reset_state(self) -> None:
         """Forget every residual and what was carried (the plan and the codebook stay)."""
         self.residuals.reset()
+        for coder in self.lowrank.values():
+            coder.take_residual()
 
     # ---- reporting ----------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -318,7 +355,7 @@ class GradientExchange:
         counts: dict[str, int] = {}
         for p in plans:
             counts[p.transport] = counts.get(p.transport, 0) + 1
-        order = (ALLREDUCE, ALLGATHER, TWO_PHASE, FLOAT32, NONE)
+        order = (ALLREDUCE, LOWRANK, ALLGATHER, TWO_PHASE, FLOAT32, NONE)
         parts = ", ".join(f"{t} {counts[t]}" for t in order if counts.get(t))
         sent = sum(p.payload_bytes for p in plans)
         fp32 = sum(4 * p.numel for p in plans)

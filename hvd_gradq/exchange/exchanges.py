@@ -1,4 +1,5 @@
-"""One layer's communication for one step: lane allreduce, allgather, two-phase exchange, skip.
+"""One layer's communication for one step: lane allreduce, two dependent allreduces, allgather,
+two-phase exchange, skip.
 
 An exchange moves bytes only. The engine codes the gradient before it starts one (``payload``,
 ``frame``, ``stream``) and passes the decode steps as callbacks, which the exchange calls on the
@@ -63,13 +64,14 @@ class LaneAllreduce(Exchange):
         return self._decode(self._coll.synchronize(self._handle))
 
 
-class ScaledLanes(Exchange):
-    """Two allreduces (op=Sum): the block statistics, then the lane payload that ``encode`` makes
-    from their sum; ``decode`` turns the reduced payload into the layer's aggregate."""
+class TwoAllreduces(Exchange):
+    """Two dependent allreduces (op=Sum): a first payload (the rotated lanes' block statistics, a
+    low-rank layer's P), then the payload that ``encode`` makes from its sum (the lane codes, Q);
+    ``decode`` turns the second sum into the layer's aggregate."""
 
-    transport = "allreduce"
-
-    def __init__(self, layer: str, stats: torch.Tensor, encode: Decode, decode: Decode, coll: Collectives) -> None:
+    def __init__(self, layer: str, stats: torch.Tensor, encode: Decode, decode: Decode, coll: Collectives,
+                 transport: str = "allreduce") -> None:
+        self.transport = transport
         self._layer = layer
         self._encode, self._decode = encode, decode
         self._coll = coll

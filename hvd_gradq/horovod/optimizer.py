@@ -33,7 +33,7 @@ from hvd_gradq.horovod.collectives import HorovodCollectives, measure_link
 from hvd_gradq.horovod.resync import LABEL, CompressionResync
 from hvd_gradq.plan.cost_model import LinkModel
 from hvd_gradq.plan.planner import LayerPlan
-from hvd_gradq.settings import Coding, check_reallocation
+from hvd_gradq.settings import CODING_KEYWORDS, Coding, check_reallocation
 from hvd_gradq.wire.header import AVERAGE, SUM, CodebookMismatchError, ReductionMismatchError
 
 
@@ -329,6 +329,7 @@ def DistributedOptimizer(
     codec: str = "rotated",
     bits: int | Mapping[str, int] | Callable[[str], int] = 4,
     ratio: float | None = None,
+    rank: int | Mapping[str, int] | Callable[[str], int] = 4,
     bucket_size: int = 1024,
     transport: str | Mapping[str, str] = "auto",
     link: LinkModel | str | None = None,
@@ -352,7 +353,7 @@ def DistributedOptimizer(
     docs/HOROVOD_COMPAT.md.
 
     The coding: ``coding=hvd_gradq.Coding(...)``, or the same settings as keywords (``codec``,
-    ``bits``, ``ratio``, ``bucket_size``, ``transport``, ``link``, ``min_elements``,
+    ``bits``, ``ratio``, ``rank``, ``bucket_size``, ``transport``, ``link``, ``min_elements``,
     ``error_feedback``, ``seed``, ``refit_levels``, ``rotation``, ``rounding``, ``block_scales``;
     see ``Coding`` for each). ``allocator``: a
     ``hvd_gradq.Allocator``: rank 0 re-decides the bits of every coded layer when ``trigger`` (a
@@ -386,9 +387,8 @@ def DistributedOptimizer(
     if num_groups:
         warnings.warn("num_groups is deprecated (as in Horovod); pass groups=", DeprecationWarning, stacklevel=2)
         groups = num_groups if groups is None else groups
-    coding = Coding.of(coding, codec=codec, bits=bits, ratio=ratio, bucket_size=bucket_size, transport=transport,
-                       link=link, min_elements=min_elements, error_feedback=error_feedback, seed=seed,
-                       refit_levels=refit_levels, rotation=rotation, rounding=rounding, block_scales=block_scales)
+    given = locals()  # the coding keywords have the names of Coding's fields
+    coding = Coding.of(coding, **{key: given[key] for key in CODING_KEYWORDS})
     trigger = check_reallocation(coding, allocator, trigger)
     process_set = hvd.global_process_set if process_set is None else process_set
     if not isinstance(process_set, hvd.ProcessSet):

@@ -13,6 +13,9 @@ and from those and a latency/bandwidth ``LinkModel`` (alpha-beta) a time:
                  an alltoall sends chunk j to rank j (each rank sends and receives about
                  (N-1)/N * P), rank j sums and requantizes its chunk, and an allgather of the
                  requantized chunks follows (about (N-1)/N * P again): 2(N-1) steps, cost flat in N.
+* ``lowrank``    low-rank factors of a matrix (PowerSGD): an allreduce of P (rows x r, float32),
+                 then, once P is orthonormalised, an allreduce of Q (cols x r): two dependent ring
+                 allreduces, 4(N-1) steps.
 * ``none``       0-bit layer: nothing is sent.
 * ``float32``    tiny layers: plain float32 allreduce (exact), priced like ``allreduce``.
 
@@ -29,7 +32,9 @@ FLOAT32 = "float32"
 ALLREDUCE = "allreduce"
 ALLGATHER = "allgather"
 TWO_PHASE = "two_phase"
-#: transports a compressed layer can use (``none`` and ``float32`` are fixed by the layer itself)
+LOWRANK = "lowrank"
+#: transports a compressed layer can use (``none``, ``float32`` and ``lowrank`` are fixed by the
+#: layer and its codec)
 TRANSPORTS = (ALLREDUCE, ALLGATHER, TWO_PHASE)
 
 
@@ -112,6 +117,11 @@ def two_phase_cost(chunk_frame_bytes: list[int], requant_frame_bytes: list[int],
     steps = 2 * (size - 1)
     seconds = _time(size - 1, sent1, recv1, link) + _time(size - 1, sent2, recv2, link)
     return TransportCost(TWO_PHASE, payload, sent1 + sent2, recv1 + recv2, steps, seconds)
+
+
+def lowrank_cost(p_bytes: int, q_bytes: int, size: int, link: LinkModel) -> TransportCost:
+    """The two dependent allreduces of a low-rank layer: P (``p_bytes``), then Q (``q_bytes``)."""
+    return then(allreduce_cost(p_bytes, size, link, LOWRANK), allreduce_cost(q_bytes, size, link, LOWRANK))
 
 
 def none_cost() -> TransportCost:

@@ -15,8 +15,9 @@ import torch
 
 from hvd_gradq.bits import rotation as rot
 from hvd_gradq.bits.lanes import lane_layout
-from hvd_gradq.codebook import FLOAT_BITS, ROTATED, SHARED_SCALE, SUMMABLE, LayerCode
+from hvd_gradq.codebook import FLOAT_BITS, LOWRANK, ROTATED, SHARED_SCALE, SUMMABLE, LayerCode
 from hvd_gradq.codecs import LEVEL_CODECS, Codec, make_codec
+from hvd_gradq.codecs.lowrank import factor_numel, matrix_shape, worth_it
 from hvd_gradq.plan import cost_model
 from hvd_gradq.plan.cost_model import (
     ALLGATHER,
@@ -29,14 +30,14 @@ from hvd_gradq.plan.cost_model import (
     TransportCost,
 )
 from hvd_gradq.wire.gather_coder import chunk_frame_bytes, frame_bytes
-from hvd_gradq.wire.header import SUM
+from hvd_gradq.wire.header import SUM, header_len
 from hvd_gradq.wire.lane_coder import THIS_STEP, lane_payload_bytes, stats_bytes
 
 #: the sparsifiers, which take a compression ratio instead of bits
 RATIO_CODECS = ("jointsq", "topk")
 #: every codec the optimizer takes: the summable lanes (rotated, shared-scale), the level codecs,
-#: the sparsifiers
-CODECS = (*SUMMABLE, *sorted(LEVEL_CODECS), *RATIO_CODECS)
+#: the sparsifiers, the low-rank factors
+CODECS = (*SUMMABLE, *sorted(LEVEL_CODECS), *RATIO_CODECS, LOWRANK)
 #: what a shared-scale layer is coded with when it is gathered instead of summed: evenly spaced
 #: levels, with a scale per bucket of the sender's own (a rank's codes need not be summable); a
 #: rotated layer gathered travels as the rotated code with each rank's own block scales
@@ -61,8 +62,12 @@ class LayerPlan:
     wire_codec: str = ""
     #: the codec object of a gathered layer (None for lanes, float32 and 0-bit layers)
     gather: Codec | None = field(default=None, repr=False, compare=False)
+    rank: int = 0  # of a low-rank layer: its factors' rank
 
     def __str__(self) -> str:
+        if self.rank:
+            return (f"{self.name}: {self.numel} el, {self.codec} rank {self.rank} via {self.transport}, "
+                    f"{self.payload_bytes} B (predicted {self.predicted.payload_bytes} B)")
         how = self.wire_codec if self.wire_codec == self.codec else f"{self.codec} gathered as {self.wire_codec}"
         return (f"{self.name}: {self.numel} el, {how}@{self.bits}b via {self.transport}, "
                 f"{self.payload_bytes} B (predicted {self.predicted.payload_bytes} B)")
@@ -79,6 +84,10 @@ class Planner:
         self.this_step = block_scales == "this_step"
         self.size, self.rank, self.link = size, rank, link
         self._codecs: dict[int, Codec] = {}
+        #: the low-rank codec's planner for the layers it does not suit (vectors, small matrices)
+        self.fallback = Planner(codec=ROTATED, ratio=None, bucket_size=bucket_size, min_elements=min_elements,
+                                size=size, rank=rank, link=link, rotation=rotation, rounding=rounding, seed=seed,
+                                block_scales=block_scales) if codec == LOWRANK else None
 
     def gather_codec(self, bits: int) -> Codec:
         """The per-rank codec of a gathered layer at ``bits`` (one object per width; codecs that
@@ -89,6 +98,8 @@ class Planner:
         return codec
 
     def new_gather_codec(self, bits: int) -> Codec:
+        if self.fallback is not None:
+            return self.fallback.new_gather_codec(bits)
         if self.codec in RATIO_CODECS:
             return make_codec(self.codec, ratio=self.ratio)
         if self.codec == ROTATED:  # gathered, each rank's rotated code has its own block scales and key
@@ -130,9 +141,32 @@ class Planner:
             )
         return forced
 
-    def plan(self, name: str, numel: int, bits: int, forced: str) -> tuple[LayerPlan, LayerCode]:
-        """The layer's plan and its codebook entry. ``forced``: "auto" or a transport."""
+    def lowrank_shape(self, shape, rank: int) -> tuple[int, int] | None:
+        """(rows, cols) when the low-rank codec codes a layer of ``shape`` at ``rank``: a matrix (or
+        conv kernel) whose factors are at most half of it; None: the fallback codes it."""
+        ms = None if self.fallback is None or not rank else matrix_shape(shape)
+        return ms if ms is not None and rank <= min(ms) and worth_it(*ms, rank) else None
+
+    def lowrank_cost(self, rows: int, cols: int, rank: int) -> TransportCost:
+        """P with the summed header, then Q, both float32."""
+        p, q = factor_numel(rows, cols, rank)
+        head = header_len(torch.float32, self.size)
+        return cost_model.lowrank_cost(4 * (head + p), 4 * q, self.size, self.link)
+
+    def plan(self, name: str, numel: int, bits: int, forced: str, shape=None,
+             rank: int = 0) -> tuple[LayerPlan, LayerCode]:
+        """The layer's plan and its codebook entry. ``forced``: "auto" or a transport; ``shape``
+        and ``rank``: the parameter's shape and the low-rank codec's rank for it."""
         n = self.size
+        if self.fallback is not None and numel >= self.min_elements:
+            ms = None if shape is None else self.lowrank_shape(shape, rank)
+            if ms is None:
+                return self.fallback.plan(name, numel, bits, forced)
+            cost = self.lowrank_cost(*ms, rank)
+            code = LayerCode(name, numel, FLOAT_BITS, None, codec=LOWRANK, transport=LOWRANK, rank=rank,
+                             codec_key=f"q={rot.key_for(self.seed, name):x}")  # the first Q's key
+            return LayerPlan(name, numel, FLOAT_BITS, LOWRANK, LOWRANK, cost, {LOWRANK: cost}, wire_codec=LOWRANK,
+                             rank=rank), code
         if numel < self.min_elements:  # tiny layers: exact float32 allreduce (header included)
             cost = cost_model.allreduce_cost(lane_payload_bytes(numel, None, n), n, self.link, FLOAT32)
             code = LayerCode(name, numel, FLOAT_BITS, None, codec="float32", transport=FLOAT32)
@@ -169,6 +203,8 @@ class Planner:
         allocator's ``rate="wire"`` prices)."""
         if bits == 0:
             return 0.0
+        if self.fallback is not None:
+            return self.fallback.wire_bits(numel, bits, forced)
         costs = self.costs(numel, bits)
         cost = costs[forced] if forced in costs else cost_model.cheapest([costs[t] for t in TRANSPORTS
                                                                             if t in costs])

@@ -23,7 +23,7 @@ from workloads.models import FashionCNN
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--phase", choices=["full", "resume"], required=True)
-ap.add_argument("--config", choices=["lanes", "gather", "jointsq", "stock"], required=True)
+ap.add_argument("--config", choices=["lanes", "gather", "jointsq", "stock", "lowrank"], required=True)
 ap.add_argument("--ckpt", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--k1", type=int, default=5)
@@ -62,6 +62,8 @@ else:
     elif args.config == "gather":  # qsgd with error feedback over allgather and two-phase, one 0-bit layer
         kw = dict(codec="qsgd", bits={"features.1.*": 0, ".*": 3}, error_feedback=True,
                   transport={"features.[34].*": "two_phase", "features.[12].*|classifier.*": "allgather"})
+    elif args.config == "lowrank":  # PowerSGD factors (warm-start Q, residuals) on the matrices
+        kw = dict(codec="lowrank", rank=2, bits=3)
     else:
         kw = dict(codec="jointsq", ratio=20, transport="two_phase")
     opt = hvd_gradq.DistributedOptimizer(base, named_parameters=named, op=hvd.Sum, min_elements=512, **kw)

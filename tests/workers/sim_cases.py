@@ -42,6 +42,8 @@ def setup(case: str, seed: int = 0):
         kw = {"codec": "jointsq", "ratio": 20, "transport": "two_phase"}
     elif case == "alq":  # adaptive levels refit on rank 0 after steps 0 and 2, broadcast to every rank
         kw = {"codec": "alq", "bits": 3, "transport": "allgather", "refit_levels": 2}
+    elif case == "lowrank":  # PowerSGD factors on the matrices, the rotated code on the rest
+        kw = {"codec": "lowrank", "rank": {".*": 2, "classifier.weight": 1}, "bits": 3, "min_elements": 256}
     elif case == "topk":
         kw = {"codec": "topk", "ratio": 20, "transport": "allgather"}
     else:

@@ -11,8 +11,9 @@ Cases:
              UniformCompressor and for the drop-in: every torch.optim optimizer, backward passes
              per step = 2, groups, a layer unused on one rank, dynamic requires_grad, and the
              clear errors for Adasum; sparse gradients with and without sparse_as_dense.
-  version_mismatch / bits_mismatch / rotation_mismatch   one rank's codebook differs (its version,
-             a layer's bits, the rotation block of gathered rotated codes): every rank must raise.
+  version_mismatch / bits_mismatch / rotation_mismatch / lowrank_seed_mismatch   one rank's codebook
+             differs (its version, a layer's bits, the rotation block of gathered rotated codes, the
+             first Q of low-rank factors): every rank must raise.
 """
 import argparse
 import copy
@@ -334,9 +335,11 @@ def mismatch_case(out, case):
     # rotation_mismatch: rank 0 gathers rotated codes with rotation blocks of up to 4096, the others 1024
     coding = {"codec": "rotated", "rotation": 4096 if rank == 0 else 1024} if case == "rotation_mismatch" else \
         {"codec": "qsgd"}
+    coding["transport"] = "allgather"
+    if case == "lowrank_seed_mismatch":  # low-rank factors whose warm start differs: rank 0's seed is another
+        coding = {"codec": "lowrank", "rank": 2, "seed": 1 if rank == 0 else 0}
     opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                         named_parameters=model.named_parameters(), bits=bits,
-                                         transport="allgather", **coding)
+                                         named_parameters=model.named_parameters(), bits=bits, **coding)
     if case == "version_mismatch" and rank == 1:
         opt.codebook.version += 1
     step = 0
