@@ -12,7 +12,8 @@ jobs only); ``stock`` (the rotated lanes: ``hvd_gradq.UniformCompressor`` on the
 ``hvd.DistributedOptimizer`` in a job, the same lanes inside ``SimulatedWorkers``); and through
 ``hvd_gradq.DistributedOptimizer`` (``SimulatedWorkers`` when simulated) every codec of
 ``hvd_gradq.CODECS``: ``rotated``, ``shared_scale``, ``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``,
-``alq``, ``amq``, ``jointsq`` and ``topk`` (with ``--ratio``). The old names ``uniform`` (now
+``alq``, ``amq``, ``jointsq`` and ``topk`` (with ``--ratio``), ``lowrank`` (PowerSGD's factors,
+with ``--rank``). The old names ``uniform`` (now
 ``stock``) and ``gradq-uniform`` (now ``shared_scale``) are still accepted.
 ``--allocator lad|lad_first_order|mse|ampa`` lets rank 0 re-decide the bits per layer under
 ``--budget`` when the trigger fires.
@@ -95,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     p.add_argument("--bits", type=int, default=bits,
                    help="bit width of every coded layer (the start with --allocator)")
     p.add_argument("--ratio", type=float, default=20.0, help="jointsq / topk: compression ratio against float32")
+    p.add_argument("--rank", type=int, default=4, help="lowrank: the rank of the matrices' factors (PowerSGD)")
     p.add_argument("--bucket-size", type=int, default=1024, help="level codecs: elements per bucket (one norm each)")
     p.add_argument("--error-feedback", choices=["auto", "on", "off"], default="auto",
                    help="keep what coding drops and add it back next step (auto: for biased codecs)")
@@ -192,7 +194,8 @@ class _Job:
             compression = self.compression or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
             self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=compression, op=self.op)
             return
-        kw = {"bits": args.bits, "ratio": args.ratio, "bucket_size": args.bucket_size, "seed": args.seed,
+        kw = {"bits": args.bits, "ratio": args.ratio, "rank": args.rank, "bucket_size": args.bucket_size,
+              "seed": args.seed,
               "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
               "rounding": args.rounding, "block_scales": args.block_scales,
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
@@ -200,6 +203,7 @@ class _Job:
         if spec.path == "stock":  # simulated: the lanes as UniformCompressor sends them in a job
             settings = ("bits", "ratio", "bucket_size", "seed", "min_elements", "refit_levels", "error_feedback",
                         "rounding")
+            kw.pop("rank")
             kw.pop("transport")
             kw.pop("block_scales")
             coding = hvd_gradq.Coding(codec="rotated", transport="allreduce", block_scales="previous_step",

@@ -18,7 +18,8 @@ The benchmarks' names fix the settings (``BENCH_COMPRESSORS``, built by ``make_o
 ``lad2``/``lad3`` (the drop-in, ``shared_scale`` at 4 bits, exact-LAD Lagrangian allocation at a
 budget of 2/3 bits, similarity trigger), ``jointsq20``/``jointsq100`` (JointSQ at 20x/100x),
 ``qsgd4``, ``rotated2``/``rotated3`` (the drop-in's default rotated code at 2/3 bits),
-``lad2r``/``lad3r`` (LAD as lad2/lad3 over the rotated code); and ``powersgd``: PyTorch DDP with
+``lad2r``/``lad3r`` (LAD as lad2/lad3 over the rotated code), ``lowrank4`` (the drop-in's low-rank
+factors at rank 4, the rotated code at 4 bits for the rest); and ``powersgd``: PyTorch DDP with
 the PowerSGD hook (``benchmarks.ddp_worker``, no Horovod). Older names are still accepted and
 mean what they meant (``ALIASES``: old result logs use them); what is written now uses the new
 names.
@@ -100,6 +101,7 @@ class Compressor:
     bits: int | None = None
     ratio: float | None = None
     budget: float | None = None
+    rank: int | None = None
 
     @property
     def stock(self) -> bool:
@@ -116,6 +118,7 @@ _BENCH = [*[Compressor(f"stock{b}", "stock", bits=b) for b in (2, 4, 8)],
           Compressor("qsgd4", "dropin", "qsgd", bits=4),
           *[Compressor(f"rotated{b}", "dropin", "rotated", bits=b) for b in (2, 3)],
           *[Compressor(f"lad{b}r", "dropin", "rotated", bits=4, budget=float(b)) for b in (2, 3)],
+          Compressor("lowrank4", "dropin", "lowrank", bits=4, rank=4),
           Compressor("powersgd", "ddp")]
 COMPRESSORS = {c.name: c for c in [*_EXAMPLES, *_BENCH]}
 #: the examples' --compressor
@@ -124,7 +127,7 @@ EXAMPLE_COMPRESSORS = tuple(c.name for c in _EXAMPLES)
 DROPIN = tuple(hvd_gradq.CODECS)
 #: what benchmarks.step_worker and benchmarks.tta_worker run under Horovod (powersgd: under DDP)
 BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", "lad2", "lad3", "jointsq20", "jointsq100", "qsgd4",
-                     "rotated2", "rotated3", "lad2r", "lad3r")
+                     "rotated2", "rotated3", "lad2r", "lad3r", "lowrank4")
 #: old name -> new name
 ALIASES = {"uniform": "stock", "gradq-uniform": _SHARED_SCALE, "uniform2": "stock2", "uniform4": "stock4",
            "uniform8": "stock8"}
@@ -164,6 +167,8 @@ def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: 
         kw["bits"] = c.bits
     if c.ratio is not None:
         kw["ratio"] = c.ratio
+    if c.rank is not None:
+        kw["rank"] = c.rank
     if c.budget is not None:
         probe = hvd_gradq.LossProbe(model, loss_fn, lambda: [batch(10_000)])
         kw["allocator"] = hvd_gradq.Allocator(c.budget, metric="lad", options=(0, 2, 3, 4, 6, 8), probe=probe,
