@@ -205,8 +205,8 @@ def check_reallocation(coding: Coding, allocator: Allocator | None, trigger: Tri
     if not isinstance(allocator, Allocator):
         raise TypeError(f"allocator must be a hvd_gradq.Allocator, got {type(allocator).__name__}")
     if coding.codec == LOWRANK:
-        raise ValueError("codec='lowrank' takes its ranks from rank=; the allocator does not choose ranks yet: "
-                         "use a codec with bit widths (e.g. 'rotated') with an allocator, or lowrank without one")
+        raise ValueError("codec='lowrank' takes its ranks from rank=; for ranks chosen by the allocator, use a codec "
+                         "with bit widths (e.g. 'rotated') and Allocator(ranks=(1, 2, 4))")
     if coding.codec in RATIO_CODECS:
         raise ValueError(f"codec={coding.codec!r} sets its own element-level budget (ratio=); an allocator needs a "
                          f"codec with bit widths, one of {[c for c in CODECS if c not in RATIO_CODECS]}")

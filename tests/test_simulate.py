@@ -30,7 +30,8 @@ def simulate(case: str, size: int):
 
 
 @pytest.mark.parametrize("case,size", [("lanes", 2), ("gather", 2), ("jointsq", 2), ("topk", 2), ("alq", 2),
-                                       ("rotated", 2), ("gather", 4), ("lowrank", 2), ("lowrank", 4)])
+                                       ("rotated", 2), ("gather", 4), ("lowrank", 2), ("lowrank", 4),
+                                       ("mixed", 2)])
 def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size):
     run = horovodrun(WORKERS / "sim_check.py", "--case", case, "--out", tmp_path, np=size, timeout=240)
     assert run.returncode == 0, run.output[-6000:]
@@ -48,6 +49,9 @@ def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size
         low = [p for p in sim.layer_plans() if p.transport == "lowrank"]
         assert len(low) >= 3 and {p.rank for p in low} == {1, 2}
         assert all(p.payload_bytes == p.predicted.payload_bytes for p in low)
+    if case == "mixed":  # the allocator sent the large matrix as rank-1 factors, on every rank alike
+        assert [e.ranks for e in sim.allocation_events] == [{"1.weight": 1}] * 2
+        assert {p.name: p.transport for p in sim.layer_plans()}["1.weight"] == "lowrank"
     if case == "rotated":  # every transport carries rotated codes
         plans = sim.layer_plans()
         assert {p.transport for p in plans if p.wire_codec == "rotated"} == {"allreduce", "allgather", "two_phase"}
@@ -174,7 +178,7 @@ def train(case: str, size: int, steps: range, state=None):
     return sim, model, saved
 
 
-@pytest.mark.parametrize("case", ["lanes", "gather", "jointsq", "alq", "rotated", "lowrank"])
+@pytest.mark.parametrize("case", ["lanes", "gather", "jointsq", "alq", "rotated", "lowrank", "mixed"])
 def test_simulated_resume_is_bit_identical_to_uninterrupted_training(case):
     _, full, _ = train(case, 2, range(8))
     _, _, saved = train(case, 2, range(4))

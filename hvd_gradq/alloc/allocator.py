@@ -26,6 +26,7 @@ from hvd_gradq.alloc import distortion
 from hvd_gradq.alloc.distortion import LossProbe, Quantize
 from hvd_gradq.alloc.layer_types import layer_types
 from hvd_gradq.alloc.solvers import SOLVERS, Allocation, AMPASchedule, RDCurves
+from hvd_gradq.codecs.lowrank import matrix_shape, worth_it
 
 RATES = ("paper", "wire")
 
@@ -62,6 +63,7 @@ class AllocationEvent:
     forwards: int
     backwards: int
     bits: dict[str, int] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # layers sent as low-rank factors
 
 
 class Allocator:
@@ -90,6 +92,11 @@ class Allocator:
             The LAD metrics then run L' x |B| x K forward passes for the L' probed layers only
             (on the benchmark LSTM 4 of its 11 tensors hold 99.8% of the elements). 0 (default):
             every layer is probed, as the paper does.
+        ranks: low-rank options besides the bit widths (e.g. (1, 2, 4)): a matrix layer may be sent
+            as its rank-r factors (``codec="lowrank"``'s code) when that is what the R-D curves
+            choose under the budget; the allocation lists those layers in ``Allocation.ranks``.
+            Layers that are not matrices, or whose factors would be more than half of them, cannot
+            take a rank. Rates: ``rate="paper"`` 32 r (rows + cols); ``"wire"`` the factors' bytes.
         spread: in a job of N > 1 ranks, the exact LAD metric's L x |B| x K forward passes are
             split over the ranks (each evaluates every N-th cell on the probe batches of rank 0,
             which it receives) and the table is gathered on rank 0: the same table cell for cell,
@@ -100,7 +107,7 @@ class Allocator:
                  options: Sequence[int] = (2, 3, 4, 5, 6, 7, 8), rate: str = "paper", probe: LossProbe | None = None,
                  lr: float | None = None, eps: float = 1e-9, dp_units: int = 4000,
                  ampa: AMPASchedule | None = None, group: str = "layer", max_grad_norm: float | None = None,
-                 skip_share: float = 0.0, spread: bool = True) -> None:
+                 skip_share: float = 0.0, spread: bool = True, ranks: Sequence[int] = ()) -> None:
         checks.number(budget, "budget (average bits per element)", low=0)
         checks.number(skip_share, "skip_share (a fraction of the elements)", low=0)
         if skip_share >= 1 or (skip_share > 0 and (group != "layer" or solver == "ampa")):
@@ -110,6 +117,13 @@ class Allocator:
         if not isinstance(spread, bool):
             raise TypeError(f"spread must be True or False, got {spread!r}")
         self.spread = spread
+        rk = tuple(ranks)
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rk) or list(rk) != sorted(set(rk)):
+            raise ValueError(f"ranks must be distinct rising integers >= 1 (low-rank options), got {ranks!r}")
+        if rk and (group != "layer" or solver == "ampa"):
+            raise ValueError("ranks (low-rank options) are for group='layer' with a table solver, got "
+                             f"group={group!r}, solver={solver!r}")
+        self.ranks = rk
         opts = tuple(options)
         if not opts or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 8 for b in opts) \
                 or list(opts) != sorted(set(opts)):
@@ -155,6 +169,11 @@ class Allocator:
         self.last_curves: RDCurves | None = None
 
     @property
+    def columns(self) -> tuple[int, ...]:
+        """The options of the R-D table: the bit widths, then -r for each rank r."""
+        return self.options + tuple(-r for r in self.ranks)
+
+    @property
     def spreads(self) -> bool:
         """Whether a job splits this allocator's table over its ranks (``spread`` and exact LAD)."""
         return self.spread and self.metric == "lad" and self.solver != "ampa"
@@ -194,30 +213,34 @@ class Allocator:
         fixed = self._unprobed(params)
         if fixed:
             grads = {n: g for n, g in grads.items() if n not in fixed}
+        columns = self.columns
         if self.metric == "lad":
-            table, c = distortion.lad_exact(self.probe, params, grads, quantize, self.options, eta,
+            table, c = distortion.lad_exact(self.probe, params, grads, quantize, columns, eta,
                                             batches=batches, part=part)
         elif self.metric == "lad_first_order":
-            table, c = distortion.lad_first_order(self.probe, params, grads, quantize, self.options, eta,
+            table, c = distortion.lad_first_order(self.probe, params, grads, quantize, columns, eta,
                                                   batches=batches)
         elif self.metric == "mse":
-            table, c = distortion.mse(grads, quantize, self.options)
+            table, c = distortion.mse(grads, quantize, columns)
         else:
-            table, c = distortion.ampa(grads, quantize, self.options)
+            table, c = distortion.ampa(grads, quantize, columns)
         return Evaluation(tuple(grads), fixed, table, {k: counts[k] + c[k] for k in counts})
 
     def decide(self, ev: Evaluation, params: dict[str, torch.Tensor],
                wire_bits: Callable[[str, int], float] | None = None) -> Allocation:
         """The allocation from a (whole) ``evaluate`` table: the solving half of ``allocate``."""
-        names, fixed, table = ev.names, ev.fixed, ev.table
+        names, fixed, table = ev.names, ev.fixed, ev.table.copy()
         if np.isnan(table).any():
             raise ValueError("the distortion table has cells not evaluated: merge the parts of every rank first")
-        if self.rate == "wire":
-            if wire_bits is None:
-                raise ValueError("rate='wire' needs the transports' payload sizes (use it through the optimizer)")
-            rates = np.array([[wire_bits(n, b) for b in self.options] for n in names], dtype=np.float64)
-        else:
-            rates = np.array([[b * params[n].numel() for b in self.options] for n in names], dtype=np.float64)
+        if self.rate == "wire" and wire_bits is None:
+            raise ValueError("rate='wire' needs the transports' payload sizes (use it through the optimizer)")
+        rates = np.array([[self._rate(n, b, params[n], wire_bits) for b in self.columns] for n in names],
+                         dtype=np.float64)
+        # an option a layer cannot take: worse and no cheaper than its widest option, never chosen
+        bad = (table == distortion.NOT_APPLICABLE) | np.isnan(rates)
+        nb = len(self.options)
+        table = np.where(bad, table[:, :nb].max(axis=1, keepdims=True) + 1.0, table)
+        rates = np.where(bad, rates[:, :nb].max(axis=1, keepdims=True), rates)
         total = self.budget * sum(params[n].numel() for n in (*names, *fixed))
         fixed_bits: dict[str, int] = {}
         fixed_rate = 0.0
@@ -233,9 +256,9 @@ class Allocator:
             kinds = layer_types(self.probe.model, params)
             groups = sorted({kinds[n] for n in names})
             member = np.array([[kinds[n] == g for n in names] for g in groups], dtype=np.float64)
-            curves = RDCurves(tuple(groups), self.options, member @ table, member @ rates)
+            curves = RDCurves(tuple(groups), self.columns, member @ table, member @ rates)
         else:
-            curves = RDCurves(names, self.options, table, rates)
+            curves = RDCurves(names, self.columns, table, rates)
         self.last_curves = curves
         if self.solver == "mckp_dp":
             alloc = SOLVERS["mckp_dp"](curves, total, units=self.dp_units)
@@ -251,7 +274,27 @@ class Allocator:
             alloc = Allocation(bits={**alloc.bits, **fixed_bits}, choice=alloc.choice, rate=alloc.rate + fixed_rate,
                                distortion=alloc.distortion, solver=alloc.solver,
                                info={**alloc.info, "unprobed": sorted(fixed_bits)})
+        if self.ranks:  # the columns -r are ranks
+            rows = {n: i for i, n in enumerate(names)}
+            widest = {n: self.options[int(rates[rows[n], :nb].argmax())] for n in names}
+            chosen = {n: (widest[n] if n in rows and bad[rows[n], self.columns.index(b)] else b)
+                      for n, b in alloc.bits.items()}
+            alloc = Allocation(bits={n: b for n, b in chosen.items() if b >= 0}, choice=alloc.choice, rate=alloc.rate,
+                               distortion=alloc.distortion, solver=alloc.solver, info=alloc.info,
+                               ranks={n: -b for n, b in chosen.items() if b < 0})
         return alloc
+
+    def _rate(self, name: str, b: int, param: torch.Tensor, wire_bits) -> float:
+        """Bits per step of layer ``name`` at option ``b`` (NaN: the layer cannot take it)."""
+        if self.rate == "wire":
+            r = wire_bits(name, b)
+            return float("nan") if r is None else float(r)
+        if b >= 0:
+            return float(b * param.numel())
+        shape = matrix_shape(param.shape)
+        if shape is None or -b > min(shape) or not worth_it(*shape, -b):
+            return float("nan")
+        return 32.0 * -b * (shape[0] + shape[1])
 
     def _unprobed(self, params: dict[str, torch.Tensor]) -> tuple[str, ...]:
         """The smallest layers, together at most ``skip_share`` of the elements (never all)."""

@@ -14,8 +14,10 @@ All metrics fill an (layers, options) table for ``solvers.RDCurves``:
 * ``ampa``             AMPA's magnitude sensitivity (its Eq. 9 for the gradient itself):
                        E|g_l| * E|g_l - Q_b(g_l)|.
 
-``quantize(name, bits, g)`` is the codec the layer will use (0 bits: zeros). The gradient g is the
-mean gradient over the probe batches at the current weights (``probe_gradients``).
+``quantize(name, bits, g)`` is the codec the layer will use (0 bits: zeros; a negative option -r:
+the layer's rank-r low-rank factors); it returns None for an option the layer cannot take (a rank
+for a vector), whose cell is then NOT_APPLICABLE. The gradient g is the mean gradient over the
+probe batches at the current weights (``probe_gradients``).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ Quantize = Callable[[str, int, torch.Tensor], torch.Tensor]
 #: the probe forwards' random seed (plus the batch index): a loss difference then measures the
 #: weights, not two different dropout masks
 PROBE_SEED = 0x1AD
+#: the table's value for an option a layer cannot take (never a distortion: those are >= 0)
+NOT_APPLICABLE = -1.0
 
 
 @dataclass
@@ -127,8 +131,12 @@ def probe_gradients(probe: LossProbe, params: dict[str, torch.Tensor],
 
 
 def _errors(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequence[int]):
-    """Per layer and option: the coded gradient (flat)."""
+    """Per layer and option: the coded gradient (flat), None where the layer cannot take it."""
     return {n: [quantize(n, b, g) if b else torch.zeros_like(g) for b in options] for n, g in grads.items()}
+
+
+def _cells(coded: dict, metric) -> np.ndarray:
+    return np.array([[NOT_APPLICABLE if q is None else metric(n, q) for q in qs] for n, qs in coded.items()])
 
 
 def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
@@ -155,6 +163,9 @@ def lad_exact(probe: LossProbe, params: dict[str, torch.Tensor], grads: dict[str
                 q = quantize(n, b, g) if b else torch.zeros_like(g)
                 if (i * len(options) + k) % size != rank:
                     continue
+                if q is None:
+                    table[i, k] = NOT_APPLICABLE
+                    continue
                 mixed = {**base, m: w - lr * q.view_as(w)}
                 table[i, k] = np.mean([abs(ev.loss(mixed, x, j) - r) for j, (x, r) in enumerate(zip(batches, ref))])
     return table, {"forwards": ev.forwards, "backwards": ev.backwards}
@@ -175,23 +186,18 @@ def lad_first_order(probe: LossProbe, params: dict[str, torch.Tensor], grads: di
     ev = LossEvaluator(probe, params)
     g_next = ev.grads(ev.stepped(grads, lr), probe.get_batches() if batches is None else batches)
     coded = _errors(grads, quantize, options)
-    table = np.zeros((len(grads), len(options)))
-    for i, (n, g) in enumerate(grads.items()):
-        gn = g_next[ev.model_name[n]].reshape(-1)
-        for k, q in enumerate(coded[n]):
-            table[i, k] = abs(lr * float(gn @ (g - q)))
+    table = _cells(coded, lambda n, q: abs(lr * float(g_next[ev.model_name[n]].reshape(-1) @ (grads[n] - q))))
     return table, {"forwards": ev.forwards, "backwards": ev.backwards}
 
 
 def mse(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequence[int]) -> tuple[np.ndarray, dict]:
-    coded = _errors(grads, quantize, options)
-    table = np.array([[float(((g - q) ** 2).sum()) for q in coded[n]] for n, g in grads.items()])
+    table = _cells(_errors(grads, quantize, options), lambda n, q: float(((grads[n] - q) ** 2).sum()))
     return table, {"forwards": 0, "backwards": 0}
 
 
 def ampa(grads: dict[str, torch.Tensor], quantize: Quantize, options: Sequence[int]) -> tuple[np.ndarray, dict]:
-    coded = _errors(grads, quantize, options)
-    table = np.array([[float(g.abs().mean() * (g - q).abs().mean()) for q in coded[n]] for n, g in grads.items()])
+    table = _cells(_errors(grads, quantize, options),
+                   lambda n, q: float(grads[n].abs().mean() * (grads[n] - q).abs().mean()))
     return table, {"forwards": 0, "backwards": 0}
 
 

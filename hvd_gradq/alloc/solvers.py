@@ -85,12 +85,14 @@ class Allocation:
     distortion: float
     solver: str
     info: dict = field(default_factory=dict)
+    #: layers sent as low-rank factors instead (``Allocator(ranks=...)``): name -> rank
+    ranks: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        hist: dict[int, int] = {}
-        for b in self.bits.values():
-            hist[b] = hist.get(b, 0) + 1
-        parts = " ".join(f"{b}b:{c}" for b, c in sorted(hist.items()))
+        hist: dict[str, int] = {}
+        for label in [f"{b}b" for b in sorted(self.bits.values())] + [f"r{r}" for r in sorted(self.ranks.values())]:
+            hist[label] = hist.get(label, 0) + 1
+        parts = " ".join(f"{k}:{c}" for k, c in hist.items())
         return f"{self.solver}: layers {parts}, rate {self.rate:.0f} bits, distortion {self.distortion:.4g}"
 
 

@@ -58,6 +58,13 @@ def orthonormalise(p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(p, mode="reduced").Q.contiguous()
 
 
+def approximate(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What one rank's matrix ``m`` (rows x cols) would be sent as from the right factor ``q`` (as
+    if it were the only rank): its projection P^ P^^T m onto the span of m q (flat)."""
+    p_hat = orthonormalise(m @ q)
+    return (p_hat @ (m.t() @ p_hat).t()).reshape(-1)
+
+
 class LowRankCoder:
     """One rank's low-rank code of one layer across steps: the warm-start Q and the residual."""
 

@@ -17,10 +17,13 @@ from collections.abc import Mapping
 
 import torch
 
+from hvd_gradq import checks
 from hvd_gradq.bits.dither import DitherSource
+from hvd_gradq.bits.rotation import key_for
+from hvd_gradq.codebook import LOWRANK as LOWRANK_CODEC
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
-from hvd_gradq.codecs.lowrank import LowRankCoder
+from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, initial_q
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
 from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoAllreduces, TwoPhase
@@ -112,22 +115,34 @@ class GradientExchange:
             coder.track_error = self._track_error
             self.coders[name] = coder
 
-    def replan(self, bits: Mapping[str, int], version: int) -> None:
-        """Switch to a new codebook version with these per-layer bit widths (all ranks, same step).
+    def replan(self, bits: Mapping[str, int], version: int, ranks: Mapping[str, int] | None = None) -> None:
+        """Switch to a new codebook version with these per-layer bit widths, and low-rank factors of
+        these ranks for the layers in ``ranks`` (all ranks of the job, same step).
 
         What the old coding still owed a changed layer (its residuals, including the two-phase
         requantization residual of this rank's chunk) is carried into the layer's next step."""
-        for name, b in bits.items():
+        ranks = dict(ranks or {})
+        for name in [*bits, *ranks]:
             plan = self.plans.get(name)
             if plan is None or plan.transport == FLOAT32:
                 raise ValueError(f"cannot allocate bits to layer {name!r}: not a coded layer of this optimizer")
-            check_bits(b, f"layer {name!r}")
-            if b == plan.bits:
+            rank = ranks.get(name, 0)
+            if rank:
+                checks.integer(rank, f"rank of layer {name!r}", low=1)
+                if self.planner.lowrank_shape(self.shapes[name], rank) is None:
+                    raise ValueError(f"layer {name!r} of shape {self.shapes[name]} cannot be sent as rank-{rank} "
+                                     "factors (not a matrix, or the factors would be more than half of it)")
+                b = plan.bits
+            else:
+                b = bits[name]
+                check_bits(b, f"layer {name!r}")
+            if b == plan.bits and rank == plan.rank:
                 continue
             owed = self.take_owed(name)
             if owed is not None:
                 self.residuals.carry[name] = owed
             old = self.codebook[name] if plan.transport == ALLREDUCE else None
+            self.ranks[name] = rank
             self._plan(name, b)
             new = self.codebook[name]
             if old is not None and self.plans[name].transport == ALLREDUCE and new.codec == old.codec:
@@ -150,8 +165,9 @@ class GradientExchange:
         of workers changed, or this one after ``hvd.join()``): its bits, scales, reduction
         counts, codec parameters and version."""
         layers = shared["layers"]
-        self.replan({n: s["bits"] for n, s in layers.items() if self.plans[n].transport != FLOAT32},
-                    shared["version"])
+        coded = {n: s for n, s in layers.items() if self.plans[n].transport != FLOAT32}
+        self.replan({n: s["bits"] for n, s in coded.items() if not s.get("rank")}, shared["version"],
+                    {n: s["rank"] for n, s in coded.items() if s.get("rank")})
         for name, state in layers.items():
             self.codebook[name].follow(state)
 
@@ -246,7 +262,9 @@ class GradientExchange:
         rng = DitherSource([seed, 0x51])
         cache: dict[int, Codec] = {}
 
-        def quantize(name: str, bits: int, g: torch.Tensor) -> torch.Tensor:
+        def quantize(name: str, bits: int, g: torch.Tensor) -> torch.Tensor | None:
+            if bits < 0:  # rank -bits factors: one warm-started iteration, as the layer's next step
+                return self._lowrank_view(name, -bits, g)
             if bits == 0:
                 return torch.zeros_like(g)
             codec = cache.get(bits)
@@ -256,8 +274,21 @@ class GradientExchange:
 
         return quantize
 
-    def wire_bits(self, name: str, bits: int) -> float:
-        """Bits handed to the collectives per step if layer ``name`` were coded at ``bits``."""
+    def _lowrank_view(self, name: str, rank: int, g: torch.Tensor) -> torch.Tensor | None:
+        shape = self.planner.lowrank_shape(self.shapes[name], rank)
+        if shape is None:
+            return None
+        coder = self.lowrank.get(name)
+        q = coder.q if coder is not None and coder.rank == rank else \
+            initial_q(shape[1], rank, key_for(self.coding.seed, name))
+        return approximate(g.reshape(shape).to(torch.float32), q)
+
+    def wire_bits(self, name: str, bits: int) -> float | None:
+        """Bits handed to the collectives per step if layer ``name`` were coded at ``bits`` (a
+        negative ``bits``: as rank -bits factors; None if it cannot be)."""
+        if bits < 0:
+            shape = self.planner.lowrank_shape(self.shapes[name], -bits)
+            return None if shape is None else 8.0 * self.planner.lowrank_cost(*shape, -bits).payload_bytes
         return self.planner.wire_bits(self.numel[name], bits, self.forced[name])
 
     # ---- adaptive levels (ALQ / AMQ) -----------------------------------------------------------------
@@ -328,9 +359,12 @@ class GradientExchange:
         settings (checked by the caller): the plan follows the saved bits and transports."""
         for name, code in state["codebook"]["layers"].items():
             plan = self.plans[name]
-            if plan.transport != FLOAT32 and (code["bits"], code["transport"]) != (plan.bits, plan.transport):
+            saved = (code["bits"], code["transport"], code.get("rank", 0))
+            if plan.transport != FLOAT32 and saved != (plan.bits, plan.transport, plan.rank):
                 forced = self.forced[name]
                 self.forced[name] = code["transport"] if code["transport"] in TRANSPORTS else "auto"
+                if code["transport"] == LOWRANK or self.coding.codec != LOWRANK_CODEC:
+                    self.ranks[name] = code.get("rank", 0)
                 self._plan(name, code["bits"])
                 self.forced[name] = forced
             self.codebook[name].follow(code)

@@ -72,8 +72,8 @@ def decide_bits(allocator: Allocator, exchange: GradientExchange, params: Mappin
                                          wire_bits=exchange.wire_bits)
     except Exception as e:  # every rank must leave the broadcast: send the error instead
         return _error(e)
-    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "summary": alloc.summary(),
-            "forwards": cost["forwards"], "backwards": cost["backwards"]}
+    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "ranks": alloc.ranks,
+            "summary": alloc.summary(), "forwards": cost["forwards"], "backwards": cost["backwards"]}
 
 
 def _error(e: Exception) -> dict:
@@ -128,15 +128,15 @@ def decide_bits_spread(allocator: Allocator, exchange: GradientExchange, params:
         alloc = allocator.decide(ev, dict(params), exchange.wire_bits)
     except Exception as e:
         return _error(e)
-    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "summary": alloc.summary(),
-            "forwards": ev.counts["forwards"], "backwards": ev.counts["backwards"]}
+    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "ranks": alloc.ranks,
+            "summary": alloc.summary(), "forwards": ev.counts["forwards"], "backwards": ev.counts["backwards"]}
 
 
 def apply_bits(payload: dict, exchange: GradientExchange, step: int) -> None:
     """Switch ``exchange`` to the codebook in the root's ``decide_bits`` payload (raises its error)."""
     if "error" in payload:
         raise RuntimeError(f"bit allocation on rank 0 failed at step {step}: {payload['error']}")
-    exchange.replan(payload["bits"], payload["version"])
+    exchange.replan(payload["bits"], payload["version"], payload.get("ranks"))
 
 
 class Reallocator:
@@ -190,7 +190,7 @@ class Reallocator:
         seconds = time.perf_counter() - start
         self.seconds += seconds
         event = AllocationEvent(step, payload["version"], payload["summary"], seconds, payload["forwards"],
-                                payload["backwards"], dict(payload["bits"]))
+                                payload["backwards"], dict(payload["bits"]), dict(payload.get("ranks", {})))
         self.events.append(event)
         if self.is_root:
             _log.info("step %d: codebook v%d (%s) in %.3f s, %d forward passes, via %s", step, event.version,

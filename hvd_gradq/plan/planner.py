@@ -144,7 +144,7 @@ class Planner:
     def lowrank_shape(self, shape, rank: int) -> tuple[int, int] | None:
         """(rows, cols) when the low-rank codec codes a layer of ``shape`` at ``rank``: a matrix (or
         conv kernel) whose factors are at most half of it; None: the fallback codes it."""
-        ms = None if self.fallback is None or not rank else matrix_shape(shape)
+        ms = matrix_shape(shape) if rank else None
         return ms if ms is not None and rank <= min(ms) and worth_it(*ms, rank) else None
 
     def lowrank_cost(self, rows: int, cols: int, rank: int) -> TransportCost:
@@ -158,10 +158,10 @@ class Planner:
         """The layer's plan and its codebook entry. ``forced``: "auto" or a transport; ``shape``
         and ``rank``: the parameter's shape and the low-rank codec's rank for it."""
         n = self.size
-        if self.fallback is not None and numel >= self.min_elements:
-            ms = None if shape is None else self.lowrank_shape(shape, rank)
-            if ms is None:
-                return self.fallback.plan(name, numel, bits, forced)
+        ms = None if shape is None or numel < self.min_elements else self.lowrank_shape(shape, rank)
+        if ms is None and self.fallback is not None:
+            return self.fallback.plan(name, numel, bits, forced)
+        if ms is not None:  # codec="lowrank", or a rank the allocator chose under another codec
             cost = self.lowrank_cost(*ms, rank)
             code = LayerCode(name, numel, FLOAT_BITS, None, codec=LOWRANK, transport=LOWRANK, rank=rank,
                              codec_key=f"q={rot.key_for(self.seed, name):x}")  # the first Q's key

@@ -248,3 +248,37 @@ def test_the_parts_of_the_exact_table_merge_into_the_whole_table():
     with pytest.raises(TypeError, match="spread"):
         Allocator(3.0, probe=probe, spread="yes")
     assert allocator.spreads and not Allocator(3.0, metric="mse", probe=probe).spreads
+
+
+def test_ranks_are_options_of_the_matrices_only_and_win_where_the_gradient_is_low_rank():
+    """One probe sample: a linear layer's weight gradient is an outer product (rank 1), so its rank-1
+    factors code it exactly for 32 (rows + cols) bits, fewer than 2 bits per element; the bias and
+    the layers that are not worth factoring never get a rank."""
+    from hvd_gradq.codecs.lowrank import approximate, initial_q, matrix_shape
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3))
+    x, y = torch.randn(1, 96), torch.tensor([1])
+    probe = LossProbe(model, F.cross_entropy, [(x, y)])
+    params = dict(model.named_parameters())
+
+    def quantize(name, b, g):
+        if b >= 0:
+            return make_codec("qsgdinf", b, bucket_size=64).roundtrip(g, DitherSource([b]))
+        shape = matrix_shape(params[name].shape)
+        if shape is None or -b > min(shape) or (shape[0] + shape[1]) * -b * 2 > shape[0] * shape[1]:
+            return None
+        return approximate(g.view(shape), initial_q(shape[1], -b, 5))
+
+    for metric in ("mse", "lad", "lad_first_order"):
+        allocator = Allocator(1.0, metric=metric, options=(0, 2, 4), ranks=(1, 2), probe=probe)
+        alloc, _ = allocator.allocate(params, quantize, lr=0.1)
+        assert alloc.ranks == {"0.weight": 1}, (metric, alloc)
+        assert set(alloc.bits) == set(params) - {"0.weight"}
+        assert allocator.last_curves.options == (0, 2, 4, -1, -2)
+        n = {k: p.numel() for k, p in params.items()}
+        assert alloc.rate == pytest.approx(32 * (80 + 96) + sum(alloc.bits[k] * n[k] for k in alloc.bits))
+    with pytest.raises(ValueError, match="ranks must be distinct rising"):
+        Allocator(2.0, probe=probe, ranks=(2, 1))
+    with pytest.raises(ValueError, match="group='layer'"):
+        Allocator(2.0, probe=probe, ranks=(1,), group="type")

@@ -44,6 +44,17 @@ def setup(case: str, seed: int = 0):
         kw = {"codec": "alq", "bits": 3, "transport": "allgather", "refit_levels": 2}
     elif case == "lowrank":  # PowerSGD factors on the matrices, the rotated code on the rest
         kw = {"codec": "lowrank", "rank": {".*": 2, "classifier.weight": 1}, "bits": 3, "min_elements": 256}
+    elif case == "mixed":  # the allocator chooses per layer between bit widths and low-rank factors (an MLP:
+        # at 0.3 bits per element its large matrix goes as rank-r factors, the rest as bits or not at all)
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                    torch.nn.Linear(128, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        probe = hvd_gradq.LossProbe(model, F.cross_entropy, [micro_batch(999, 0, 1, 64)])
+        kw = {"codec": "rotated", "bits": 3, "min_elements": 256,
+              "allocator": hvd_gradq.Allocator(0.3, metric="mse", options=(0, 2, 4), ranks=(1, 2, 4),
+                                               rate="wire", probe=probe),
+              "trigger": hvd_gradq.Trigger("interval", interval=2)}
     elif case == "topk":
         kw = {"codec": "topk", "ratio": 20, "transport": "allgather"}
     else:
