@@ -116,6 +116,7 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
                    help="allocator: the solver (old name: uniform = same_bits)")
     p.add_argument("--budget", type=float, default=2.0, help="allocator: average bits per element")
     p.add_argument("--options", default="0,2,3,4,5,6,8", help="allocator: the bit widths a layer may get")
+    p.add_argument("--ranks", default="", help="allocator: low-rank options besides the bit widths (e.g. 1,2,4)")
     p.add_argument("--group", default="layer", choices=["layer", "type"], help="allocator: a width per layer or type")
     p.add_argument("--probe-batches", type=int, default=2, help="allocator: batches of the loss probe (K)")
     p.add_argument("--trigger", default="similarity", choices=["similarity", "interval", "static"])
@@ -225,7 +226,8 @@ class _Job:
         probe = hvd_gradq.LossProbe(task.model, task.criterion, lambda: task.probe(args.probe_batches, self.probe_gen))
         return {"allocator": hvd_gradq.Allocator(args.budget, metric=args.allocator, solver=args.solver,
                                                  options=options, probe=probe, group=args.group,
-                                                 max_grad_norm=task.clip),
+                                                 max_grad_norm=task.clip,
+                                                 ranks=tuple(int(r) for r in args.ranks.split(",") if r)),
                 "trigger": hvd_gradq.Trigger(args.trigger, tau=args.tau, k_min=args.k_min, interval=args.interval)}
 
     # ---- one step ------------------------------------------------------------------------------------
@@ -286,7 +288,11 @@ class _Job:
             if self.compression is not None:
                 return {c.name: c.bits for c in self.compression.codebook}
             return {n: b for n, p in self.task.model.named_parameters() if p.requires_grad}
-        return {p.name: p.bits for p in self.opt.layer_plans()} if self.opt.layer_plans() else self.opt.bits()
+        plans = self.opt.layer_plans()
+        if not plans:
+            return self.opt.bits()
+        # a layer sent as low-rank factors: its bits per element on the wire (float32 factors)
+        return {p.name: (round(8 * p.predicted.payload_bytes / p.numel, 2) if p.rank else p.bits) for p in plans}
 
     def version(self) -> int:
         return 0 if self.stock or self.opt.codebook is None else self.opt.codebook.version

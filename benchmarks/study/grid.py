@@ -38,6 +38,7 @@ TABLES = {
     "G": "Table G: where the Transformer's bits go (LAD, Lagrangian)",
     "R": "Real multi-process confirmation: horovodrun np=2 against 2 simulated workers, CNN",
     "Q": "Table Q: the rotated codes against FP32 (Table A re-run on today's codes; seeds 0 and 1)",
+    "L": "Table L: low-rank factors (PowerSGD's code) and ranks chosen by the allocator, LSTM",
 }
 #: rows whose bits per layer are drawn as a heatmap
 HEATMAP_ROWS = ("A-cnn-lad", "A-lstm-lad", "G-trf-lad3", "G-trf-lad2")
@@ -272,6 +273,24 @@ def _quality_rows(g: Grid) -> None:
     for (model, script), rows in plan_rows.items():
         for key, label, argv in rows:
             g.add("Q", f"Q-{model}-{key}", label, _example(script, argv), seed=0, key=(model, key))
+    _lowrank_rows(g)
+
+
+def _lowrank_rows(g: Grid) -> None:
+    """Table L (issue 18): one global rank for every matrix (PowerSGD's scheme) at ranks 1 and 4,
+    ranks chosen per layer by the allocator (no bit widths but 0), and ranks next to bit widths,
+    at about the bytes of rank 4 (0.7 bits per element on this model); FP32 shared with Table Q."""
+    rows = [("fp32", "FP32", ["--compressor", "none"]),
+            *[(f"rank{r}", f"low-rank factors, rank {r} on every matrix", ["--compressor", "lowrank", "--rank", str(r)])
+              for r in (4, 1)],
+            ("lad-ranks", "LAD chooses a rank per layer (ranks 1, 2, 4, 8 or not sent), budget 0.7",
+             [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", "0.7",
+              "--options", "0", "--ranks", "1,2,4,8"]),
+            ("lad-mixed", "LAD chooses ranks or bits per layer (ranks 1-8, 0-4 bits), budget 0.7",
+             [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", "0.7",
+              "--options", "0,1,2,3,4", "--ranks", "1,2,4,8"])]
+    for key, label, argv in rows:
+        g.add("L", f"L-lstm-{key}", label, _example(LSTM, argv), seed=0, key=("lstm", key))
 
 
 def plan(grid: Grid, tables: set[str] | None = None, seeds: list[int] | None = None,

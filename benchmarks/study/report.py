@@ -190,6 +190,12 @@ SECTIONS = {
     "G": _section_g,
     "R": _section_r,
     "Q": _section_q,
+    "L": lambda g, r: ["Simulated workers (4), 1 epoch, seed 0. Bits/element: one worker's bytes handed to the "
+                       "collectives per step over the elements (the factors in float32 with the summed header).", "",
+                       *_simple([valid_ppl, test_ppl, bits_per_element, allocations, allocation_seconds,
+                                 train_seconds],
+                                ["valid ppl", "test ppl", "bits/element on the wire", "allocations", "allocation s",
+                                 "train s"])(g, r, "L")],
 }
 
 
