@@ -14,10 +14,11 @@ def grid():
 
 def test_grid_has_every_table(grid):
     tables = {e.table for e in grid.entries}
-    assert tables == set("ABCDEFG") | {"R", "Q"} == set(study.TABLES)
+    assert tables == set("ABCDEFG") | {"R", "Q", "L"} == set(study.TABLES)
     assert len(grid.table("A")) == 8 and len(grid.table("B")) == 4 and len(grid.table("C")) == 9
     assert len(grid.table("R")) == 8 and len(grid.table("G")) == 4
     assert [len([e for e in grid.table("Q") if e.key[0] == m]) for m in ("cnn", "lstm", "trf")] == [8, 12, 4]
+    assert len(grid.table("L")) == 5 and "L" in grid.rows["A-lstm-fp32"].tables  # FP32 shared with A and Q
 
 
 def test_ids_and_commands_are_unique(grid):
@@ -60,7 +61,7 @@ def test_priority_order(grid):
     assert ids[:4] == ["A-cnn-fp32", "A-cnn-uniform", "A-cnn-greedy", "A-cnn-lad"]
     assert ids[4:8] == ["A-lstm-fp32", "A-lstm-uniform", "A-lstm-greedy", "A-lstm-lad"]
     first = list(dict.fromkeys(i.split("-")[0] for i in ids))
-    assert first == ["A", "B", "C", "E", "F", "G", "D", "Q", "R"]
+    assert first == ["A", "B", "C", "E", "F", "G", "D", "Q", "L", "R"]
     assert all(i.startswith("R-") for i in ids[-8:])
 
 
@@ -208,7 +209,7 @@ def test_report_from_synthetic_logs(tmp_path, grid):
     assert "116,602 parameters" in text
     assert "python examples/fashion_mnist_cnn.py --workers 4 --compressor none --seed 0" in text  # the log's command
     assert "python examples/transformer_lm.py --workers 4" in text  # a planned command (G-trf-lad2: not run)
-    assert "Status: 6 of 80 rows done, 1 failed, 73 not run." in text
+    assert "Status: 6 of 84 rows done, 1 failed, 77 not run." in text
     for png in ("table_a_curves.png", "bits_A-cnn-lad.png", "bits_G-trf-lad3.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert not (tmp_path / "bits_G-trf-lad2.png").exists()  # not run

@@ -155,7 +155,7 @@ def _accepts(codec: str, widths: list[int]) -> str:
 
 
 def build_grid() -> Grid:
-    """Every row of every table, in the priority order of ``run``: A (CNN, LSTM), B, C, E, F, G, D, R."""
+    """Every row of every table, in the priority order of ``run``: A (CNN, LSTM), B, C, E, F, G, D, Q, L, R."""
     g = Grid()
     methods = [("fp32", "FP32", lambda b: ["--compressor", "none"]), ("uniform", "Uniform", _uni),
                ("greedy", "Greedy", lambda b: _lad("greedy", b)), ("lad", "LAD", lambda b: _lad("lagrangian", b))]
