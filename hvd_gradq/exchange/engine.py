@@ -203,7 +203,8 @@ class GradientExchange:
 
                 self.timer.add("encode", time.perf_counter() - t0)
                 return TwoAllreduces(name, stats, timed("encode", encode),
-                                   timed("decode", lambda out: self.lanes.decode(out, ctxs[0]).reshape(-1)), self._coll)
+                                     timed("decode", lambda out: self.lanes.decode(out, ctxs[0]).reshape(-1)),
+                                     self._coll)
             payload, ctx = self.lanes.encode(name, grad, frozen=frozen)
             self.timer.add("encode", time.perf_counter() - t0)
             return LaneAllreduce(name, payload, timed("decode", lambda out: self.lanes.decode(out, ctx).reshape(-1)),
