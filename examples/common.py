@@ -16,7 +16,8 @@ jobs only); ``stock`` (the rotated lanes: ``hvd_gradq.UniformCompressor`` on the
 with ``--rank``). The old names ``uniform`` (now
 ``stock``) and ``gradq-uniform`` (now ``shared_scale``) are still accepted.
 ``--allocator lad|lad_first_order|mse|ampa`` lets rank 0 re-decide the bits per layer under
-``--budget`` when the trigger fires.
+``--budget`` (priced by ``--rate``) when the trigger fires; ``--ranks 1,2,4`` lets it send a matrix
+as low-rank factors instead.
 
 ``--log-json FILE`` writes a JSON log: the arguments and the command, per-step loss, wire bytes, seconds
 and normalised coding variance (sum ||Q(x) - x||^2 / sum ||x||^2 over the gather-coded layers),
@@ -115,6 +116,8 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     p.add_argument("--solver", type=solver_name, default="lagrangian", choices=SOLVERS,
                    help="allocator: the solver (old name: uniform = same_bits)")
     p.add_argument("--budget", type=float, default=2.0, help="allocator: average bits per element")
+    p.add_argument("--rate", default="paper", choices=["paper", "wire"],
+                   help="allocator: price a layer at b bits per element (paper) or at what its transport sends (wire)")
     p.add_argument("--options", default="0,2,3,4,5,6,8", help="allocator: the bit widths a layer may get")
     p.add_argument("--ranks", default="", help="allocator: low-rank options besides the bit widths (e.g. 1,2,4)")
     p.add_argument("--group", default="layer", choices=["layer", "type"], help="allocator: a width per layer or type")
@@ -226,7 +229,7 @@ class _Job:
         probe = hvd_gradq.LossProbe(task.model, task.criterion, lambda: task.probe(args.probe_batches, self.probe_gen))
         return {"allocator": hvd_gradq.Allocator(args.budget, metric=args.allocator, solver=args.solver,
                                                  options=options, probe=probe, group=args.group,
-                                                 max_grad_norm=task.clip,
+                                                 max_grad_norm=task.clip, rate=args.rate,
                                                  ranks=tuple(int(r) for r in args.ranks.split(",") if r)),
                 "trigger": hvd_gradq.Trigger(args.trigger, tau=args.tau, k_min=args.k_min, interval=args.interval)}
 

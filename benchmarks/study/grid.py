@@ -288,7 +288,10 @@ def _lowrank_rows(g: Grid) -> None:
               "--options", "0", "--ranks", "1,2,4,8"]),
             ("lad-mixed", "LAD chooses ranks or bits per layer (ranks 1-8, 0-4 bits), budget 0.7",
              [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", "0.7",
-              "--options", "0,1,2,3,4", "--ranks", "1,2,4,8"])]
+              "--options", "0,1,2,3,4", "--ranks", "1,2,4,8"]),
+            ("lad-mixed-wire", "LAD chooses ranks or bits per layer, budget 0.7 bits per element on the wire",
+             [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", "0.7",
+              "--options", "0,1,2,3,4", "--ranks", "1,2,4,8", "--rate", "wire"])]
     for key, label, argv in rows:
         g.add("L", f"L-lstm-{key}", label, _example(LSTM, argv), seed=0, key=("lstm", key))
 
