@@ -25,6 +25,7 @@ import torch
 
 #: the factors travel at most this share of the matrix (PowerSGD's default min_compression_rate 2)
 MIN_COMPRESSION = 2.0
+_FINITE = float(torch.finfo(torch.float32).max)
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
@@ -103,9 +104,12 @@ class LowRankCoder:
         residual and the warm start as they were (the step is to be skipped, not learnt from)."""
         q_sum = q_sum.view(self.cols, self.rank)
         out = (self._p_hat @ q_sum.t()).reshape(-1)
-        if bool(torch.isfinite(out).all()):
-            if self._keep:
-                self.residual = (self._m - self._p_hat @ self._q_local.t()).reshape(-1)
+        # checked on the factors, not on rows x cols values: P^ has orthonormal columns (|entries|
+        # <= 1), so every entry of the product is at most rank * max|sum Q_w|, finite when that is
+        bound = float(q_sum.abs().max()) if q_sum.numel() else 0.0
+        if bool(torch.isfinite(self._p_hat).all()) and bound * self.rank < _FINITE:
+            if self._keep:  # M - P^ Q_w^T in place: M is this coder's own copy
+                self.residual = self._m.addmm_(self._p_hat, self._q_local.t(), alpha=-1.0).reshape(-1)
             self.q = q_sum.clone()
         self._m = self._p_hat = self._q_local = None
         return out
