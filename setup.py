@@ -17,7 +17,7 @@ setup(
     long_description=readme.read_text(encoding="utf-8") if readme.exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hvd_gradq", "hvd_gradq.*"]),
-    package_data={"hvd_gradq.bits": ["csrc/*.c"]},  # the native kernels, compiled on first use
+    package_data={"hvd_gradq.bits": ["csrc/*.c", "csrc/*.h"]},  # the native kernels, compiled on first use
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.66"],
     extras_require={"mpi": ["mpi4py>=3.1"], "test": ["pytest>=8"]},

@@ -1,5 +1,5 @@
-"""The optional native kernels (``hvd_gradq/csrc/*.c``), compiled on first use with the system C
-compiler into the cache directory and loaded with ctypes.
+"""The optional native kernels (``hvd_gradq/bits/csrc/*.c`` and their headers), compiled on first
+use with the system C compiler into the cache directory and loaded with ctypes.
 
 If no compiler is available, or ``HVD_GRADQ_NATIVE=0`` is set, ``load()`` returns None and the
 codecs use their torch reference path (same results, slower). The library file name carries a
@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 _SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
+_HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))  # in the hash: an edited header rebuilds
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -33,7 +34,7 @@ def _build() -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = b"".join(p.read_bytes() for p in _SOURCES)
+    src = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
     tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
     out = _cache_dir() / f"libhvdgq_{tag}.so"
     if out.exists():

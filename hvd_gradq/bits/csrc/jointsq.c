@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "dither.h"
+
 #define JSQ_BINS 65536
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -156,13 +158,6 @@ static inline void jsq_flush(jsq_writer *w) {
     w->fill = 0;
 }
 
-static inline uint64_t jsq_splitmix64(uint64_t key, uint64_t counter) {
-    uint64_t z = key + (counter + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* The payload of JointSQ's classes (8, 4, 2 bits; the rest not sent) from three cuts, in one pass:
  *   positions: mode 0 a bitmap of n bits; mode 1 the gaps (w bits each) as ceil(w / 8) byte
  *     planes, plane p holding bits 8p.. of every gap with min(8, w - 8p) bits per gap;
@@ -218,8 +213,8 @@ int64_t hvdgq_jsq_emit(const float *x, int64_t n, const uint32_t *ck, const int6
         const int width = widths[c];
         const int m = 1 << (width - 1);
         const int64_t j = cnt[c]++;
-        if ((j & 3) == 0) rnd[c] = jsq_splitmix64(dkey[c], (uint64_t)(j >> 2));
-        const float u = ((float)((uint32_t)(rnd[c] >> (16 * (j & 3))) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
+        if ((j & 3) == 0) rnd[c] = splitmix64(dkey[c], (uint64_t)(j >> 2));
+        const float u = dither_u16(rnd[c], (int)(j & 3));
         float r = scales[c] > 0.0f ? fabsf(v) / scales[c] : 0.0f;
         r = r > 1.0f ? 1.0f : r;
         float t = floorf(r * (float)(m - 1) + u);

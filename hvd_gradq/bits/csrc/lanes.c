@@ -20,14 +20,7 @@
 #define VECTOR_CLONES
 #endif
 
-/* The dither: element i takes 16 bits of SplitMix64(key + (i/4 + 1) * golden), as
- * hvd_gradq/codecs/random.py's counter_uniform does in torch. */
-static inline uint64_t splitmix64(uint64_t key, uint64_t counter) {
-    uint64_t z = key + (counter + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+#include "dither.h"
 
 /* max |x + addend| over n elements (addend may be NULL); NaN if any sum is NaN, inf if infinite.
  * One read pass and no temporary: the compressor's non-finite check and scale statistic. */
@@ -81,7 +74,7 @@ void hvdgq_quantize_lanes(const float *x, int64_t n, float scale, float to_unit,
             const float v = residual ? x[i] + residual[i] : x[i];
             float c = v < -scale ? -scale : (v > scale ? scale : v);
             float t = (c + scale) * to_unit;
-            const float u = ((float)((uint32_t)(rnd >> (16 * (i & 3))) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
+            const float u = dither_u16(rnd, (int)(i & 3));
             t = t + u;
             int k = (int)t; /* t >= 0: truncation is floor */
             if (k > top) k = top;
@@ -175,7 +168,7 @@ static void block_codes_dither(const float *y, int64_t len, int64_t first, float
         const float v = y[i];
         const float c = v < -s ? -s : (v > s ? s : v);
         float t = (c + s) * to_unit;
-        t = t + ((float)((uint32_t)(rnd >> (16 * (g & 3))) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
+        t = t + dither_u16(rnd, (int)(g & 3));
         int k = (int)t;
         if (k > top) k = top;
         codes[i] = (uint8_t)k;

@@ -13,14 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The dither: element i takes 16 bits of SplitMix64(key + (i/4 + 1) * golden), as
- * hvd_gradq/codecs/random.py's counter_uniform does in torch. */
-static inline uint64_t splitmix64(uint64_t key, uint64_t counter) {
-    uint64_t z = key + (counter + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+#include "dither.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -49,7 +42,7 @@ INLINE void encode_bits(const float *x, int64_t n, int64_t bucket, const float *
         for (int64_t q = 0; q < (len + 3) / 4; q++) {
             const uint64_t rnd = splitmix64(key, (uint64_t)(start >> 2) + (uint64_t)q);
             for (int j = 0; j < 4; j++)
-                u[4 * q + j] = ((float)((uint32_t)(rnd >> (16 * j)) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
+                u[4 * q + j] = dither_u16(rnd, j);
         }
         for (int64_t i = start; i < start + len;) {
             if (i == next) { inv = inv_norms[++b]; next += bucket; }
