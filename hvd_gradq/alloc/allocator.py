@@ -26,7 +26,7 @@ from hvd_gradq.alloc import distortion
 from hvd_gradq.alloc.distortion import LossProbe, Quantize
 from hvd_gradq.alloc.layer_types import layer_types
 from hvd_gradq.alloc.solvers import SOLVERS, Allocation, AMPASchedule, RDCurves
-from hvd_gradq.codecs.lowrank import matrix_shape, worth_it
+from hvd_gradq.codecs.lowrank import factored_shape
 
 RATES = ("paper", "wire")
 
@@ -291,8 +291,8 @@ class Allocator:
             return float("nan") if r is None else float(r)
         if b >= 0:
             return float(b * param.numel())
-        shape = matrix_shape(param.shape)
-        if shape is None or -b > min(shape) or not worth_it(*shape, -b):
+        shape = factored_shape(param.shape, -b)
+        if shape is None:
             return float("nan")
         return 32.0 * -b * (shape[0] + shape[1])
 

@@ -41,6 +41,13 @@ def worth_it(rows: int, cols: int, rank: int, min_compression: float = MIN_COMPR
     return rank >= 1 and (rows + cols) * rank * min_compression <= rows * cols
 
 
+def factored_shape(shape: torch.Size | tuple[int, ...], rank: int) -> tuple[int, int] | None:
+    """(rows, cols) when a parameter of ``shape`` can be sent as rank-``rank`` factors: a matrix
+    (or conv kernel) with rank <= min(rows, cols) whose factors are ``worth_it``; None otherwise."""
+    ms = matrix_shape(shape) if rank else None
+    return ms if ms is not None and rank <= min(ms) and worth_it(*ms, rank) else None
+
+
 def factor_numel(rows: int, cols: int, rank: int) -> tuple[int, int]:
     """Elements of P (rows x rank) and Q (cols x rank)."""
     return rows * rank, cols * rank

@@ -80,14 +80,14 @@ class MagnitudeOrder:
         of their neighbours while that adds few elements (a search that moves on to the next bin
         then needs no other pass)."""
         need = {int(b) for b in bins if int(b) not in self._bins and self.counts[int(b)] > 0}
-        budget = max(1 << 16, 2 * int(self.counts[list(need)].sum())) if need else 0
         held = int(self.counts[list(need)].sum()) if need else 0
+        budget = max(1 << 16, 2 * held) if need else 0
         for b in sorted(need):
             for nb in (*range(b - 1, max(-1, b - 9), -1), *range(b + 1, min(BINS, b + 9))):
                 if nb not in self._bins and nb not in need and held + int(self.counts[nb]) <= budget:
                     need.add(nb)
                     held += int(self.counts[nb])
-        need = sorted(b for b in need if self.counts[b] > 0)
+        need = sorted(need)
         for b in (int(b) for b in bins):
             if self.counts[b] == 0:
                 self._bins[b] = tuple(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.float64, np.float64))

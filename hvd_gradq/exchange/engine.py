@@ -23,7 +23,7 @@ from hvd_gradq.bits.rotation import key_for
 from hvd_gradq.codebook import LOWRANK as LOWRANK_CODEC
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
-from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, initial_q
+from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, factored_shape, initial_q
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
 from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoAllreduces, TwoPhase
@@ -101,7 +101,7 @@ class GradientExchange:
         self.coders.pop(name, None)
         self.lowrank.pop(name, None)
         if plan.transport == LOWRANK:  # Q starts from the same key on every rank
-            shape = self.planner.lowrank_shape(self.shapes[name], code.rank)
+            shape = factored_shape(self.shapes[name], code.rank)
             self.lowrank[name] = LowRankCoder(name, shape, code.rank, key=int(code.codec_key[2:], 16))
         if plan.gather is not None:
             # A stream per coder, not one shared by all layers: two-phase second halves run when
@@ -129,7 +129,7 @@ class GradientExchange:
             rank = ranks.get(name, 0)
             if rank:
                 checks.integer(rank, f"rank of layer {name!r}", low=1)
-                if self.planner.lowrank_shape(self.shapes[name], rank) is None:
+                if factored_shape(self.shapes[name], rank) is None:
                     raise ValueError(f"layer {name!r} of shape {self.shapes[name]} cannot be sent as rank-{rank} "
                                      "factors (not a matrix, or the factors would be more than half of it)")
                 b = plan.bits
@@ -276,7 +276,7 @@ class GradientExchange:
         return quantize
 
     def _lowrank_view(self, name: str, rank: int, g: torch.Tensor) -> torch.Tensor | None:
-        shape = self.planner.lowrank_shape(self.shapes[name], rank)
+        shape = factored_shape(self.shapes[name], rank)
         if shape is None:
             return None
         coder = self.lowrank.get(name)
@@ -288,7 +288,7 @@ class GradientExchange:
         """Bits handed to the collectives per step if layer ``name`` were coded at ``bits`` (a
         negative ``bits``: as rank -bits factors; None if it cannot be)."""
         if bits < 0:
-            shape = self.planner.lowrank_shape(self.shapes[name], -bits)
+            shape = factored_shape(self.shapes[name], -bits)
             return None if shape is None else 8.0 * self.planner.lowrank_cost(*shape, -bits).payload_bytes
         return self.planner.wire_bits(self.numel[name], bits, self.forced[name])
 

@@ -72,8 +72,13 @@ def decide_bits(allocator: Allocator, exchange: GradientExchange, params: Mappin
                                          wire_bits=exchange.wire_bits)
     except Exception as e:  # every rank must leave the broadcast: send the error instead
         return _error(e)
+    return _payload(exchange, step, alloc, cost)
+
+
+def _payload(exchange: GradientExchange, step: int, alloc, counts: Mapping) -> dict:
+    """The codebook every rank applies (``apply_bits``) from the root's allocation."""
     return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "ranks": alloc.ranks,
-            "summary": alloc.summary(), "forwards": cost["forwards"], "backwards": cost["backwards"]}
+            "summary": alloc.summary(), "forwards": counts["forwards"], "backwards": counts["backwards"]}
 
 
 def _error(e: Exception) -> dict:
@@ -128,8 +133,7 @@ def decide_bits_spread(allocator: Allocator, exchange: GradientExchange, params:
         alloc = allocator.decide(ev, dict(params), exchange.wire_bits)
     except Exception as e:
         return _error(e)
-    return {"version": exchange.codebook.version + 1, "step": step, "bits": alloc.bits, "ranks": alloc.ranks,
-            "summary": alloc.summary(), "forwards": ev.counts["forwards"], "backwards": ev.counts["backwards"]}
+    return _payload(exchange, step, alloc, ev.counts)
 
 
 def apply_bits(payload: dict, exchange: GradientExchange, step: int) -> None:

@@ -17,7 +17,7 @@ from hvd_gradq.bits import rotation as rot
 from hvd_gradq.bits.lanes import lane_layout
 from hvd_gradq.codebook import FLOAT_BITS, LOWRANK, ROTATED, SHARED_SCALE, SUMMABLE, LayerCode
 from hvd_gradq.codecs import LEVEL_CODECS, Codec, make_codec
-from hvd_gradq.codecs.lowrank import factor_numel, matrix_shape, worth_it
+from hvd_gradq.codecs.lowrank import factor_numel, factored_shape
 from hvd_gradq.plan import cost_model
 from hvd_gradq.plan.cost_model import (
     ALLGATHER,
@@ -141,12 +141,6 @@ class Planner:
             )
         return forced
 
-    def lowrank_shape(self, shape, rank: int) -> tuple[int, int] | None:
-        """(rows, cols) when the low-rank codec codes a layer of ``shape`` at ``rank``: a matrix (or
-        conv kernel) whose factors are at most half of it; None: the fallback codes it."""
-        ms = matrix_shape(shape) if rank else None
-        return ms if ms is not None and rank <= min(ms) and worth_it(*ms, rank) else None
-
     def lowrank_cost(self, rows: int, cols: int, rank: int) -> TransportCost:
         """P with the summed header, then Q, both float32."""
         p, q = factor_numel(rows, cols, rank)
@@ -158,7 +152,7 @@ class Planner:
         """The layer's plan and its codebook entry. ``forced``: "auto" or a transport; ``shape``
         and ``rank``: the parameter's shape and the low-rank codec's rank for it."""
         n = self.size
-        ms = None if shape is None or numel < self.min_elements else self.lowrank_shape(shape, rank)
+        ms = None if shape is None or numel < self.min_elements else factored_shape(shape, rank)
         if ms is None and self.fallback is not None:
             return self.fallback.plan(name, numel, bits, forced)
         if ms is not None:  # codec="lowrank", or a rank the allocator chose under another codec

@@ -254,7 +254,7 @@ def test_ranks_are_options_of_the_matrices_only_and_win_where_the_gradient_is_lo
     """One probe sample: a linear layer's weight gradient is an outer product (rank 1), so its rank-1
     factors code it exactly for 32 (rows + cols) bits, fewer than 2 bits per element; the bias and
     the layers that are not worth factoring never get a rank."""
-    from hvd_gradq.codecs.lowrank import approximate, initial_q, matrix_shape
+    from hvd_gradq.codecs.lowrank import approximate, factored_shape, initial_q
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Tanh(), torch.nn.Linear(80, 3))
@@ -265,8 +265,8 @@ def test_ranks_are_options_of_the_matrices_only_and_win_where_the_gradient_is_lo
     def quantize(name, b, g):
         if b >= 0:
             return make_codec("qsgdinf", b, bucket_size=64).roundtrip(g, DitherSource([b]))
-        shape = matrix_shape(params[name].shape)
-        if shape is None or -b > min(shape) or (shape[0] + shape[1]) * -b * 2 > shape[0] * shape[1]:
+        shape = factored_shape(params[name].shape, -b)
+        if shape is None:
             return None
         return approximate(g.view(shape), initial_q(shape[1], -b, 5))
 
