@@ -38,7 +38,7 @@ TABLES = {
     "G": "Table G: where the Transformer's bits go (LAD, Lagrangian)",
     "R": "Real multi-process confirmation: horovodrun np=2 against 2 simulated workers, CNN",
     "Q": "Table Q: the rotated codes against FP32 (Table A re-run on today's codes; seeds 0 and 1)",
-    "L": "Table L: low-rank factors (PowerSGD's code) and ranks chosen by the allocator, LSTM",
+    "L": "Table L: low-rank factors (PowerSGD's code) and ranks chosen by the allocator, LSTM and Transformer",
 }
 #: rows whose bits per layer are drawn as a heatmap
 HEATMAP_ROWS = ("A-cnn-lad", "A-lstm-lad", "G-trf-lad3", "G-trf-lad2")
@@ -279,21 +279,33 @@ def _quality_rows(g: Grid) -> None:
 def _lowrank_rows(g: Grid) -> None:
     """Table L (issue 18): one global rank for every matrix (PowerSGD's scheme) at ranks 1 and 4,
     ranks chosen per layer by the allocator (no bit widths but 0), and ranks next to bit widths,
-    at about the bytes of rank 4 (0.7 bits per element on this model); FP32 shared with Table Q."""
-    rows = [("fp32", "FP32", ["--compressor", "none"]),
-            *[(f"rank{r}", f"low-rank factors, rank {r} on every matrix", ["--compressor", "lowrank", "--rank", str(r)])
-              for r in (4, 1)],
-            ("lad-ranks", "LAD chooses a rank per layer (ranks 1, 2, 4, 8 or not sent), budget 0.7",
-             [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", "0.7",
-              "--options", "0", "--ranks", "1,2,4,8"]),
+    at about the bytes of rank 4 (0.7 bits per element on the LSTM, 1.1 on the Transformer, whose
+    norms and biases travel in float32); FP32 shared with Table Q."""
+    def lad(budget: float, options: str, *rate: str) -> list[str]:
+        return [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", f"{budget:g}",
+                "--options", options, "--ranks", "1,2,4,8", *rate]
+
+    def global_rank(r: int) -> tuple[str, str, list[str]]:
+        return f"rank{r}", f"low-rank factors, rank {r} on every matrix", ["--compressor", "lowrank", "--rank", str(r)]
+
+    models = {
+        ("lstm", LSTM): [
+            ("fp32", "FP32", ["--compressor", "none"]), global_rank(4), global_rank(1),
+            ("lad-ranks", "LAD chooses a rank per layer (ranks 1, 2, 4, 8 or not sent), budget 0.7", lad(0.7, "0")),
             ("lad-mixed", "LAD chooses ranks or bits per layer (ranks 1-8, 0-4 bits), budget 0.7",
-             [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", "0.7",
-              "--options", "0,1,2,3,4", "--ranks", "1,2,4,8"]),
+             lad(0.7, "0,1,2,3,4")),
             ("lad-mixed-wire", "LAD chooses ranks or bits per layer, budget 0.7 bits per element on the wire",
-             [*_rotated(1, "allreduce"), "--allocator", "lad", "--solver", "lagrangian", "--budget", "0.7",
-              "--options", "0,1,2,3,4", "--ranks", "1,2,4,8", "--rate", "wire"])]
-    for key, label, argv in rows:
-        g.add("L", f"L-lstm-{key}", label, _example(LSTM, argv), seed=0, key=("lstm", key))
+             lad(0.7, "0,1,2,3,4", "--rate", "wire"))],
+        ("trf", TRF): [
+            ("fp32", "FP32", ["--compressor", "none"]), global_rank(4), global_rank(1),
+            ("lad-ranks-wire", "LAD chooses a rank per layer (ranks 1, 2, 4, 8 or not sent), budget 1.1 on the wire",
+             lad(1.1, "0", "--rate", "wire")),
+            ("lad-mixed-wire", "LAD chooses ranks or bits per layer, budget 1.1 bits per element on the wire",
+             lad(1.1, "0,1,2,3,4", "--rate", "wire"))],
+    }
+    for (model, script), rows in models.items():
+        for key, label, argv in rows:
+            g.add("L", f"L-{model}-{key}", label, _example(script, argv), seed=0, key=(model, key))
 
 
 def plan(grid: Grid, tables: set[str] | None = None, seeds: list[int] | None = None,

@@ -138,16 +138,16 @@ def _section_r(grid: Grid, res: Results) -> list[str]:
                       "train s, simulated"], rows)
 
 
-def _section_q(grid: Grid, res: Results) -> list[str]:
+def _section_by_model(grid: Grid, res: Results, table: str = "Q", note: str = "") -> list[str]:
     """Per model: each row's headline metric at seeds 0 and 1, their mean, and the wire figures."""
     copies = {c.id: c for c in res.copies()}
     lines = ["Simulated workers (4), 1 epoch; the metric per seed, then the mean of the seeds that ran "
              "(CNN: test accuracy; LSTM, Transformer: validation perplexity). Bits/element: one worker's "
-             "bytes handed to the collectives per step over the elements, at seed 0.", ""]
+             "bytes handed to the collectives per step over the elements, at seed 0." + note, ""]
     titles = {"cnn": "CNN (Fashion-MNIST)", "lstm": "LSTM (Austen, emb 128, hidden 256)",
               "trf": "Transformer (Austen)"}
     for model, title in titles.items():
-        entries = [e for e in grid.table("Q") if e.key[0] == model]
+        entries = [e for e in grid.table(table) if e.key[0] == model]
         if not entries:
             continue
         rows = []
@@ -189,13 +189,9 @@ SECTIONS = {
                                 ["test accuracy", "compression vs fp32", "normalised variance"])(g, r, "F")],
     "G": _section_g,
     "R": _section_r,
-    "Q": _section_q,
-    "L": lambda g, r: ["Simulated workers (4), 1 epoch, seed 0. Bits/element: one worker's bytes handed to the "
-                       "collectives per step over the elements (the factors in float32 with the summed header).", "",
-                       *_simple([valid_ppl, test_ppl, bits_per_element, allocations, allocation_seconds,
-                                 train_seconds],
-                                ["valid ppl", "test ppl", "bits/element on the wire", "allocations", "allocation s",
-                                 "train s"])(g, r, "L")],
+    "Q": _section_by_model,
+    "L": lambda g, r: _section_by_model(g, r, "L", " Low-rank factors travel in float32 (P with the summed header, "
+                                     "then Q) unless the row says float16."),
 }
 
 
