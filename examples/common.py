@@ -98,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
                    help="bit width of every coded layer (the start with --allocator)")
     p.add_argument("--ratio", type=float, default=20.0, help="jointsq / topk: compression ratio against float32")
     p.add_argument("--rank", type=int, default=4, help="lowrank: the rank of the matrices' factors (PowerSGD)")
+    p.add_argument("--factors", default="float32", choices=["float32", "float16"],
+                   help="low-rank factors (lowrank, --ranks): float32, or Q (the longer side) in float16")
     p.add_argument("--bucket-size", type=int, default=1024, help="level codecs: elements per bucket (one norm each)")
     p.add_argument("--error-feedback", choices=["auto", "on", "off"], default="auto",
                    help="keep what coding drops and add it back next step (auto: for biased codecs)")
@@ -198,8 +200,8 @@ class _Job:
             compression = self.compression or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
             self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=compression, op=self.op)
             return
-        kw = {"bits": args.bits, "ratio": args.ratio, "rank": args.rank, "bucket_size": args.bucket_size,
-              "seed": args.seed,
+        kw = {"bits": args.bits, "ratio": args.ratio, "rank": args.rank, "factors": args.factors,
+              "bucket_size": args.bucket_size, "seed": args.seed,
               "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
               "rounding": args.rounding, "block_scales": args.block_scales,
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
@@ -208,6 +210,7 @@ class _Job:
             settings = ("bits", "ratio", "bucket_size", "seed", "min_elements", "refit_levels", "error_feedback",
                         "rounding")
             kw.pop("rank")
+            kw.pop("factors")
             kw.pop("transport")
             kw.pop("block_scales")
             coding = hvd_gradq.Coding(codec="rotated", transport="allreduce", block_scales="previous_step",

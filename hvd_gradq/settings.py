@@ -17,6 +17,7 @@ from hvd_gradq.alloc import Allocator
 from hvd_gradq.alloc.trigger import Trigger
 from hvd_gradq.codebook import LOWRANK, SHARED_SCALE
 from hvd_gradq.codecs import make_codec
+from hvd_gradq.codecs.lowrank import FACTORS
 from hvd_gradq.codecs.rotated import ROUNDINGS
 from hvd_gradq.plan.cost_model import TRANSPORTS, LinkModel
 from hvd_gradq.plan.planner import CODECS, GATHERED_SHARED_SCALE, RATIO_CODECS
@@ -68,6 +69,11 @@ class Coding:
             matrix layer (conv kernels as out x rest), a ``{name or regex: rank}`` mapping (others
             get 4) or a function of the name. Layers that are not matrices, or whose rank-r
             factors would be more than half the matrix, take the rotated code at ``bits``.
+        factors: the dtype of the low-rank factors (``codec="lowrank"`` and ranks chosen by the
+            allocator): "float32" (PowerSGD's), or "float16": P, the matrix's shorter side, stays
+            float32 with the summed header and Q, the longer side, travels in float16 with a
+            power-of-two scale every rank takes from the summed norms, so that no sum can overflow
+            (about 1.7-2x fewer bytes; ``codecs.lowrank``).
         bucket_size: elements per bucket of the level codecs (one float32 norm per bucket).
         transport: "auto" (the cost model's cheapest), "allreduce", "allgather", "two_phase", or
             a ``{name or regex: transport}`` mapping.
@@ -95,6 +101,7 @@ class Coding:
     bits: int | Mapping[str, int] | Callable[[str], int] = 4
     ratio: float | None = None
     rank: int | Mapping[str, int] | Callable[[str], int] = 4
+    factors: str = "float32"
     bucket_size: int = 1024
     transport: str | Mapping[str, str] = "auto"
     link: LinkModel | str | None = None
@@ -125,6 +132,7 @@ class Coding:
         if codec == "rotated" and self.rotation == 0:
             raise ValueError("codec='rotated' needs a rotation block: rotation=4096, or codec='shared_scale'")
         checks.choice(self.rounding, "rounding", ROUNDINGS)
+        checks.choice(self.factors, "factors", FACTORS)
         checks.choice(self.block_scales, "block_scales", ("this_step", "previous_step"))
         if not (self.link is None or self.link == "measure" or isinstance(self.link, LinkModel)):
             raise ValueError(f"link must be a hvd_gradq.LinkModel, 'measure' or None, got {self.link!r}")
@@ -186,6 +194,7 @@ class Coding:
         """What a saved compression state must have been made with to resume."""
         return {"codec": self.codec, "ratio": self.ratio, "bucket_size": self.bucket_size,
                 **({"rank": self._rank_key()} if self.codec == LOWRANK else {}),
+                **({"factors": self.factors} if self.factors != "float32" else {}),
                 "min_elements": self.min_elements, "error_feedback": self.error_feedback,
                 "rotation": self.rotation, "rounding": self.rounding, "block_scales": self.block_scales}
 

@@ -40,11 +40,11 @@ def run_command(cmd, *, timeout: float, env: dict | None = None) -> Run:
     return res
 
 
-def elastic_horovodrun(tmp_path: Path, script: str | Path, *, np: int, min_np: int, max_np: int,
+def elastic_horovodrun(tmp_path: Path, script: str | Path, *args: str, np: int, min_np: int, max_np: int,
                        timeout: float) -> Run:
     """An elastic job (``--min-np``/``--max-np`` with a host discovery script that prints
     ``tmp_path/hosts``, which the worker rewrites to resize the job) of ``script --out tmp_path
-    --hosts tmp_path/hosts``. Elastic runs on Gloo; on this machine its interface probe hangs
+    --hosts tmp_path/hosts`` (then ``args``). Elastic runs on Gloo; on this machine its interface probe hangs
     unless told the interface."""
     hosts = tmp_path / "hosts"
     hosts.write_text(f"localhost:{np}\n")
@@ -55,7 +55,7 @@ def elastic_horovodrun(tmp_path: Path, script: str | Path, *, np: int, min_np: i
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
     cmd = [bindir / "horovodrun", "-np", str(np), "--min-np", str(min_np), "--max-np", str(max_np),
            "--host-discovery-script", discover, "--network-interface", "lo", sys.executable, script,
-           "--out", tmp_path, "--hosts", hosts]
+           "--out", tmp_path, "--hosts", hosts, *args]
     return run_command(cmd, timeout=timeout, env=env)
 
 

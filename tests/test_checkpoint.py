@@ -35,7 +35,7 @@ def saved(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("config", ["lanes", "gather", "jointsq", "stock", "lowrank"])
+@pytest.mark.parametrize("config", ["lanes", "gather", "jointsq", "stock", "lowrank", "lowrank16"])
 def test_resumed_training_is_bit_identical_to_uninterrupted(tmp_path, saved, config):
     full_dir, full = saved(config)
     run = horovodrun(WORKER, "--phase", "resume", "--config", config, "--ckpt", full_dir / "ckpt.pt",

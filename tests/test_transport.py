@@ -105,8 +105,10 @@ def test_optimizer_features_with_compression(tmp_path, mode):
 
 
 @pytest.mark.parametrize("case", ["version_mismatch", "bits_mismatch", "rotation_mismatch",
-                                  "lowrank_seed_mismatch"])
+                                  "lowrank_seed_mismatch", "lowrank_factors_mismatch"])
 def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, case):
+    """(lowrank_factors_mismatch: the last layer with factors, fc4 (48 x 64), has P of the same shape
+    on both ranks and comes first in the backward, so its digest check is what stops them.)"""
     start = time.monotonic()
     run = horovodrun(WORKER, "--case", case, "--out", tmp_path, np=2, timeout=120)
     elapsed = time.monotonic() - start
@@ -118,3 +120,16 @@ def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, cas
         assert "different codebook" in res["message"] and "hvd_gradq.DistributedOptimizer" in res["message"], res
         if case == "version_mismatch":
             assert "version" in res["message"], res
+
+
+def test_ranks_that_disagree_on_a_low_rank_layer_s_rank_stop_with_a_clear_error(tmp_path):
+    """Rank 0 sends rank-2 factors, rank 1 rank-3: the two P's differ in size, which Horovod itself
+    refuses on every rank before any sum (so the header is never read); the error names the layer
+    and the fix, with Horovod's message in it."""
+    start = time.monotonic()
+    run = horovodrun(WORKER, "--case", "lowrank_rank_mismatch", "--out", tmp_path, np=2, timeout=120)
+    assert run.returncode != 0 and time.monotonic() - start < 60
+    for res in rank_files(tmp_path, 2):
+        assert res["step"] == 0 and res["error"] == "CodebookMismatchError", res
+        assert "Mismatched ALLREDUCE tensor shapes" in res["message"] and "same rank= and factors=" in res["message"]
+        assert "layer 'fc" in res["message"], res

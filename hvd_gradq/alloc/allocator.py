@@ -96,7 +96,8 @@ class Allocator:
             as its rank-r factors (``codec="lowrank"``'s code) when that is what the R-D curves
             choose under the budget; the allocation lists those layers in ``Allocation.ranks``.
             Layers that are not matrices, or whose factors would be more than half of them, cannot
-            take a rank. Rates: ``rate="paper"`` 32 r (rows + cols); ``"wire"`` the factors' bytes.
+            take a rank. Rates: ``rate="paper"`` the factors' bits, 32 r (rows + cols) in float32 (Q's
+            side at 16 with ``factors="float16"``); ``"wire"`` the bytes handed to the collectives.
         spread: in a job of N > 1 ranks, the exact LAD metric's L x |B| x K forward passes are
             split over the ranks (each evaluates every N-th cell on the probe batches of rank 0,
             which it receives) and the table is gathered on rank 0: the same table cell for cell,
@@ -179,9 +180,12 @@ class Allocator:
         return self.spread and self.metric == "lad" and self.solver != "ampa"
 
     def allocate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float,
-                 wire_bits: Callable[[str, int], float] | None = None) -> tuple[Allocation, dict]:
+                 wire_bits: Callable[[str, int], float] | None = None,
+                 factor_bits: Callable[[str, int], float | None] | None = None) -> tuple[Allocation, dict]:
         """Bits per layer of ``params`` (name -> parameter). Returns the allocation and the cost
-        (seconds, forward and backward passes)."""
+        (seconds, forward and backward passes). ``wire_bits(name, b)``: the bits a layer hands to
+        the collectives at option b (``rate="wire"``); ``factor_bits(name, r)``: its rank-r factors'
+        bits in the dtypes they travel in (``rate="paper"``; default: float32)."""
         start = time.perf_counter()
         if self.solver == "ampa":
             grads, counts = distortion.probe_gradients(self.probe, params)
@@ -192,7 +196,8 @@ class Allocator:
             alloc = Allocation(bits=bits, choice=(), rate=rate, distortion=float("nan"), solver="ampa")
             return alloc, {"seconds": time.perf_counter() - start, **counts}
         ev = self.evaluate(params, quantize, lr=lr)
-        return self.decide(ev, params, wire_bits), {"seconds": time.perf_counter() - start, **ev.counts}
+        return self.decide(ev, params, wire_bits, factor_bits), {"seconds": time.perf_counter() - start,
+                                                                 **ev.counts}
 
     def evaluate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float, batches=None,
                  part: tuple[int, int] = (0, 1)) -> Evaluation:
@@ -227,14 +232,15 @@ class Allocator:
         return Evaluation(tuple(grads), fixed, table, {k: counts[k] + c[k] for k in counts})
 
     def decide(self, ev: Evaluation, params: dict[str, torch.Tensor],
-               wire_bits: Callable[[str, int], float] | None = None) -> Allocation:
+               wire_bits: Callable[[str, int], float] | None = None,
+               factor_bits: Callable[[str, int], float | None] | None = None) -> Allocation:
         """The allocation from a (whole) ``evaluate`` table: the solving half of ``allocate``."""
         names, fixed, table = ev.names, ev.fixed, ev.table.copy()
         if np.isnan(table).any():
             raise ValueError("the distortion table has cells not evaluated: merge the parts of every rank first")
         if self.rate == "wire" and wire_bits is None:
             raise ValueError("rate='wire' needs the transports' payload sizes (use it through the optimizer)")
-        rates = np.array([[self._rate(n, b, params[n], wire_bits) for b in self.columns] for n in names],
+        rates = np.array([[self._rate(n, b, params[n], wire_bits, factor_bits) for b in self.columns] for n in names],
                          dtype=np.float64)
         # an option a layer cannot take: worse and no cheaper than its widest option, never chosen
         bad = (table == distortion.NOT_APPLICABLE) | np.isnan(rates)
@@ -284,10 +290,10 @@ class Allocator:
                                ranks={n: -b for n, b in chosen.items() if b < 0})
         return alloc
 
-    def _rate(self, name: str, b: int, param: torch.Tensor, wire_bits) -> float:
+    def _rate(self, name: str, b: int, param: torch.Tensor, wire_bits, factor_bits) -> float:
         """Bits per step of layer ``name`` at option ``b`` (NaN: the layer cannot take it)."""
-        if self.rate == "wire":
-            r = wire_bits(name, b)
+        if self.rate == "wire" or (b < 0 and factor_bits is not None):
+            r = wire_bits(name, b) if self.rate == "wire" else factor_bits(name, -b)
             return float("nan") if r is None else float(r)
         if b >= 0:
             return float(b * param.numel())

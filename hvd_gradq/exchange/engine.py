@@ -23,7 +23,7 @@ from hvd_gradq.bits.rotation import key_for
 from hvd_gradq.codebook import LOWRANK as LOWRANK_CODEC
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
-from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, factored_shape, initial_q
+from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, factor_bits, factored_shape, initial_q, transposed
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
 from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoAllreduces, TwoPhase
@@ -67,7 +67,7 @@ class GradientExchange:
         self.planner = Planner(codec=coding.codec, ratio=coding.ratio, bucket_size=coding.bucket_size,
                                min_elements=coding.min_elements, size=self.size, rank=self.rank, link=link,
                                rotation=coding.rotation, rounding=coding.rounding, seed=coding.seed,
-                               block_scales=coding.block_scales)
+                               block_scales=coding.block_scales, factors=coding.factors)
         self.codebook = Codebook()
         self.residuals = ResidualStore()
         # lanes (shared-scale codes on allreduce, and float32 for tiny layers) ride the same codebook
@@ -102,7 +102,8 @@ class GradientExchange:
         self.lowrank.pop(name, None)
         if plan.transport == LOWRANK:  # Q starts from the same key on every rank
             shape = factored_shape(self.shapes[name], code.rank)
-            self.lowrank[name] = LowRankCoder(name, shape, code.rank, key=int(code.codec_key[2:], 16))
+            self.lowrank[name] = LowRankCoder(name, shape, code.rank, key=int(code.codec_key.split(",")[0][2:], 16),
+                                              factors=self.coding.factors)
         if plan.gather is not None:
             # A stream per coder, not one shared by all layers: two-phase second halves run when
             # their first half completes, an order that varies from run to run, and the dither must not
@@ -160,16 +161,21 @@ class GradientExchange:
             owed = low if owed is None else owed + low
         return owed
 
-    def adopt(self, shared: Mapping) -> None:
+    def adopt(self, shared: Mapping, factors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Follow the root's ``codebook.state_dict()`` (between steps: a fresh engine after the set
         of workers changed, or this one after ``hvd.join()``): its bits, scales, reduction
-        counts, codec parameters and version."""
+        counts, codec parameters and version; and its low-rank layers' warm-start Q (``factors``),
+        which a worker that joins has not got and the others share."""
         layers = shared["layers"]
         coded = {n: s for n, s in layers.items() if self.plans[n].transport != FLOAT32}
         self.replan({n: s["bits"] for n, s in coded.items() if not s.get("rank")}, shared["version"],
                     {n: s["rank"] for n, s in coded.items() if s.get("rank")})
         for name, state in layers.items():
             self.codebook[name].follow(state)
+        for name, q in (factors or {}).items():
+            coder = self.lowrank.get(name)
+            if coder is not None and coder.q.shape == q.shape:
+                coder.q = q.clone().to(torch.float32)
 
     # ---- one step -------------------------------------------------------------------------------------
     def launch(self, name: str, grad: torch.Tensor, frozen: bool = False) -> Exchange:
@@ -225,12 +231,12 @@ class GradientExchange:
         coder = self.lowrank[name]
         p = coder.first(grad, frozen=frozen)
         head = header_words(rank=self.rank, size=self.size, digest=self.codebook.digest(name, self.size),
-                            nonfinite=not bool(torch.isfinite(p).all()), stat=0.0, container=torch.float32)
+                            nonfinite=not bool(torch.isfinite(p).all()), stat=coder.norm, container=torch.float32)
         at = head.numel()
 
         def second(summed: torch.Tensor) -> torch.Tensor:
-            read_header(summed[:at], size=self.size, op=SUM, layer=name, compressor=self.label)
-            return coder.second(summed[at:])
+            reduced = read_header(summed[:at], size=self.size, op=SUM, layer=name, compressor=self.label)
+            return coder.second(summed[at:], reduced.stat_sum)
 
         self.timer.add("encode", time.perf_counter() - t0)
         timed = self.timer.timed
@@ -280,9 +286,10 @@ class GradientExchange:
         if shape is None:
             return None
         coder = self.lowrank.get(name)
+        flip = transposed(*shape, self.coding.factors)
         q = coder.q if coder is not None and coder.rank == rank else \
-            initial_q(shape[1], rank, key_for(self.coding.seed, name))
-        return approximate(g.reshape(shape).to(torch.float32), q)
+            initial_q(shape[0] if flip else shape[1], rank, key_for(self.coding.seed, name))
+        return approximate(g.reshape(shape).to(torch.float32), q, flip)
 
     def wire_bits(self, name: str, bits: int) -> float | None:
         """Bits handed to the collectives per step if layer ``name`` were coded at ``bits`` (a
@@ -291,6 +298,12 @@ class GradientExchange:
             shape = factored_shape(self.shapes[name], -bits)
             return None if shape is None else 8.0 * self.planner.lowrank_cost(*shape, -bits).payload_bytes
         return self.planner.wire_bits(self.numel[name], bits, self.forced[name])
+
+    def factor_bits(self, name: str, rank: int) -> float | None:
+        """Bits of layer ``name``'s rank-``rank`` factors in the dtypes they travel in (the
+        allocator's paper rate of a rank; None if the layer cannot take it)."""
+        shape = factored_shape(self.shapes[name], rank)
+        return None if shape is None else float(factor_bits(*shape, rank, self.coding.factors))
 
     # ---- adaptive levels (ALQ / AMQ) -----------------------------------------------------------------
     def _adaptive(self) -> dict[str, GatherCoder]:

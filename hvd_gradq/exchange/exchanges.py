@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from hvd_gradq.exchange.collectives import Collectives
+from hvd_gradq.wire.header import CodebookMismatchError
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,7 +87,15 @@ class TwoAllreduces(Exchange):
         if self._phase2 is not None:
             return
         try:
-            payload = self._encode(self._coll.synchronize(self._phase1))
+            try:
+                summed = self._coll.synchronize(self._phase1)
+            except Exception as e:
+                if self.transport != "lowrank" or "Mismatched" not in str(e):
+                    raise
+                raise CodebookMismatchError(  # Horovod's message does not say which layer or why
+                    f"layer {self._layer!r}: the ranks sent low-rank factors of different sizes ({e}); every rank "
+                    "must construct the optimizer with the same rank= and factors= (and the same allocator)") from e
+            payload = self._encode(summed)
         except Exception as e:  # kept: every later call reports the same error
             self._error = e
             raise

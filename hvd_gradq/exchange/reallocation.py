@@ -69,7 +69,7 @@ def decide_bits(allocator: Allocator, exchange: GradientExchange, params: Mappin
     decision that will not come)."""
     try:
         alloc, cost = allocator.allocate(dict(params), exchange.quantizer(seed=step), lr=lr,
-                                         wire_bits=exchange.wire_bits)
+                                         wire_bits=exchange.wire_bits, factor_bits=exchange.factor_bits)
     except Exception as e:  # every rank must leave the broadcast: send the error instead
         return _error(e)
     return _payload(exchange, step, alloc, cost)
@@ -130,7 +130,7 @@ def decide_bits_spread(allocator: Allocator, exchange: GradientExchange, params:
         return {"error": "; ".join(f"rank {r}: {msg}" for r, msg in failed[:3])}
     try:
         ev = Evaluation.merge(parts)
-        alloc = allocator.decide(ev, dict(params), exchange.wire_bits)
+        alloc = allocator.decide(ev, dict(params), exchange.wire_bits, exchange.factor_bits)
     except Exception as e:
         return _error(e)
     return _payload(exchange, step, alloc, ev.counts)

@@ -330,6 +330,7 @@ def DistributedOptimizer(
     bits: int | Mapping[str, int] | Callable[[str], int] = 4,
     ratio: float | None = None,
     rank: int | Mapping[str, int] | Callable[[str], int] = 4,
+    factors: str = "float32",
     bucket_size: int = 1024,
     transport: str | Mapping[str, str] = "auto",
     link: LinkModel | str | None = None,
@@ -353,7 +354,7 @@ def DistributedOptimizer(
     docs/HOROVOD_COMPAT.md.
 
     The coding: ``coding=hvd_gradq.Coding(...)``, or the same settings as keywords (``codec``,
-    ``bits``, ``ratio``, ``rank``, ``bucket_size``, ``transport``, ``link``, ``min_elements``,
+    ``bits``, ``ratio``, ``rank``, ``factors``, ``bucket_size``, ``transport``, ``link``, ``min_elements``,
     ``error_feedback``, ``seed``, ``refit_levels``, ``rotation``, ``rounding``, ``block_scales``;
     see ``Coding`` for each). ``allocator``: a
     ``hvd_gradq.Allocator``: rank 0 re-decides the bits of every coded layer when ``trigger`` (a

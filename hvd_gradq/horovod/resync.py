@@ -70,13 +70,16 @@ class CompressionResync:
         self.reallocation.reset()
 
     def _gq_follow(self, root: int | None, fresh: GradientExchange) -> None:
-        """Take global rank ``root``'s codebook and step count (default: the process set's rank 0)."""
+        """Take global rank ``root``'s codebook, warm-start low-rank factors and step count
+        (default: the process set's rank 0)."""
         mine = None
         is_root = hvd.rank() == root if root is not None else self.process_set.rank() == 0
         if is_root:
-            mine = {"codebook": self.gradient_exchange.codebook.state_dict(), "step": self._gq_step}
+            ex = self.gradient_exchange
+            mine = {"codebook": ex.codebook.state_dict(), "step": self._gq_step,
+                    "factors": {n: c.q for n, c in ex.lowrank.items()}}
         shared = broadcast_object(mine, self.process_set, root=root)
-        fresh.adopt(shared["codebook"])
+        fresh.adopt(shared["codebook"], shared["factors"])
         self._gq_step = shared["step"]  # a worker that joined now counts steps like the others
 
     def elastic_resync(self) -> None:

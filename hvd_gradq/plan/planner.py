@@ -78,8 +78,9 @@ class Planner:
 
     def __init__(self, *, codec: str, ratio: float | None, bucket_size: int, min_elements: int, size: int,
                  rank: int, link: LinkModel, rotation: int = 4096, rounding: str = "nearest", seed: int = 0,
-                 block_scales: str = "this_step") -> None:
+                 block_scales: str = "this_step", factors: str = "float32") -> None:
         self.codec, self.ratio, self.bucket_size, self.min_elements = codec, ratio, bucket_size, min_elements
+        self.factors = factors
         self.rotation, self.rounding, self.seed = rotation, rounding, seed
         self.this_step = block_scales == "this_step"
         self.size, self.rank, self.link = size, rank, link
@@ -142,10 +143,11 @@ class Planner:
         return forced
 
     def lowrank_cost(self, rows: int, cols: int, rank: int) -> TransportCost:
-        """P with the summed header, then Q, both float32."""
-        p, q = factor_numel(rows, cols, rank)
+        """P with the summed header (float32), then Q (float32, or float16 with ``factors``)."""
+        p, q = factor_numel(rows, cols, rank, self.factors)
         head = header_len(torch.float32, self.size)
-        return cost_model.lowrank_cost(4 * (head + p), 4 * q, self.size, self.link)
+        return cost_model.lowrank_cost(4 * (head + p), (2 if self.factors == "float16" else 4) * q, self.size,
+                                       self.link)
 
     def plan(self, name: str, numel: int, bits: int, forced: str, shape=None,
              rank: int = 0) -> tuple[LayerPlan, LayerCode]:
@@ -158,7 +160,8 @@ class Planner:
         if ms is not None:  # codec="lowrank", or a rank the allocator chose under another codec
             cost = self.lowrank_cost(*ms, rank)
             code = LayerCode(name, numel, FLOAT_BITS, None, codec=LOWRANK, transport=LOWRANK, rank=rank,
-                             codec_key=f"q={rot.key_for(self.seed, name):x}")  # the first Q's key
+                             codec_key=f"q={rot.key_for(self.seed, name):x}"  # the first Q's key
+                                       + (",f16" if self.factors == "float16" else ""))
             return LayerPlan(name, numel, FLOAT_BITS, LOWRANK, LOWRANK, cost, {LOWRANK: cost}, wire_codec=LOWRANK,
                              rank=rank), code
         if numel < self.min_elements:  # tiny layers: exact float32 allreduce (header included)

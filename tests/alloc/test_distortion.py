@@ -278,6 +278,17 @@ def test_ranks_are_options_of_the_matrices_only_and_win_where_the_gradient_is_lo
         assert allocator.last_curves.options == (0, 2, 4, -1, -2)
         n = {k: p.numel() for k, p in params.items()}
         assert alloc.rate == pytest.approx(32 * (80 + 96) + sum(alloc.bits[k] * n[k] for k in alloc.bits))
+    # float16 factors: the paper rate is the factors' bits as they travel (Q's side at 16 bits)
+    from hvd_gradq.codecs.lowrank import factor_bits
+
+    half = lambda name, r: (None if factored_shape(params[name].shape, r) is None  # noqa: E731
+                            else factor_bits(*factored_shape(params[name].shape, r), r, "float16"))
+    alloc, _ = Allocator(1.0, metric="mse", options=(0, 2, 4), ranks=(1, 2), probe=probe).allocate(
+        params, quantize, lr=0.1, factor_bits=half)
+    assert alloc.ranks["0.weight"] == 1  # (the 3 x 80 matrix's rank-1 factors, 5.7 bits per element, may win now)
+    assert half("0.weight", 1) == 32 * 80 + 16 * 96
+    assert alloc.rate == pytest.approx(sum(half(k, r) for k, r in alloc.ranks.items())
+                                       + sum(alloc.bits[k] * n[k] for k in alloc.bits))
     with pytest.raises(ValueError, match="ranks must be distinct rising"):
         Allocator(2.0, probe=probe, ranks=(2, 1))
     with pytest.raises(ValueError, match="group='layer'"):

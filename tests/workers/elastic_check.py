@@ -25,6 +25,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
 ap.add_argument("--hosts", required=True, help="the file the host discovery script prints")
 ap.add_argument("--steps-per-phase", type=int, default=6)
+ap.add_argument("--config", default="lanes", choices=["lanes", "lowrank"])
 args = ap.parse_args()
 
 hvd.init()
@@ -33,13 +34,22 @@ torch.manual_seed(0)
 x_all, y_all = fashion_mnist("test")
 model = FashionCNN(width=8)
 probe = hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [(x_all[:64], y_all[:64])])
+if args.config == "lanes":
+    kw = dict(codec="shared_scale", bits=4,
+              transport={"features.[34].*": "two_phase", "features.1.*": "allgather", "features.2.*": "allreduce"},
+              allocator=hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(2, 3, 4, 8), probe=probe),
+              trigger=hvd_gradq.Trigger("interval", interval=5))
+else:  # low-rank factors (rank 2) on the matrices, float16 Q: warm starts and residuals across the resizes
+    kw = dict(codec="lowrank", rank=2, factors="float16", bits=4)
 opt = hvd_gradq.DistributedOptimizer(
     torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), named_parameters=model.named_parameters(),
-    codec="shared_scale", bits=4, min_elements=512, op=hvd.Sum,
-    transport={"features.[34].*": "two_phase", "features.1.*": "allgather", "features.2.*": "allreduce"},
-    allocator=hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(2, 3, 4, 8), probe=probe),
-    trigger=hvd_gradq.Trigger("interval", interval=5))
+    min_elements=512, op=hvd.Sum, **kw)
 log = Path(args.out, f"worker-{os.getpid()}.jsonl")
+
+
+def factors_digest():
+    low = opt.gradient_exchange.lowrank if opt.gradient_exchange is not None else {}
+    return zlib.crc32(b"".join(c.q.numpy().tobytes() for _, c in sorted(low.items())))
 
 
 def codebook_digest():
@@ -57,6 +67,7 @@ def train(state):
     while state.phase < 5:
         rank, size = hvd.rank(), hvd.size()
         i = ((state.step * size + rank) * 32) % (len(x_all) - 32)
+        q_before = factors_digest()  # after a resize: rank 0's warm start, on every worker
         opt.zero_grad()
         loss = F.cross_entropy(model(x_all[i:i + 32]), y_all[i:i + 32])
         (loss / size).backward()
@@ -64,7 +75,9 @@ def train(state):
         digest, rows = codebook_digest()
         with log.open("a") as f:
             f.write(json.dumps({"step": state.step, "size": size, "rank": rank, "version": opt.codebook.version,
-                                "digest": digest, "rows": rows, "loss": loss.item(), "phase": state.phase}) + "\n")
+                                "digest": digest, "rows": rows, "loss": loss.item(), "phase": state.phase,
+                                "q_before": q_before, "q_after": factors_digest(),
+                                "low": sorted(opt.gradient_exchange.lowrank)}) + "\n")
         state.step += 1
         done = state.step - state.phase_start
         if state.phase in (0, 2) and done >= args.steps_per_phase:

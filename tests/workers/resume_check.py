@@ -23,7 +23,7 @@ from workloads.models import FashionCNN
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--phase", choices=["full", "resume"], required=True)
-ap.add_argument("--config", choices=["lanes", "gather", "jointsq", "stock", "lowrank"], required=True)
+ap.add_argument("--config", choices=["lanes", "gather", "jointsq", "stock", "lowrank", "lowrank16"], required=True)
 ap.add_argument("--ckpt", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--k1", type=int, default=5)
@@ -64,6 +64,8 @@ else:
                   transport={"features.[34].*": "two_phase", "features.[12].*|classifier.*": "allgather"})
     elif args.config == "lowrank":  # PowerSGD factors (warm-start Q, residuals) on the matrices
         kw = dict(codec="lowrank", rank=2, bits=3)
+    elif args.config == "lowrank16":  # the same with Q in float16
+        kw = dict(codec="lowrank", rank=2, bits=3, factors="float16")
     else:
         kw = dict(codec="jointsq", ratio=20, transport="two_phase")
     opt = hvd_gradq.DistributedOptimizer(base, named_parameters=named, op=hvd.Sum, min_elements=512, **kw)

@@ -44,6 +44,13 @@ def setup(case: str, seed: int = 0):
         kw = {"codec": "alq", "bits": 3, "transport": "allgather", "refit_levels": 2}
     elif case == "lowrank":  # PowerSGD factors on the matrices, the rotated code on the rest
         kw = {"codec": "lowrank", "rank": {".*": 2, "classifier.weight": 1}, "bits": 3, "min_elements": 256}
+    elif case == "lowrank16":  # float16 Q factors; an MLP with a wide, a tall (coded as its transpose) and a
+        # small matrix
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 300), torch.nn.ReLU(), torch.nn.Linear(300, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        kw = {"codec": "lowrank", "rank": 2, "factors": "float16", "bits": 3, "min_elements": 256}
     elif case == "mixed":  # the allocator chooses per layer between bit widths and low-rank factors (an MLP:
         # at 0.3 bits per element its large matrix goes as rank-r factors, the rest as bits or not at all)
         torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """Worker for tests/test_simulate.py: the real side. Under horovodrun, trains tests/sim_cases.py's
 set-up for STEPS steps with hvd_gradq.DistributedOptimizer (op=Average) and saves, on rank 0, the
-aggregated gradient of every step (after synchronize, before the update)."""
+aggregated gradient of every step (after synchronize, before the update); every other rank saves
+its own aggregates beside it (real_r{rank}.pt), which must be the same."""
 import argparse
 from pathlib import Path
 
@@ -29,7 +30,9 @@ for step in range(STEPS):
     aggregates.append(flat_grads(model).clone())
     with opt.skip_synchronize():
         opt.step()
-if rank == 0:
+if rank:
+    torch.save(aggregates, Path(args.out) / f"real_r{rank}.pt")
+else:
     torch.save({"aggregates": aggregates, "bits": {p.name: p.bits for p in opt.layer_plans()},
                 "transports": {p.name: p.transport for p in opt.layer_plans()},
                 "versions": [e.version for e in opt.allocation_events],

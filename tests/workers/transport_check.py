@@ -338,6 +338,11 @@ def mismatch_case(out, case):
     coding["transport"] = "allgather"
     if case == "lowrank_seed_mismatch":  # low-rank factors whose warm start differs: rank 0's seed is another
         coding = {"codec": "lowrank", "rank": 2, "seed": 1 if rank == 0 else 0}
+    if case == "lowrank_rank_mismatch":  # rank 2 factors on rank 0, rank 3 on the others: P's shapes differ
+        coding = {"codec": "lowrank", "rank": 2 if rank == 0 else 3}
+    if case == "lowrank_factors_mismatch":  # float16 Q on rank 0 only: the codebook digest (and the tall fc2's
+        # orientation) differ
+        coding = {"codec": "lowrank", "rank": 2, "factors": "float16" if rank == 0 else "float32"}
     opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
                                          named_parameters=model.named_parameters(), bits=bits, **coding)
     if case == "version_mismatch" and rank == 1:
