@@ -288,6 +288,17 @@ def _lowrank_rows(g: Grid) -> None:
     def global_rank(r: int) -> tuple[str, str, list[str]]:
         return f"rank{r}", f"low-rank factors, rank {r} on every matrix", ["--compressor", "lowrank", "--rank", str(r)]
 
+    half = ["--factors", "float16"]
+
+    def float16_rows(rank4_bytes: float) -> list[tuple[str, str, list[str]]]:
+        """Q in float16: rank 4 everywhere; the allocator's mix at rank 4's float32 bytes and at 1.5x fewer."""
+        fewer = round(rank4_bytes / 1.5, 2)
+        return [("rank4-f16", "low-rank factors, rank 4 on every matrix, Q in float16",
+                 ["--compressor", "lowrank", "--rank", "4", *half]),
+                *[(f"lad-mixed-wire-f16-{b:g}", f"LAD chooses ranks (Q in float16) or bits per layer, budget {b:g} "
+                   "bits per element on the wire", [*lad(b, "0,1,2,3,4", "--rate", "wire"), *half])
+                  for b in (rank4_bytes, fewer)]]
+
     models = {
         ("lstm", LSTM): [
             ("fp32", "FP32", ["--compressor", "none"]), global_rank(4), global_rank(1),
@@ -295,13 +306,13 @@ def _lowrank_rows(g: Grid) -> None:
             ("lad-mixed", "LAD chooses ranks or bits per layer (ranks 1-8, 0-4 bits), budget 0.7",
              lad(0.7, "0,1,2,3,4")),
             ("lad-mixed-wire", "LAD chooses ranks or bits per layer, budget 0.7 bits per element on the wire",
-             lad(0.7, "0,1,2,3,4", "--rate", "wire"))],
+             lad(0.7, "0,1,2,3,4", "--rate", "wire")), *float16_rows(0.7)],
         ("trf", TRF): [
             ("fp32", "FP32", ["--compressor", "none"]), global_rank(4), global_rank(1),
             ("lad-ranks-wire", "LAD chooses a rank per layer (ranks 1, 2, 4, 8 or not sent), budget 1.1 on the wire",
              lad(1.1, "0", "--rate", "wire")),
             ("lad-mixed-wire", "LAD chooses ranks or bits per layer, budget 1.1 bits per element on the wire",
-             lad(1.1, "0,1,2,3,4", "--rate", "wire"))],
+             lad(1.1, "0,1,2,3,4", "--rate", "wire")), *float16_rows(1.1)],
     }
     for (model, script), rows in models.items():
         for key, label, argv in rows:
