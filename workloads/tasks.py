@@ -19,7 +19,9 @@ The benchmarks' names fix the settings (``BENCH_COMPRESSORS``, built by ``make_o
 budget of 2/3 bits, similarity trigger), ``jointsq20``/``jointsq100`` (JointSQ at 20x/100x),
 ``qsgd4``, ``rotated2``/``rotated3`` (the drop-in's default rotated code at 2/3 bits),
 ``lad2r``/``lad3r`` (LAD as lad2/lad3 over the rotated code), ``lowrank4`` (the drop-in's low-rank
-factors at rank 4, the rotated code at 4 bits for the rest); and ``powersgd``: PyTorch DDP with
+factors at rank 4, the rotated code at 4 bits for the rest), ``lowrank4h`` (the same with Q in
+float16), ``mixed07h`` (exact LAD choosing per layer between ranks 1-8 with Q in float16 and the
+rotated code at 0-4 bits, 0.7 bits per element on the wire); and ``powersgd``: PyTorch DDP with
 the PowerSGD hook (``benchmarks.ddp_worker``, no Horovod). Older names are still accepted and
 mean what they meant (``ALIASES``: old result logs use them); what is written now uses the new
 names.
@@ -102,6 +104,8 @@ class Compressor:
     ratio: float | None = None
     budget: float | None = None
     rank: int | None = None
+    factors: str | None = None  # of the low-rank factors: "float16" for Q in float16
+    ranks: tuple[int, ...] = ()  # the allocator's low-rank options (with budget: ranks+bits, priced on the wire)
 
     @property
     def stock(self) -> bool:
@@ -119,6 +123,8 @@ _BENCH = [*[Compressor(f"stock{b}", "stock", bits=b) for b in (2, 4, 8)],
           *[Compressor(f"rotated{b}", "dropin", "rotated", bits=b) for b in (2, 3)],
           *[Compressor(f"lad{b}r", "dropin", "rotated", bits=4, budget=float(b)) for b in (2, 3)],
           Compressor("lowrank4", "dropin", "lowrank", bits=4, rank=4),
+          Compressor("lowrank4h", "dropin", "lowrank", bits=4, rank=4, factors="float16"),
+          Compressor("mixed07h", "dropin", "rotated", bits=1, budget=0.7, factors="float16", ranks=(1, 2, 4, 8)),
           Compressor("powersgd", "ddp")]
 COMPRESSORS = {c.name: c for c in [*_EXAMPLES, *_BENCH]}
 #: the examples' --compressor
@@ -127,7 +133,7 @@ EXAMPLE_COMPRESSORS = tuple(c.name for c in _EXAMPLES)
 DROPIN = tuple(hvd_gradq.CODECS)
 #: what benchmarks.step_worker and benchmarks.tta_worker run under Horovod (powersgd: under DDP)
 BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", "lad2", "lad3", "jointsq20", "jointsq100", "qsgd4",
-                     "rotated2", "rotated3", "lad2r", "lad3r", "lowrank4")
+                     "rotated2", "rotated3", "lad2r", "lad3r", "lowrank4", "lowrank4h", "mixed07h")
 #: old name -> new name
 ALIASES = {"uniform": "stock", "gradq-uniform": _SHARED_SCALE, "uniform2": "stock2", "uniform4": "stock4",
            "uniform8": "stock8"}
@@ -169,9 +175,12 @@ def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: 
         kw["ratio"] = c.ratio
     if c.rank is not None:
         kw["rank"] = c.rank
+    if c.factors is not None:
+        kw["factors"] = c.factors
     if c.budget is not None:
         probe = hvd_gradq.LossProbe(model, loss_fn, lambda: [batch(10_000)])
-        kw["allocator"] = hvd_gradq.Allocator(c.budget, metric="lad", options=(0, 2, 3, 4, 6, 8), probe=probe,
-                                              spread=spread)
+        mix = {"options": (0, 1, 2, 3, 4), "ranks": c.ranks, "rate": "wire"} if c.ranks else \
+            {"options": (0, 2, 3, 4, 6, 8)}
+        kw["allocator"] = hvd_gradq.Allocator(c.budget, metric="lad", probe=probe, spread=spread, **mix)
         kw["trigger"] = hvd_gradq.Trigger(tau=0.95, k_min=20)
     return hvd_gradq.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum, **kw), None
