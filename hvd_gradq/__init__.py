@@ -11,6 +11,7 @@ loaded on first use.
 """
 from hvd_gradq.alloc import Allocator, AMPASchedule, LossProbe, Trigger
 from hvd_gradq.exchange.state import StateMismatchError
+from hvd_gradq.optim import QODA
 from hvd_gradq.plan.cost_model import LinkModel
 from hvd_gradq.plan.planner import CODECS
 from hvd_gradq.settings import Coding
@@ -20,6 +21,7 @@ from hvd_gradq.wire.header import CodebookMismatchError, ReductionMismatchError
 __version__ = "0.1.0"
 __all__ = [
     "CODECS",
+    "QODA",
     "AMPASchedule",
     "Allocator",
     "CodebookMismatchError",

@@ -1,5 +1,6 @@
 """The package's shape: dependencies run one way, bits -> codecs -> codebook -> wire -> plan ->
-exchange -> {horovod, simulate} (alloc beside plan, feeding the exchange's reallocation step), and
+exchange -> {horovod, simulate} (alloc beside plan, feeding the exchange's reallocation step; optim,
+the optimizers, beside bits: pure torch), and
 nothing outside ``hvd_gradq/horovod/`` imports Horovod or mpi4py. Read from the source with ``ast``
 (function-level imports included)."""
 import ast
@@ -12,8 +13,8 @@ import hvd_gradq
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hvd_gradq"
 #: the layer of each top-level part of the package; a module may import its own part or lower layers
-LAYERS = {"checks": 0, "bits": 1, "codecs": 2, "codebook": 3, "wire": 4, "plan": 5, "alloc": 5, "settings": 6,
-          "exchange": 7, "horovod": 8, "simulate": 8}
+LAYERS = {"checks": 0, "optim": 1, "bits": 1, "codecs": 2, "codebook": 3, "wire": 4, "plan": 5, "alloc": 5,
+          "settings": 6, "exchange": 7, "horovod": 8, "simulate": 8}
 
 
 def modules():
