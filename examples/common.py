@@ -110,6 +110,8 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     p.add_argument("--transport", default="auto", choices=["auto", "allreduce", "allgather", "two_phase"],
                    help="per-layer transport (auto: the cost model picks)")
     p.add_argument("--min-elements", type=int, default=1024, help="layers smaller than this go as float32")
+    p.add_argument("--level-groups", default="layer", choices=["layer", "type", "global"],
+                   help="alq/amq: one fitted level set per layer, per layer type (QODA) or one for all")
     p.add_argument("--refit-every", type=int, default=None,
                    help="alq/amq: refit the levels on rank 0 after step 0 and then every this many steps "
                         "(default 100; 0: never)")
@@ -203,6 +205,7 @@ class _Job:
         kw = {"bits": args.bits, "ratio": args.ratio, "rank": args.rank, "factors": args.factors,
               "bucket_size": args.bucket_size, "seed": args.seed,
               "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
+              "level_groups": hvd_gradq.layer_types(model) if args.level_groups == "type" else args.level_groups,
               "rounding": args.rounding, "block_scales": args.block_scales,
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
         codec = None if c == "none" else spec.codec
@@ -211,6 +214,7 @@ class _Job:
                         "rounding")
             kw.pop("rank")
             kw.pop("factors")
+            kw.pop("level_groups")
             kw.pop("transport")
             kw.pop("block_scales")
             coding = hvd_gradq.Coding(codec="rotated", transport="allreduce", block_scales="previous_step",

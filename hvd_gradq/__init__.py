@@ -10,6 +10,7 @@ settings. The layers below (``bits``, ``codecs``, ``codebook``, ``wire``, ``plan
 loaded on first use.
 """
 from hvd_gradq.alloc import Allocator, AMPASchedule, LossProbe, Trigger
+from hvd_gradq.alloc.layer_types import layer_types
 from hvd_gradq.exchange.state import StateMismatchError
 from hvd_gradq.optim import QODA
 from hvd_gradq.plan.cost_model import LinkModel
@@ -34,6 +35,7 @@ __all__ = [
     "StateMismatchError",
     "Trigger",
     "UniformCompressor",
+    "layer_types",
     "measure_link",
 ]
 

@@ -95,6 +95,10 @@ class Coding:
         refit_levels: for the adaptive codecs (``alq``, ``amq``; 3 bits or more): refit every
             layer's levels to its aggregated gradient after step 0 and then every this many steps
             (default 100; 0: keep the initial exponential levels).
+        level_groups: which layers share one fitted level set: "layer" (each its own), "global"
+            (one for all, the global quantizer), or ``{layer name: group}``, e.g.
+            ``hvd_gradq.layer_types(model)`` for one level set per layer type (QODA's layer-wise
+            quantization); layers missing from the mapping form the group "other".
     """
 
     codec: str = "rotated"
@@ -109,6 +113,7 @@ class Coding:
     error_feedback: bool | str = "auto"
     seed: int = 0
     refit_levels: int | None = None
+    level_groups: str | Mapping[str, str] = "layer"
     rotation: int = 4096
     rounding: str = "nearest"
     block_scales: str = "this_step"
@@ -133,6 +138,12 @@ class Coding:
             raise ValueError("codec='rotated' needs a rotation block: rotation=4096, or codec='shared_scale'")
         checks.choice(self.rounding, "rounding", ROUNDINGS)
         checks.choice(self.factors, "factors", FACTORS)
+        if isinstance(self.level_groups, Mapping):
+            bad = [k for k, v in self.level_groups.items() if not (isinstance(k, str) and isinstance(v, str))]
+            if bad:
+                raise ValueError(f"level_groups maps layer names to group names (str -> str); got {bad[:3]}")
+        else:
+            checks.choice(self.level_groups, "level_groups (or a {layer: group} mapping)", ("layer", "global"))
         checks.choice(self.block_scales, "block_scales", ("this_step", "previous_step"))
         if not (self.link is None or self.link == "measure" or isinstance(self.link, LinkModel)):
             raise ValueError(f"link must be a hvd_gradq.LinkModel, 'measure' or None, got {self.link!r}")
@@ -173,6 +184,12 @@ class Coding:
             checks.integer(r, f"rank of layer {name!r} (the low-rank factors' rank)", low=1)
         return out
 
+    def level_group(self, name: str) -> str:
+        """The group whose level set layer ``name`` shares (``level_groups``)."""
+        if isinstance(self.level_groups, Mapping):
+            return self.level_groups.get(name, "other")
+        return name if self.level_groups == "layer" else "global"
+
     def layer_transports(self, names: list[str]) -> dict[str, str]:
         out = per_layer(self.transport, names, "auto", "transport")
         for name, t in out.items():
@@ -195,6 +212,8 @@ class Coding:
         return {"codec": self.codec, "ratio": self.ratio, "bucket_size": self.bucket_size,
                 **({"rank": self._rank_key()} if self.codec == LOWRANK else {}),
                 **({"factors": self.factors} if self.factors != "float32" else {}),
+                **({"level_groups": self.level_groups if isinstance(self.level_groups, str) else
+                    sorted(self.level_groups.items())} if self.level_groups != "layer" else {}),
                 "min_elements": self.min_elements, "error_feedback": self.error_feedback,
                 "rotation": self.rotation, "rounding": self.rounding, "block_scales": self.block_scales}
 

@@ -45,7 +45,7 @@ class SimulatedWorkers:
 
     Takes the coding arguments of ``hvd_gradq.DistributedOptimizer`` (``codec``, ``bits``,
     ``ratio``, ``bucket_size``, ``transport``, ``link``, ``min_elements``, ``error_feedback``,
-    ``seed``, ``allocator``, ``trigger``, ``refit_levels``, ``rotation``, ``rounding``,
+    ``seed``, ``allocator``, ``trigger``, ``refit_levels``, ``level_groups``, ``rotation``, ``rounding``,
     ``block_scales``); ``codec=None`` averages the float32 gradients exactly
     (the uncompressed baseline). The aggregate is the mean over workers (``op=hvd.Average``).
 
@@ -61,7 +61,8 @@ class SimulatedWorkers:
                  bucket_size: int = 1024,
                  transport: str | Mapping[str, str] = "auto",
                  link: LinkModel | None = None, min_elements: int = 1024, error_feedback: bool | str = "auto",
-                 seed: int = 0, refit_levels: int | None = None, rotation: int = 4096, rounding: str = "nearest",
+                 seed: int = 0, refit_levels: int | None = None, level_groups="layer", rotation: int = 4096,
+                 rounding: str = "nearest",
                  block_scales: str = "this_step") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")

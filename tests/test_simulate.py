@@ -31,6 +31,7 @@ def simulate(case: str, size: int):
 
 
 @pytest.mark.parametrize("case,size", [("lanes", 2), ("gather", 2), ("jointsq", 2), ("topk", 2), ("alq", 2),
+                                       ("alq_type", 2),
                                        ("rotated", 2), ("gather", 4), ("lowrank", 2), ("lowrank", 4),
                                        ("lowrank16", 2), ("lowrank16", 4), ("mixed", 2)])
 def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size):
@@ -46,8 +47,13 @@ def test_simulated_workers_give_the_aggregate_of_a_real_job(tmp_path, case, size
     assert [e.version for e in sim.allocation_events] == real["versions"]
     if case == "lanes":
         assert len(real["versions"]) == 2, "the interval trigger should have fired at steps 0 and 2"
-    if case == "alq":
+    if case in ("alq", "alq_type"):
         assert real["levels"] and real["levels"] == levels_of(sim.exchanges[0])
+    if case == "alq_type":  # one level set per type, the same on every rank (the digests agreed at every step)
+        fit = real["level_fit"]
+        assert set(fit) == {"conv", "linear"} and len(fit["conv"]["layers"]) >= 5 and fit == sim.exchanges[0].level_fit
+        for group in fit.values():
+            assert len({tuple(real["levels"][n]) for n in group["layers"]}) == 1
     if case == "lowrank":  # factors on the matrices, measured bytes as the cost model predicts
         low = [p for p in sim.layer_plans() if p.transport == "lowrank"]
         assert len(low) >= 3 and {p.rank for p in low} == {1, 2}

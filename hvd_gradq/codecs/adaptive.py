@@ -122,13 +122,16 @@ def _amq_objective_and_grad(p: float, r: torch.Tensor, count: int) -> tuple[floa
 
 
 def fit_amq(r: torch.Tensor, count: int, p0: float = 0.5, steps: int = 100) -> float:
-    """AMQ: the multiplier p in (0, 1) minimising Psi over exponential levels (gradient descent
-    with backtracking, so every accepted step lowers Psi)."""
+    """AMQ: the multiplier p in (0, 1) minimising Psi over exponential levels: Psi(p) has several
+    local minima, so the descent starts from the best of ``p0`` and a grid of 32 multipliers, then
+    gradient descent with backtracking (every accepted step lowers Psi)."""
     r = r.to(torch.float64).reshape(-1)
     if count <= 2 or r.numel() == 0:
         return p0
-    p, lr = p0, 0.5
     low = max(1e-3, min_multiplier(count))
+    starts = [p0, *torch.linspace(low, 1 - 1e-2, 32).tolist()]
+    p = min(starts, key=lambda c: _amq_objective_and_grad(c, r, count)[0])
+    lr = 0.5
     psi, grad = _amq_objective_and_grad(p, r, count)
     for _ in range(steps):
         cand = min(max(p - lr * grad, low), 1 - 1e-3)

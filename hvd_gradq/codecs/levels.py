@@ -33,6 +33,7 @@ from hvd_gradq.codecs.adaptive import (
     fit_alq,
     fit_amq,
     normalized_coordinates,
+    normalized_variance,
 )
 from hvd_gradq.codecs.base import Codec, Encoded, flat_float32
 
@@ -233,7 +234,17 @@ class AdaptiveLevelCodec(LevelCodec):
         """Fit the levels to gradient ``samples`` (any shape); returns the new levels."""
         if self.bits <= 2:  # 2 bits: levels are (0, 1), nothing to fit
             return self.levels
-        r = normalized_coordinates(samples, self.norm, self.bucket_size)
+        return self.fit_coordinates(normalized_coordinates(samples, self.norm, self.bucket_size), max_samples)
+
+    def coordinates(self, samples: torch.Tensor) -> torch.Tensor:
+        """The normalised coordinates r = |x| / ||bucket|| of ``samples`` in this codec's buckets."""
+        return normalized_coordinates(samples, self.norm, self.bucket_size)
+
+    def fit_coordinates(self, r: torch.Tensor, max_samples: int = 200_000) -> torch.Tensor:
+        """Fit the levels to normalised coordinates ``r`` (e.g. of several layers, each bucketed
+        on its own); returns the new levels."""
+        if self.bits <= 2:
+            return self.levels
         if r.numel() > max_samples:  # a fixed-stride subsample keeps the fit deterministic
             r = r[:: -(-r.numel() // max_samples)]
         if self.method == "alq":
@@ -249,6 +260,24 @@ class AdaptiveLevelCodec(LevelCodec):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.multiplier = state.get("multiplier", self.multiplier)
+
+
+def fit_level_groups(groups: dict[str, dict[str, AdaptiveLevelCodec]], grads) -> dict[str, dict]:
+    """Fit one level set per group ({group: {layer: its codec}}) to the normalised coordinates of
+    the group's gradients ``grads[layer]`` (each layer bucketed on its own; the first layer's codec
+    fits). Returns {"levels": {layer: codec state}, "groups": {group: {"layers", "variance"}}};
+    "variance" is the set's normalised variance Psi on those coordinates (E||Q(v) - v||^2 <=
+    Psi ||v||^2 per bucket under stochastic rounding: the epsilon_Q of the layer-wise quantization
+    paper's Theorem 5.1, measured)."""
+    levels, report = {}, {}
+    for group, codecs in groups.items():
+        first = next(iter(codecs.values()))
+        r = torch.cat([codec.coordinates(grads[name]) for name, codec in codecs.items()])
+        first.fit_coordinates(r)
+        state = first.state_dict()
+        levels.update(dict.fromkeys(codecs, state))
+        report[group] = {"layers": list(codecs), "variance": normalized_variance(first.levels, r)}
+    return {"levels": levels, "groups": report}
 
 
 def _level_factory(name: str, norm: str, levels):

@@ -23,6 +23,7 @@ from hvd_gradq.bits.rotation import key_for
 from hvd_gradq.codebook import LOWRANK as LOWRANK_CODEC
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
+from hvd_gradq.codecs.levels import fit_level_groups
 from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, factor_bits, factored_shape, initial_q, transposed
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
@@ -75,6 +76,7 @@ class GradientExchange:
                                size=self.size, codebook=self.codebook, residuals=self.residuals.lanes, label=label)
         self.coders: dict[str, GatherCoder] = {}
         self.lowrank: dict[str, LowRankCoder] = {}  # the low-rank layers' factors and residuals
+        self.level_fit: dict[str, dict] = {}  # the latest level fit per group (``fit_levels``)
         self.plans: dict[str, LayerPlan] = {}
         self._track_error = False
         self._coders_made = 0  # each coder draws from its own stream (see _plan)
@@ -315,24 +317,24 @@ class GradientExchange:
         return bool(every) and step % every == 0 and bool(self._adaptive())
 
     def fit_levels(self, grads: Mapping[str, torch.Tensor]) -> dict[str, dict]:
-        """The root: fit the level set of every adaptive-coded layer (ALQ, AMQ; 3 bits or more) to
-        that layer's aggregated gradient in ``grads``; returns {layer: codec state} for every
-        rank's ``set_levels``."""
-        out = {}
+        """The root: fit one level set per group of adaptive-coded layers (ALQ, AMQ; 3 bits or more;
+        ``Coding.level_groups``: each layer, all, or per type) to the group's aggregated gradients
+        in ``grads`` (``codecs.levels.fit_level_groups``), for every rank's ``set_levels``."""
+        groups: dict[str, dict] = {}
         for name, coder in self._adaptive().items():
             if name in grads:
-                coder.codec.fit(grads[name])
-                out[name] = coder.codec.state_dict()
-        return out
+                groups.setdefault(self.coding.level_group(name), {})[name] = coder.codec
+        return fit_level_groups(groups, grads)
 
-    def set_levels(self, levels: Mapping[str, dict]) -> None:
+    def set_levels(self, fitted: Mapping[str, dict]) -> None:
         """Adopt the root's fitted levels (every rank, the same step). They enter the layer's
         codebook digest, so a rank that missed them is caught at the next exchange."""
-        for name, state in levels.items():
+        for name, state in fitted["levels"].items():
             coder = self.coders[name]
             coder.codec.load_state_dict(state)
-            fitted = zlib.crc32(coder.codec.levels.numpy().tobytes())
-            self.codebook[name].codec_key = f"bucket={self.coding.bucket_size};levels={fitted:08x}"
+            fitted_key = zlib.crc32(coder.codec.levels.numpy().tobytes())
+            self.codebook[name].codec_key = f"bucket={self.coding.bucket_size};levels={fitted_key:08x}"
+        self.level_fit = dict(fitted["groups"])
 
     # ---- coding error ------------------------------------------------------------------------------------
     @property

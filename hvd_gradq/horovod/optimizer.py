@@ -338,6 +338,7 @@ def DistributedOptimizer(
     error_feedback: bool | str = "auto",
     seed: int = 0,
     refit_levels: int | None = None,
+    level_groups="layer",
     rotation: int = 4096,
     rounding: str = "nearest",
     block_scales: str = "this_step",
@@ -355,7 +356,7 @@ def DistributedOptimizer(
 
     The coding: ``coding=hvd_gradq.Coding(...)``, or the same settings as keywords (``codec``,
     ``bits``, ``ratio``, ``rank``, ``factors``, ``bucket_size``, ``transport``, ``link``, ``min_elements``,
-    ``error_feedback``, ``seed``, ``refit_levels``, ``rotation``, ``rounding``, ``block_scales``;
+    ``error_feedback``, ``seed``, ``refit_levels``, ``level_groups``, ``rotation``, ``rounding``, ``block_scales``;
     see ``Coding`` for each). ``allocator``: a
     ``hvd_gradq.Allocator``: rank 0 re-decides the bits of every coded layer when ``trigger`` (a
     ``hvd_gradq.Trigger``; default: similarity, tau 0.95, k_min 20) fires and broadcasts the new

@@ -42,6 +42,9 @@ def setup(case: str, seed: int = 0):
         kw = {"codec": "jointsq", "ratio": 20, "transport": "two_phase"}
     elif case == "alq":  # adaptive levels refit on rank 0 after steps 0 and 2, broadcast to every rank
         kw = {"codec": "alq", "bits": 3, "transport": "allgather", "refit_levels": 2}
+    elif case == "alq_type":  # one level set per layer type (QODA's layer-wise quantization)
+        kw = {"codec": "alq", "bits": 3, "transport": "allgather", "refit_levels": 2, "min_elements": 64,
+              "level_groups": hvd_gradq.layer_types(model)}
     elif case == "lowrank":  # PowerSGD factors on the matrices, the rotated code on the rest
         kw = {"codec": "lowrank", "rank": {".*": 2, "classifier.weight": 1}, "bits": 3, "min_elements": 256}
     elif case == "lowrank16":  # float16 Q factors; an MLP with a wide, a tall (coded as its transpose) and a

@@ -38,4 +38,5 @@ else:
                 "versions": [e.version for e in opt.allocation_events],
                 "payload": [p.payload_bytes for p in opt.layer_plans()],
                 "levels": {n: c.codec.levels.tolist() for n, c in opt.gradient_exchange.coders.items()
-                           if kw["codec"] == "alq"}}, Path(args.out) / "real.pt")
+                           if kw["codec"] == "alq"},
+                "level_fit": opt.gradient_exchange.level_fit}, Path(args.out) / "real.pt")
