@@ -87,3 +87,35 @@ def test_examples_refuse_bad_combinations():
         run = subprocess.run([sys.executable, ROOT / "examples" / "fashion_mnist_cnn.py", *extra],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
+WGAN = ROOT / "examples" / "wgan_fashion_mnist.py"
+WGAN_TINY = ["--width", "8", "--steps", "4", "--eval-every", "2", "--eval-samples", "200", "--batch-size", "16",
+             "--min-elements", "64", "--refit-every", "2"]
+
+
+def check_wgan_log(path, workers, mode):
+    log = json.loads(path.read_text())
+    assert log["mode"] == mode and log["workers"] == workers and "examples/wgan" in log["command"]
+    assert [s["step"] for s in log["steps"]] == [0, 1, 2, 3]
+    assert all(set(s) == {"step", "critic_loss", "gen_loss", "wasserstein"} for s in log["steps"])
+    assert [e["step"] for e in log["evals"]] == [2, 4]
+    assert all(e["fid"] > 0 and e["wall"] > 0 for e in log["evals"])
+    fit = log["level_fit"]  # one ALQ level set per layer type, fitted at steps 0 and 2
+    assert set(fit) >= {"conv", "linear"} and all(g["variance"] > 0 for g in fit.values())
+    return log
+
+
+def test_wgan_example_runs_simulated_and_under_horovodrun(tmp_path):
+    log, png = tmp_path / "sim.json", tmp_path / "samples.png"
+    run = run_command([sys.executable, WGAN, "--workers", "2", *WGAN_TINY, "--log-json", log, "--samples", png],
+                      timeout=300)
+    assert run.returncode == 0, run.output[-4000:]
+    sim = check_wgan_log(log, 2, "simulated")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < sim["payload_bytes"][0] < sim["payload_bytes"][1]  # coded vs float32 bytes per step
+    log = tmp_path / "real.json"
+    run = horovodrun(WGAN, *WGAN_TINY, "--log-json", log, timeout=300)
+    assert run.returncode == 0, run.output[-4000:]
+    real = check_wgan_log(log, 2, "horovod")
+    assert real["level_fit"] == sim["level_fit"]  # the same data, levels and coding: the same fit
