@@ -22,6 +22,7 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
+import hvd_gradq
 from hvd_gradq.bits import native
 from hvd_gradq.exchange.timings import summarize
 from workloads.tasks import BENCH_COMPRESSORS, TASKS, bench_task, compressor_name, make_optimizer
@@ -66,8 +67,12 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     rank, size = hvd.rank(), hvd.size()
     model, batch, loss_fn = bench_task(args.model, rank, size)
-    opt, comp = make_optimizer(args.compressor, model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                               batch, loss_fn, spread=not args.no_spread)
+    if args.model == "wgan":  # QODA, one parameter group (step size) per player
+        base = hvd_gradq.QODA([{"params": list(model.gen.parameters())}, {"params": list(model.critic.parameters())}],
+                              lr=0.05)
+    else:
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt, comp = make_optimizer(args.compressor, model, base, batch, loss_fn, spread=not args.no_spread)
     c = args.compressor
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 

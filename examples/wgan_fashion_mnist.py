@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workloads (models, data)
 
@@ -35,8 +34,7 @@ import hvd_gradq
 from workloads.datasets import fashion_mnist
 from workloads.gan import (
     LATENT,
-    Critic,
-    Generator,
+    GANGame,
     feature_net,
     features,
     frechet_distance,
@@ -83,17 +81,11 @@ def arguments(argv=None) -> argparse.Namespace:
     return args
 
 
-class Players(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.gen, self.critic = Generator(width), Critic(width)
-
-
 def main(argv=None) -> dict:
     args = arguments(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    players = Players(args.width)
+    players = GANGame(args.width)
     groups = [{"params": list(players.gen.parameters())}, {"params": list(players.critic.parameters())}]
     base = hvd_gradq.QODA(groups, lr=args.lr) if args.optimizer == "qoda" else \
         torch.optim.Adam(groups, lr=args.lr, betas=(0.5, 0.9))

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_task_names_its_model_data_and_example():
-    assert set(tasks.TASKS) == {"cnn", "lstm", "transformer"}
+    assert set(tasks.TASKS) == {"cnn", "lstm", "transformer", "wgan"}
     for w in tasks.TASKS.values():
         assert (ROOT / w.example).is_file() and w.example.startswith("examples/")
         assert callable(w.model) and callable(w.data) and w.title

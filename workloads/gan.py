@@ -75,6 +75,19 @@ def game_losses(gen: Generator, critic: Critic, real: torch.Tensor, z: torch.Ten
                                     "wasserstein": float((critic_real.mean() - critic_fake.mean()).detach())}
 
 
+class GANGame(nn.Module):
+    """Both players; ``forward((real, z, generator))`` is ``game_losses``' loss (the benchmarks
+    call a model on its inputs and backpropagate what comes out)."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.gen, self.critic = Generator(width), Critic(width)
+
+    def forward(self, batch) -> torch.Tensor:
+        real, z, generator = batch
+        return game_losses(self.gen, self.critic, real, z, generator=generator)[0]
+
+
 def feature_net(path: Path | None = None, seed: int = 0) -> nn.Module:
     """The features (64 per image) of a FashionCNN trained on 200 batches of 128 training images
     (Adam, seed 0), cached in the project's cache directory."""

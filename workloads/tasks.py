@@ -21,7 +21,9 @@ budget of 2/3 bits, similarity trigger), ``jointsq20``/``jointsq100`` (JointSQ a
 ``lad2r``/``lad3r`` (LAD as lad2/lad3 over the rotated code), ``lowrank4`` (the drop-in's low-rank
 factors at rank 4, the rotated code at 4 bits for the rest), ``lowrank4h`` (the same with Q in
 float16), ``mixed07h`` (exact LAD choosing per layer between ranks 1-8 with Q in float16 and the
-rotated code at 0-4 bits, 0.7 bits per element on the wire); and ``powersgd``: PyTorch DDP with
+rotated code at 0-4 bits, 0.7 bits per element on the wire), ``alq4t``/``alq4g`` (ALQ at 4 bits, one
+level set per layer type / one for all layers: the layer-wise quantization paper's comparison);
+and ``powersgd``: PyTorch DDP with
 the PowerSGD hook (``benchmarks.ddp_worker``, no Horovod). Older names are still accepted and
 mean what they meant (``ALIASES``: old result logs use them); what is written now uses the new
 names.
@@ -31,11 +33,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 import hvd_gradq
 from workloads.datasets import austen_lm, fashion_mnist
+from workloads.gan import LATENT, GANGame, to_gan_range
 from workloads.models import FashionCNN, LSTMLanguageModel, TransformerLanguageModel
 
 
@@ -56,6 +60,7 @@ TASKS = {
     "lstm": Workload("lstm", "AustenLSTM", "examples/austen_lstm_lm.py", LSTMLanguageModel, austen_lm),
     "transformer": Workload("transformer", "AustenTransformer", "examples/transformer_lm.py",
                             TransformerLanguageModel, austen_lm),
+    "wgan": Workload("wgan", "WGAN", "examples/wgan_fashion_mnist.py", GANGame, fashion_mnist),
 }
 
 
@@ -66,7 +71,18 @@ def lm_loss(logits, target):
 
 def bench_task(name: str, rank: int, size: int):
     """(model, batch(step) -> (inputs, targets), loss_fn) at the benchmarks' fixed sizes: the CNN
-    with 64 images per rank and step, the language models with 20 sequences of 35 tokens."""
+    with 64 images per rank and step, the language models with 20 sequences of 35 tokens, the WGAN
+    with 64 images and latent codes (its model returns the game's loss; ``loss_fn`` passes it on)."""
+    if name == "wgan":
+        x = to_gan_range(TASKS["wgan"].data("train")[0])
+        game = GANGame()
+
+        def gan_batch(step: int):
+            lo = ((step * size + rank) * 64) % (len(x) - 64)
+            g = torch.Generator().manual_seed(step * 4096 + rank)
+            return (x[lo:lo + 64], torch.randn(64, LATENT, generator=g), g), None
+
+        return game, gan_batch, lambda loss, _: loss
     if name == "cnn":
         x, y = TASKS["cnn"].data("train")
         model = TASKS["cnn"].model()
@@ -106,6 +122,7 @@ class Compressor:
     rank: int | None = None
     factors: str | None = None  # of the low-rank factors: "float16" for Q in float16
     ranks: tuple[int, ...] = ()  # the allocator's low-rank options (with budget: ranks+bits, priced on the wire)
+    level_groups: str | None = None  # alq/amq: "type" (one level set per layer type) or "global"
 
     @property
     def stock(self) -> bool:
@@ -125,6 +142,7 @@ _BENCH = [*[Compressor(f"stock{b}", "stock", bits=b) for b in (2, 4, 8)],
           Compressor("lowrank4", "dropin", "lowrank", bits=4, rank=4),
           Compressor("lowrank4h", "dropin", "lowrank", bits=4, rank=4, factors="float16"),
           Compressor("mixed07h", "dropin", "rotated", bits=1, budget=0.7, factors="float16", ranks=(1, 2, 4, 8)),
+          *[Compressor(f"alq4{g[0]}", "dropin", "alq", bits=4, level_groups=g) for g in ("type", "global")],
           Compressor("powersgd", "ddp")]
 COMPRESSORS = {c.name: c for c in [*_EXAMPLES, *_BENCH]}
 #: the examples' --compressor
@@ -133,7 +151,8 @@ EXAMPLE_COMPRESSORS = tuple(c.name for c in _EXAMPLES)
 DROPIN = tuple(hvd_gradq.CODECS)
 #: what benchmarks.step_worker and benchmarks.tta_worker run under Horovod (powersgd: under DDP)
 BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", "lad2", "lad3", "jointsq20", "jointsq100", "qsgd4",
-                     "rotated2", "rotated3", "lad2r", "lad3r", "lowrank4", "lowrank4h", "mixed07h")
+                     "rotated2", "rotated3", "lad2r", "lad3r", "lowrank4", "lowrank4h", "mixed07h",
+                     "alq4t", "alq4g")
 #: old name -> new name
 ALIASES = {"uniform": "stock", "gradq-uniform": _SHARED_SCALE, "uniform2": "stock2", "uniform4": "stock4",
            "uniform8": "stock8"}
@@ -177,6 +196,8 @@ def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: 
         kw["rank"] = c.rank
     if c.factors is not None:
         kw["factors"] = c.factors
+    if c.level_groups is not None:
+        kw["level_groups"] = hvd_gradq.layer_types(model) if c.level_groups == "type" else c.level_groups
     if c.budget is not None:
         probe = hvd_gradq.LossProbe(model, loss_fn, lambda: [batch(10_000)])
         mix = {"options": (0, 1, 2, 3, 4), "ranks": c.ranks, "rate": "wire"} if c.ranks else \
