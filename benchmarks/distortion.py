@@ -20,7 +20,11 @@ sum ||g||^2). Codes:
   per block from the ranks' mean block energy, the drop-in's default) and the gathered rotated code;
 * every level codec (``qsgd``, ``qsgdinf``, ``natural``, ``nuqsgd``, ``terngrad``, ``alq``, ``amq``;
   bucket 1024, stochastic, ALQ/AMQ at their initial levels), without and with the rotation
-  (``+rot``: the same codec on the rotated vector).
+  (``+rot``: the same codec on the rotated vector);
+* ``alq``/``amq`` with fitted levels, 3-8 bits: fitted on rank 0's view, the previous step's
+  gradients, then coding this step's, with one level set per layer (``fitted per layer``), per
+  layer type (``fitted per type``, ``hvd_gradq.layer_types``: the layer-wise quantization
+  paper's sequences) or one for all layers (``fitted global``), as ``Coding(level_groups=)`` does.
 
 Side by side: the lower bound for unbiased b-bit codes, 1/(4^b - 1), and the figures reported
 for EDEN-style rotated codes (0.133 / 0.036 / 0.0096 at 2 / 3 / 4 bits).
@@ -37,25 +41,30 @@ from pathlib import Path
 import torch
 
 from benchmarks import provenance
+from hvd_gradq.alloc.layer_types import layer_types
 from hvd_gradq.bits import rotation
 from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.bits.lanes import lane_layout
 from hvd_gradq.codecs import LEVEL_CODECS, make_codec
 from hvd_gradq.codecs import rotated as rot
+from hvd_gradq.codecs.levels import fit_level_groups
 from hvd_gradq.codecs.shared_scale import dequantize_lanes, quantize_to_lanes
 from workloads.tasks import bench_task
 
 EDEN = {2: 0.133, 3: 0.036, 4: 0.0096}
 #: SGD settings of the examples (lr, gradient clipping)
-TRAIN = {"cnn": (0.05, None), "lstm": (20.0, 0.25), "transformer": (5.0, 0.25)}
+TRAIN = {"cnn": (0.05, None), "lstm": (20.0, 0.25), "transformer": (5.0, 0.25), "wgan": (0.01, None)}
+GROUPINGS = ("layer", "type", "global")
 BLOCK = 4096
 
 
-def gradients(task: str, points: list[int]) -> dict[int, tuple[dict, dict, dict]]:
+def gradients(task: str, points: list[int]) -> tuple[dict[int, tuple[dict, dict, dict]], dict[str, str]]:
     """{step: (gradients at step - 1, gradients at step, a second batch's gradients at step)} of
-    every layer, plain float32 SGD on the first batch (the second one stands for another rank's)."""
+    every layer, plain float32 SGD on the first batch (the second one stands for another rank's),
+    and the layers' types."""
     torch.manual_seed(0)
     model, batch, loss_fn = bench_task(task, 0, 1)
+    types = layer_types(model)
     lr, clip = TRAIN[task]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     out, prev = {}, None
@@ -78,6 +87,21 @@ def gradients(task: str, points: list[int]) -> dict[int, tuple[dict, dict, dict]
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+    return out, types
+
+
+def fitted_codes(method: str, bits: int, names: list[str], prev: dict, types: dict) -> dict:
+    """{grouping: {layer: codec}}: ``method`` levels fitted to the previous step's gradients per
+    layer, per layer type and for all layers (``Coding(level_groups=)``)."""
+    out = {}
+    for grouping in GROUPINGS:
+        codecs = {n: make_codec(method, bits, bucket_size=1024) for n in names}
+        groups: dict[str, dict] = {}
+        for n in names:
+            key = n if grouping == "layer" else types.get(n, "other") if grouping == "type" else "all"
+            groups.setdefault(key, {})[n] = codecs[n]
+        fit_level_groups(groups, prev)
+        out[grouping] = codecs
     return out
 
 
@@ -122,7 +146,7 @@ def with_rotation(code, g: torch.Tensor, key: int) -> torch.Tensor:
     return rotation.unrotate(code(rotation.rotate(g, key, block)), key, block, g.numel())
 
 
-def measure(task: str, step: int, prev: dict, grads: dict, other: dict, codecs: list[str]) -> list[dict]:
+def measure(task: str, step: int, prev: dict, grads: dict, other: dict, codecs: list[str], types: dict) -> list[dict]:
     rows = []
     rng = DitherSource(1)
     names = [n for n in grads if grads[n].numel() >= 1024 and float(grads[n].norm()) > 0]
@@ -144,6 +168,12 @@ def measure(task: str, step: int, prev: dict, grads: dict, other: dict, codecs: 
                 continue  # e.g. terngrad at other than 2 bits
             codes[name] = lambda g, p, k, c=codec: c.roundtrip(g, rng)
             codes[name + "+rot"] = lambda g, p, k, c=codec: with_rotation(lambda y: c.roundtrip(y, rng), g, k)
+        for method in ("alq", "amq"):
+            if bits < 3 or method not in codecs:
+                continue
+            for grouping, fitted in fitted_codes(method, bits, names, prev, types).items():
+                codes[f"{method} fitted {'global' if grouping == 'global' else 'per ' + grouping}"] = \
+                    lambda g, p, k, fitted=fitted: fitted[k[1]].roundtrip(g, rng)
         for code_name, code in codes.items():
             per_layer, err, energy, size = {}, 0.0, 0.0, 0
             for i, n in enumerate(names):
@@ -151,6 +181,8 @@ def measure(task: str, step: int, prev: dict, grads: dict, other: dict, codecs: 
                 if code_name.startswith("N=2"):
                     pair = (grads[n], other[n])
                     q, g = code(pair, None, 1_000_003 * (i + 1) + step), (pair[0] + pair[1]) / 2
+                elif " fitted " in code_name:
+                    q = code(g, prev[n], (1_000_003 * (i + 1) + step, n))
                 else:
                     q = code(g, prev[n], 1_000_003 * (i + 1) + step)
                 e, s = float(((q - g) ** 2).sum()), float((g**2).sum())
@@ -229,8 +261,9 @@ def main() -> None:
     points = [int(p) for p in args.points.split(",")]
     rows, started = [], time.time()
     for task in args.tasks.split(","):
-        for step, (prev, grads, other) in gradients(task, points).items():
-            rows += measure(task, step, prev, grads, other, args.codecs.split(","))
+        points_grads, types = gradients(task, points)
+        for step, (prev, grads, other) in points_grads.items():
+            rows += measure(task, step, prev, grads, other, args.codecs.split(","), types)
             print(f"{task} step {step}: done ({time.time() - started:.0f} s)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"commit": commit, "points": points, "rows": rows}, indent=1))

@@ -129,7 +129,8 @@ def fit_amq(r: torch.Tensor, count: int, p0: float = 0.5, steps: int = 100) -> f
     if count <= 2 or r.numel() == 0:
         return p0
     low = max(1e-3, min_multiplier(count))
-    starts = [p0, *torch.linspace(low, 1 - 1e-2, 32).tolist()]
+    grid = torch.linspace(low, 1 - 1e-2, 32, dtype=torch.float64).tolist()
+    starts = [min(max(low, p0), 1 - 1e-3), *(max(low, c) for c in grid)]
     p = min(starts, key=lambda c: _amq_objective_and_grad(c, r, count)[0])
     lr = 0.5
     psi, grad = _amq_objective_and_grad(p, r, count)

@@ -265,18 +265,24 @@ class AdaptiveLevelCodec(LevelCodec):
 def fit_level_groups(groups: dict[str, dict[str, AdaptiveLevelCodec]], grads) -> dict[str, dict]:
     """Fit one level set per group ({group: {layer: its codec}}) to the normalised coordinates of
     the group's gradients ``grads[layer]`` (each layer bucketed on its own; the first layer's codec
-    fits). Returns {"levels": {layer: codec state}, "groups": {group: {"layers", "variance"}}};
-    "variance" is the set's normalised variance Psi on those coordinates (E||Q(v) - v||^2 <=
-    Psi ||v||^2 per bucket under stochastic rounding: the epsilon_Q of the layer-wise quantization
-    paper's Theorem 5.1, measured)."""
+    fits and every codec of the group takes its levels). Returns {"levels": {layer: codec state},
+    "groups": {group: {"layers", "variance", "epsilon"}}}: "variance" is the set's normalised
+    variance Psi on those coordinates (the mean over coordinates of (hi - r)(r - lo)), "epsilon" =
+    bucket size x Psi, the measured E||Q(v) - v||^2 / ||v||^2 of a full bucket under stochastic
+    rounding (the epsilon_Q of the layer-wise quantization paper's bound
+    E||Q(v) - v||^2 <= epsilon_Q ||v||^2)."""
     levels, report = {}, {}
     for group, codecs in groups.items():
         first = next(iter(codecs.values()))
         r = torch.cat([codec.coordinates(grads[name]) for name, codec in codecs.items()])
         first.fit_coordinates(r)
         state = first.state_dict()
+        for codec in codecs.values():
+            if codec is not first:
+                codec.load_state_dict(state)
         levels.update(dict.fromkeys(codecs, state))
-        report[group] = {"layers": list(codecs), "variance": normalized_variance(first.levels, r)}
+        psi = normalized_variance(first.levels, r)
+        report[group] = {"layers": list(codecs), "variance": psi, "epsilon": psi * first.bucket_size}
     return {"levels": levels, "groups": report}
 
 

@@ -8,6 +8,7 @@ from hvd_gradq.codecs.adaptive import (
     exponential_levels,
     fit_alq,
     fit_amq,
+    min_multiplier,
     normalized_coordinates,
     normalized_variance,
 )
@@ -68,3 +69,16 @@ def test_codec_fit_updates_shared_levels(gradients):
         twin = make_codec(name, 3, bucket_size=8192)
         twin.load_state_dict(codec.state_dict())  # what the codebook carries to other ranks
         assert torch.equal(twin.levels, codec.levels)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 6, 7, 8])
+def test_amq_fits_at_every_width_from_its_grid_of_starts(bits):
+    """The starting grid stays inside the multipliers the level count allows (float64; a float32
+    grid put its first point just below the bound at 7 bits)."""
+    count = 1 << (bits - 1)
+    r = torch.rand(20_000, generator=torch.Generator().manual_seed(bits)) ** 4
+    p = fit_amq(r, count)
+    assert min_multiplier(count) <= p < 1
+    levels = exponential_levels(p, count)
+    assert normalized_variance(levels, r) <= normalized_variance(exponential_levels(0.5 if min_multiplier(
+        count) <= 0.5 else min_multiplier(count), count), r) + 1e-12

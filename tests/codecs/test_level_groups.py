@@ -45,7 +45,7 @@ def test_per_type_levels_are_shared_within_a_type_and_no_worse_than_global_level
         codec = by_type[group][layers[0]]
         r = torch.cat([codec.coordinates(grads[n]) for n in layers])
         own = normalized_variance(codec.levels, r)
-        assert own == pytest.approx(fit["variance"])
+        assert own == pytest.approx(fit["variance"]) and fit["epsilon"] == pytest.approx(256 * fit["variance"])
         shared = normalized_variance(global_levels, r)
         assert own <= shared * 1.02 + 1e-12, (group, own, shared)  # fitted to its own type: no worse
         total_type += own * r.numel()
