@@ -49,6 +49,7 @@ from hvd_gradq.codecs import LEVEL_CODECS, make_codec
 from hvd_gradq.codecs import rotated as rot
 from hvd_gradq.codecs.levels import fit_level_groups
 from hvd_gradq.codecs.shared_scale import dequantize_lanes, quantize_to_lanes
+from hvd_gradq.settings import Coding
 from workloads.tasks import bench_task
 
 EDEN = {2: 0.133, 3: 0.036, 4: 0.0096}
@@ -95,11 +96,11 @@ def fitted_codes(method: str, bits: int, names: list[str], prev: dict, types: di
     layer, per layer type and for all layers (``Coding(level_groups=)``)."""
     out = {}
     for grouping in GROUPINGS:
+        coding = Coding(codec=method, bits=bits, level_groups=types if grouping == "type" else grouping)
         codecs = {n: make_codec(method, bits, bucket_size=1024) for n in names}
         groups: dict[str, dict] = {}
         for n in names:
-            key = n if grouping == "layer" else types.get(n, "other") if grouping == "type" else "all"
-            groups.setdefault(key, {})[n] = codecs[n]
+            groups.setdefault(coding.level_group(n), {})[n] = codecs[n]
         fit_level_groups(groups, prev)
         out[grouping] = codecs
     return out

@@ -131,9 +131,8 @@ def fit_amq(r: torch.Tensor, count: int, p0: float = 0.5, steps: int = 100) -> f
     low = max(1e-3, min_multiplier(count))
     grid = torch.linspace(low, 1 - 1e-2, 32, dtype=torch.float64).tolist()
     starts = [min(max(low, p0), 1 - 1e-3), *(max(low, c) for c in grid)]
-    p = min(starts, key=lambda c: _amq_objective_and_grad(c, r, count)[0])
+    p, (psi, grad) = min(((c, _amq_objective_and_grad(c, r, count)) for c in starts), key=lambda t: t[1][0])
     lr = 0.5
-    psi, grad = _amq_objective_and_grad(p, r, count)
     for _ in range(steps):
         cand = min(max(p - lr * grad, low), 1 - 1e-3)
         psi_c, grad_c = _amq_objective_and_grad(cand, r, count)

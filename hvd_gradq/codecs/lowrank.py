@@ -35,6 +35,7 @@ MIN_COMPRESSION = 2.0
 _FINITE = float(torch.finfo(torch.float32).max)
 #: the dtypes the factors travel in: float32, or P in float32 and Q in float16 (module docstring)
 FACTORS = ("float32", "float16")
+_Q_BYTES = {"float32": 4, "float16": 2}  # bytes per element of Q as it travels (P: always 4)
 _HALF_TOP = 14  # float16 sums are scaled so that their bound is at most 2^14 (of 65504)
 
 
@@ -70,10 +71,15 @@ def factor_numel(rows: int, cols: int, rank: int, factors: str = "float32") -> t
     return a * rank, b * rank
 
 
+def factor_bytes(rows: int, cols: int, rank: int, factors: str = "float32") -> tuple[int, int]:
+    """Bytes of P and of Q (without the summed header) in the dtypes they travel in."""
+    p, q = factor_numel(rows, cols, rank, factors)
+    return 4 * p, _Q_BYTES[factors] * q
+
+
 def factor_bits(rows: int, cols: int, rank: int, factors: str = "float32") -> int:
     """Bits of P and Q (without the summed header) in the dtypes they travel in."""
-    p, q = factor_numel(rows, cols, rank, factors)
-    return 32 * p + (16 if factors == "float16" else 32) * q
+    return 8 * sum(factor_bytes(rows, cols, rank, factors))
 
 
 def half_scale(norm_sum: float) -> float:

@@ -102,9 +102,9 @@ class GradientExchange:
         self.plans[name] = plan
         self.coders.pop(name, None)
         self.lowrank.pop(name, None)
-        if plan.transport == LOWRANK:  # Q starts from the same key on every rank
+        if plan.transport == LOWRANK:  # Q starts from the same key on every rank (in the codebook's digest)
             shape = factored_shape(self.shapes[name], code.rank)
-            self.lowrank[name] = LowRankCoder(name, shape, code.rank, key=int(code.codec_key.split(",")[0][2:], 16),
+            self.lowrank[name] = LowRankCoder(name, shape, code.rank, key=key_for(self.coding.seed, name),
                                               factors=self.coding.factors)
         if plan.gather is not None:
             # A stream per coder, not one shared by all layers: two-phase second halves run when

@@ -17,7 +17,7 @@ from hvd_gradq.bits import rotation as rot
 from hvd_gradq.bits.lanes import lane_layout
 from hvd_gradq.codebook import FLOAT_BITS, LOWRANK, ROTATED, SHARED_SCALE, SUMMABLE, LayerCode
 from hvd_gradq.codecs import LEVEL_CODECS, Codec, make_codec
-from hvd_gradq.codecs.lowrank import factor_numel, factored_shape
+from hvd_gradq.codecs.lowrank import factor_bytes, factored_shape
 from hvd_gradq.plan import cost_model
 from hvd_gradq.plan.cost_model import (
     ALLGATHER,
@@ -144,10 +144,8 @@ class Planner:
 
     def lowrank_cost(self, rows: int, cols: int, rank: int) -> TransportCost:
         """P with the summed header (float32), then Q (float32, or float16 with ``factors``)."""
-        p, q = factor_numel(rows, cols, rank, self.factors)
-        head = header_len(torch.float32, self.size)
-        return cost_model.lowrank_cost(4 * (head + p), (2 if self.factors == "float16" else 4) * q, self.size,
-                                       self.link)
+        p, q = factor_bytes(rows, cols, rank, self.factors)
+        return cost_model.lowrank_cost(4 * header_len(torch.float32, self.size) + p, q, self.size, self.link)
 
     def plan(self, name: str, numel: int, bits: int, forced: str, shape=None,
              rank: int = 0) -> tuple[LayerPlan, LayerCode]:
