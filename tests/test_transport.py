@@ -122,6 +122,18 @@ def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, cas
             assert "version" in res["message"], res
 
 
+def test_a_rank_holding_other_per_type_levels_is_stopped_by_the_digest(tmp_path):
+    """Per-type ALQ levels (``level_groups=layer_types(model)``) are fitted on rank 0 after step 0 and
+    shared; rank 1 then replaces the weights' type's inner levels by others (x 0.97). The fitted levels
+    enter each layer's digest, so step 1 stops both ranks with the codebook error."""
+    start = time.monotonic()
+    run = horovodrun(WORKER, "--case", "levels_mismatch", "--out", tmp_path, np=2, timeout=120)
+    assert run.returncode != 0 and time.monotonic() - start < 60
+    for res in rank_files(tmp_path, 2):
+        assert res["step"] == 1 and res["error"] == "CodebookMismatchError", res
+        assert "different codebook" in res["message"], res
+
+
 def test_ranks_that_disagree_on_a_low_rank_layer_s_rank_stop_with_a_clear_error(tmp_path):
     """Rank 0 sends rank-2 factors, rank 1 rank-3: the two P's differ in size, which Horovod itself
     refuses on every rank before any sum (so the header is never read); the error names the layer

@@ -14,6 +14,8 @@ Cases:
   version_mismatch / bits_mismatch / rotation_mismatch / lowrank_seed_mismatch   one rank's codebook
              differs (its version, a layer's bits, the rotation block of gathered rotated codes, the
              first Q of low-rank factors): every rank must raise.
+  levels_mismatch   after the first step's per-type ALQ fit, rank 1 holds other levels for the
+             weights' type: every rank must raise at the second step.
 """
 import argparse
 import copy
@@ -343,6 +345,9 @@ def mismatch_case(out, case):
     if case == "lowrank_factors_mismatch":  # float16 Q on rank 0 only: the codebook digest (and the tall fc2's
         # orientation) differ
         coding = {"codec": "lowrank", "rank": 2, "factors": "float16" if rank == 0 else "float32"}
+    if case == "levels_mismatch":  # ALQ levels fitted per layer type after every step; rank 1 then holds
+        # another level set for the weights' type than the one rank 0 fitted and shared
+        coding = {"codec": "alq", "level_groups": hvd_gradq.layer_types(model), "refit_levels": 1}
     opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
                                          named_parameters=model.named_parameters(), bits=bits, **coding)
     if case == "version_mismatch" and rank == 1:
@@ -354,6 +359,13 @@ def mismatch_case(out, case):
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
+            if case == "levels_mismatch" and rank == 1:
+                exchange, types = opt.gradient_exchange, hvd_gradq.layer_types(model)
+                held = {name: {"levels": torch.cat([coder.codec.levels[:-1] * 0.97, coder.codec.levels[-1:]])}
+                        for name, coder in exchange.coders.items()
+                        if types[name] == "linear" and hasattr(coder.codec, "levels")}
+                assert held, "no ALQ-coded linear layer to alter"
+                exchange.set_levels({"levels": held, "groups": exchange.level_fit})
     except Exception as e:  # record what this rank saw, then let it end the job
         out.write_text(json.dumps({"rank": rank, "error": type(e).__name__, "message": str(e), "step": step}))
         raise
