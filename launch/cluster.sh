@@ -3,6 +3,7 @@
 # address and sshd, joined by a bridge, every node's link shaped with tc (rate, optional delay).
 #
 #   sudo launch/cluster.sh up --nodes 2 --rate 200mbit [--delay 2ms] [--mtu 9000]
+#   (--rate none: links not shaped, for an unconstrained reference)
 #   launch/cluster.sh status
 #   sudo launch/cluster.sh run [--gloo] -np 2 .venv/bin/python examples/fashion_mnist_cnn.py ...
 #   sudo launch/cluster.sh down
@@ -136,8 +137,10 @@ EOF
     ip netns exec "$ns" ip link set eth0 up
     ip netns exec "$ns" ip link set lo up
     ip link set "$ns-h" master "$BRIDGE" up
-    shape "" "$ns-h" "$rate" "$delay"     # towards the node
-    shape "$ns" eth0 "$rate" "$delay"     # from the node
+    if [ "$rate" != none ]; then  # --rate none: unshaped veth links (the unconstrained reference)
+      shape "" "$ns-h" "$rate" "$delay"     # towards the node
+      shape "$ns" eth0 "$rate" "$delay"     # from the node
+    fi
     ip netns exec "$ns" /usr/sbin/sshd -f /dev/null -h "$DIR/host_ed25519" \
       -o ListenAddress="$addr" -o PidFile="$DIR/sshd$i.pid" -o AuthorizedKeysFile="$DIR/authorized_keys" \
       -o StrictModes=no -o PermitRootLogin=prohibit-password -o PasswordAuthentication=no -o UsePAM=no \
@@ -147,7 +150,9 @@ EOF
   local IFS=,
   echo "${hosts[*]}" >"$DIR/hosts"
   unset IFS
-  printf '%s\n' "nodes=$n" "rate=$rate" "burst=$(burst_bytes "$rate")" "delay=$delay" "mtu=$mtu" >"$DIR/settings"
+  local burst=unshaped
+  [ "$rate" = none ] || burst=$(burst_bytes "$rate")
+  printf '%s\n' "nodes=$n" "rate=$rate" "burst=$burst" "delay=$delay" "mtu=$mtu" >"$DIR/settings"
   for i in $(seq 1 "$n"); do  # every node must reach every node over ssh before we say "up"
     for try in $(seq 1 50); do
       ip netns exec "${NS}1" "$DIR/bin/ssh" -o ConnectTimeout=2 "$SUBNET.$i" true 2>/dev/null && break

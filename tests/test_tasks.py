@@ -26,6 +26,13 @@ def test_compressor_names_have_one_meaning():
     assert not lad2.stock and (lad2.codec, lad2.bits, lad2.budget) == ("shared_scale", 4, 2.0)
     assert tasks.COMPRESSORS["jointsq20"].ratio == 20.0 and tasks.COMPRESSORS["qsgd4"].codec == "qsgd"
     assert not set(tasks.ALIASES) & set(tasks.COMPRESSORS)  # an old name is never also a new one
+    assert tasks.COMPRESSORS["lad2f"].metric == "lad_first_order" and tasks.COMPRESSORS["lad2r"].metric == "lad"
+    assert (tasks.COMPRESSORS["topk20"].codec, tasks.COMPRESSORS["topk20"].ratio) == ("topk", 20.0)
+    assert tasks.COMPRESSORS["mixed10h"].budget == 1.0 and tasks.COMPRESSORS["mixed07h"].budget == 0.7
+    peers = {n: (c.hook, c.rank) for n, c in tasks.COMPRESSORS.items() if c.path == "ddp"}
+    assert peers == {"powersgd": ("powersgd", 4), "powersgd8": ("powersgd", 8), "ddp_fp16": ("fp16", None),
+                     "ddp_bf16": ("bf16", None), "ddp_none": (None, None)}
+    assert set(tasks.DDP_COMPRESSORS) == set(peers) and not set(peers) & set(tasks.BENCH_COMPRESSORS)
 
 
 def test_old_names_are_accepted_and_mapped_to_the_new_ones():

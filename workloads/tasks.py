@@ -18,15 +18,16 @@ The benchmarks' names fix the settings (``BENCH_COMPRESSORS``, built by ``make_o
 ``lad2``/``lad3`` (the drop-in, ``shared_scale`` at 4 bits, exact-LAD Lagrangian allocation at a
 budget of 2/3 bits, similarity trigger), ``jointsq20``/``jointsq100`` (JointSQ at 20x/100x),
 ``qsgd4``, ``rotated2``/``rotated3`` (the drop-in's default rotated code at 2/3 bits),
-``lad2r``/``lad3r`` (LAD as lad2/lad3 over the rotated code), ``lowrank4`` (the drop-in's low-rank
+``lad2r``/``lad3r`` (LAD as lad2/lad3 over the rotated code), ``lad2f``/``lad3f`` (the same with
+the first-order LAD metric), ``topk20`` (top-k at 20x with error feedback), ``lowrank4`` (the drop-in's low-rank
 factors at rank 4, the rotated code at 4 bits for the rest), ``lowrank4h`` (the same with Q in
 float16), ``mixed07h`` (exact LAD choosing per layer between ranks 1-8 with Q in float16 and the
-rotated code at 0-4 bits, 0.7 bits per element on the wire), ``alq4t``/``alq4g`` (ALQ at 4 bits, one
-level set per layer type / one for all layers: the layer-wise quantization paper's comparison);
-and ``powersgd``: PyTorch DDP with
-the PowerSGD hook (``benchmarks.ddp_worker``, no Horovod). Older names are still accepted and
-mean what they meant (``ALIASES``: old result logs use them); what is written now uses the new
-names.
+rotated code at 0-4 bits, 0.7 bits per element on the wire; ``mixed10h``: 1 bit per element),
+``alq4t``/``alq4g`` (ALQ at 4 bits, one level set per layer type / one for all layers: the
+layer-wise quantization paper's comparison); and the PyTorch DDP peers (no Horovod):
+``powersgd``/``powersgd8`` (the PowerSGD hook at rank 4/8), ``ddp_fp16``/``ddp_bf16`` (the fp16/bf16
+compression hooks), ``ddp_none`` (plain DDP). Older names are still accepted and mean what they
+meant (``ALIASES``: old result logs use them); what is written now uses the new names.
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ class Compressor:
     factors: str | None = None  # of the low-rank factors: "float16" for Q in float16
     ranks: tuple[int, ...] = ()  # the allocator's low-rank options (with budget: ranks+bits, priced on the wire)
     level_groups: str | None = None  # alq/amq: "type" (one level set per layer type) or "global"
+    metric: str = "lad"  # the allocator's distortion metric (with budget)
+    hook: str | None = None  # ddp: the communication hook ("powersgd", "fp16", "bf16"; None: plain allreduce)
 
     @property
     def stock(self) -> bool:
@@ -139,11 +142,18 @@ _BENCH = [*[Compressor(f"stock{b}", "stock", bits=b) for b in (2, 4, 8)],
           Compressor("qsgd4", "dropin", "qsgd", bits=4),
           *[Compressor(f"rotated{b}", "dropin", "rotated", bits=b) for b in (2, 3)],
           *[Compressor(f"lad{b}r", "dropin", "rotated", bits=4, budget=float(b)) for b in (2, 3)],
+          *[Compressor(f"lad{b}f", "dropin", "rotated", bits=4, budget=float(b), metric="lad_first_order")
+            for b in (2, 3)],
+          Compressor("topk20", "dropin", "topk", ratio=20.0),
           Compressor("lowrank4", "dropin", "lowrank", bits=4, rank=4),
           Compressor("lowrank4h", "dropin", "lowrank", bits=4, rank=4, factors="float16"),
-          Compressor("mixed07h", "dropin", "rotated", bits=1, budget=0.7, factors="float16", ranks=(1, 2, 4, 8)),
+          *[Compressor(f"mixed{b:02d}h", "dropin", "rotated", bits=1, budget=b / 10, factors="float16",
+                       ranks=(1, 2, 4, 8)) for b in (7, 10)],
           *[Compressor(f"alq4{g[0]}", "dropin", "alq", bits=4, level_groups=g) for g in ("type", "global")],
-          Compressor("powersgd", "ddp")]
+          Compressor("powersgd", "ddp", rank=4, hook="powersgd"),
+          Compressor("powersgd8", "ddp", rank=8, hook="powersgd"),
+          Compressor("ddp_fp16", "ddp", hook="fp16"), Compressor("ddp_bf16", "ddp", hook="bf16"),
+          Compressor("ddp_none", "ddp")]
 COMPRESSORS = {c.name: c for c in [*_EXAMPLES, *_BENCH]}
 #: the examples' --compressor
 EXAMPLE_COMPRESSORS = tuple(c.name for c in _EXAMPLES)
@@ -151,8 +161,10 @@ EXAMPLE_COMPRESSORS = tuple(c.name for c in _EXAMPLES)
 DROPIN = tuple(hvd_gradq.CODECS)
 #: what benchmarks.step_worker and benchmarks.tta_worker run under Horovod (powersgd: under DDP)
 BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", "lad2", "lad3", "jointsq20", "jointsq100", "qsgd4",
-                     "rotated2", "rotated3", "lad2r", "lad3r", "lowrank4", "lowrank4h", "mixed07h",
-                     "alq4t", "alq4g")
+                     "rotated2", "rotated3", "lad2r", "lad3r", "lad2f", "lad3f", "topk20", "lowrank4", "lowrank4h",
+                     "mixed07h", "mixed10h", "alq4t", "alq4g")
+#: the PyTorch DDP peers (``benchmarks.tq_worker``; ``powersgd`` also in ``benchmarks.ddp_worker``)
+DDP_COMPRESSORS = tuple(c.name for c in _BENCH if c.path == "ddp")
 #: old name -> new name
 ALIASES = {"uniform": "stock", "gradq-uniform": _SHARED_SCALE, "uniform2": "stock2", "uniform4": "stock4",
            "uniform8": "stock8"}
@@ -171,10 +183,12 @@ def solver_name(name: str) -> str:
     return SOLVER_ALIASES.get(name, name)
 
 
-def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: bool = True):
+def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: bool = True,
+                   max_grad_norm: float | None = None):
     """Wrap ``opt`` for benchmark compressor ``name`` (op=Sum: callers divide the loss by the
     number of workers). Returns (distributed optimizer, the UniformCompressor or None).
-    ``spread``: the LAD rows' ``Allocator(spread=)`` (the table split over the ranks or not)."""
+    ``spread``: the LAD rows' ``Allocator(spread=)`` (the table split over the ranks or not);
+    ``max_grad_norm``: the clipping training applies after the exchange (the LAD metrics' step)."""
     name = compressor_name(name)
     if name not in BENCH_COMPRESSORS:
         raise ValueError(f"unknown compressor {name!r}; choose one of {', '.join(BENCH_COMPRESSORS)}")
@@ -202,6 +216,7 @@ def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: 
         probe = hvd_gradq.LossProbe(model, loss_fn, lambda: [batch(10_000)])
         mix = {"options": (0, 1, 2, 3, 4), "ranks": c.ranks, "rate": "wire"} if c.ranks else \
             {"options": (0, 2, 3, 4, 6, 8)}
-        kw["allocator"] = hvd_gradq.Allocator(c.budget, metric="lad", probe=probe, spread=spread, **mix)
+        kw["allocator"] = hvd_gradq.Allocator(c.budget, metric=c.metric, probe=probe, spread=spread,
+                                              max_grad_norm=max_grad_norm, **mix)
         kw["trigger"] = hvd_gradq.Trigger(tau=0.95, k_min=20)
     return hvd_gradq.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum, **kw), None
