@@ -162,21 +162,23 @@ def _plots(runs: list[dict], lines_: list[dict], targets: dict, out: Path) -> No
     sizes = sorted({r["np"] for r in runs if "error" not in r})
     if not sizes:
         return
-    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 5), squeeze=False)
-    colors = {}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(8 * len(sizes), 6), squeeze=False)
+    order = list(dict.fromkeys(r["row"] for r in runs))
+    first_seed = min(r["seed"] for r in runs)
     for ax, n in zip(axes[0], sizes):
         for r in [r for r in runs if r["np"] == n and "error" not in r]:
-            color = colors.setdefault(r["row"], f"C{len(colors) % 10}")
-            ax.plot([p["train_s"] for p in r["curve"]], [p["valid_ppl"] for p in r["curve"]], color=color,
-                    ls="-" if r["seed"] == min(x["seed"] for x in runs) else "--", lw=1,
-                    label=r["row"] if r["seed"] == min(x["seed"] for x in runs) else None)
+            i = order.index(r["row"])  # 20 distinct colours; the peers and references drawn thicker
+            peer = r["row"] in PEERS or r["row"] in ("none", REFERENCE)
+            ax.plot([p["train_s"] for p in r["curve"]], [p["valid_ppl"] for p in r["curve"]],
+                    color=plt.cm.tab20(i % 20), ls="-" if r["seed"] == first_seed else "--", lw=2.2 if peer else 1,
+                    label=_label(r["row"]) if r["seed"] == first_seed else None)
         if str(n) in targets:
             ax.axhline(targets[str(n)], color="k", lw=0.8, ls=":")
             ax.set_ylim(targets[str(n)] * 0.8, targets[str(n)] * 3)
         ax.set_xscale("log")
         ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel("validation perplexity")
-        ax.set_title(f"LSTM, N = {n} (dashed: second seed)")
+        ax.set_title(f"LSTM, N = {n} (dashed: later seeds; thick: peers and references)")
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "perplexity_vs_time.png", dpi=110)

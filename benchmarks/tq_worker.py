@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hvd_gradq.exchange.timings import summarize
 from workloads.tasks import BENCH_COMPRESSORS, COMPRESSORS, DDP_COMPRESSORS, TASKS, compressor_name, make_optimizer
 
 LSTM = TASKS["lstm"]
@@ -227,6 +228,10 @@ def main(argv=None) -> dict:
               "seed": args.seed}
     if hasattr(opt, "layer_plans"):
         result["payload_per_step"] = sum(p.payload_bytes for p in opt.layer_plans())
+    if hasattr(opt, "step_timings"):  # where the drop-in's steps went; not the first one, nor those after an
+        # evaluation (their clock runs from the end of the step before, so they hold the evaluation)
+        records = opt.step_timings()
+        result["breakdown"] = summarize([r for i, r in enumerate(records) if i % args.eval_every])
     if hasattr(opt, "allocation_overhead") and getattr(opt, "allocator", None) is not None:
         result["allocation"] = opt.allocation_overhead()
     Path(args.out).mkdir(parents=True, exist_ok=True)

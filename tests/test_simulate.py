@@ -215,6 +215,44 @@ def test_simulated_checkpoint_of_another_size_is_refused_or_reset():
     assert all(not ex.residuals.worker.residuals for ex in sim.exchanges)
 
 
+def test_the_low_rank_layers_of_a_step_share_two_allreduces():
+    """One allreduce of every low-rank layer's P (with its header), one of every Q: named after the
+    first low-rank layer, as each layer's own first collective would be; the other layers keep
+    their own collectives; every layer's payload_bytes are still its own P and Q."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Tanh(), torch.nn.Linear(64, 40),
+                                torch.nn.Tanh(), torch.nn.Linear(40, 32))
+    sim = hvd_gradq.SimulatedWorkers(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), 3,
+                                     codec="lowrank", rank=2, min_elements=64)
+    plans = sim.exchanges[0].plans
+    assert [n for n, p in plans.items() if p.transport == "lowrank"] == ["0.weight", "2.weight", "4.weight"]
+    submitted = []
+    submit = sim.world.submit
+
+    def record(kind, name, rank, tensor, splits=None):
+        submitted.append((kind, name, rank, tensor.numel()))
+        return submit(kind, name, rank, tensor, splits)
+
+    sim.world.submit = record
+    for _step in range(2):
+        submitted.clear()
+        sim.zero_grad()
+        for _ in range(3):
+            sim.backward(model(torch.randn(8, 48)).square().mean())
+        sim.synchronize()
+        names = {name for _, name, _, _ in submitted}
+        assert {"hvd_gradq.0.weight", "hvd_gradq.0.weight.phase2"} <= names
+        assert not names & {"hvd_gradq.2.weight", "hvd_gradq.4.weight", "hvd_gradq.2.weight.phase2"}
+        fused = [(n, numel) for kind, n, r, numel in submitted if r == 0 and n.startswith("hvd_gradq.0.weight")]
+        # P: (64 + 40 + 32) rows x rank 2 plus a header per layer; Q: (48 + 64 + 40) x 2
+        heads = 3 * header_len(torch.float32, 3)
+        assert dict(fused) == {"hvd_gradq.0.weight": 2 * (64 + 40 + 32) + heads,
+                               "hvd_gradq.0.weight.phase2": 2 * (48 + 64 + 40)}
+        for name, rows, cols in (("0.weight", 64, 48), ("2.weight", 40, 64), ("4.weight", 32, 40)):
+            assert plans[name].payload_bytes == 4 * (2 * (rows + cols) + header_len(torch.float32, 3)), name
+        sim.step()
+
+
 def test_low_rank_layers_send_what_entered_minus_what_they_still_owe():
     """lr = 0 keeps the weights, so every worker's gradient is known: over the steps, N times the
     mean the low-rank layers applied plus every worker's residual is the sum of what entered."""

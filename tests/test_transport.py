@@ -107,8 +107,9 @@ def test_optimizer_features_with_compression(tmp_path, mode):
 @pytest.mark.parametrize("case", ["version_mismatch", "bits_mismatch", "rotation_mismatch",
                                   "lowrank_seed_mismatch", "lowrank_factors_mismatch"])
 def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, case):
-    """(lowrank_factors_mismatch: the last layer with factors, fc4 (48 x 64), has P of the same shape
-    on both ranks and comes first in the backward, so its digest check is what stops them.)"""
+    """(lowrank_factors_mismatch: float16 factors transpose the tall fc2 (64 x 32) on rank 0 only,
+    so the step's fused P differs in size between the ranks, which Horovod refuses; the error then
+    says that the ranks hold different codebooks.)"""
     start = time.monotonic()
     run = horovodrun(WORKER, "--case", case, "--out", tmp_path, np=2, timeout=120)
     elapsed = time.monotonic() - start
@@ -135,13 +136,13 @@ def test_a_rank_holding_other_per_type_levels_is_stopped_by_the_digest(tmp_path)
 
 
 def test_ranks_that_disagree_on_a_low_rank_layer_s_rank_stop_with_a_clear_error(tmp_path):
-    """Rank 0 sends rank-2 factors, rank 1 rank-3: the two P's differ in size, which Horovod itself
-    refuses on every rank before any sum (so the header is never read); the error names the layer
-    and the fix, with Horovod's message in it."""
+    """Rank 0 sends rank-2 factors, rank 1 rank-3: the fused P's differ in size, which Horovod itself
+    refuses on every rank before any sum (so the headers are never read); the error names the
+    layers and the fix, with Horovod's message in it."""
     start = time.monotonic()
     run = horovodrun(WORKER, "--case", "lowrank_rank_mismatch", "--out", tmp_path, np=2, timeout=120)
     assert run.returncode != 0 and time.monotonic() - start < 60
     for res in rank_files(tmp_path, 2):
         assert res["step"] == 0 and res["error"] == "CodebookMismatchError", res
         assert "Mismatched ALLREDUCE tensor shapes" in res["message"] and "same rank= and factors=" in res["message"]
-        assert "layer 'fc" in res["message"], res
+        assert "layers ['fc" in res["message"], res  # the low-rank layers of the step share one P allreduce

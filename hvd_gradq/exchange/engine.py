@@ -28,6 +28,7 @@ from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, factor_bits, fac
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.collectives import Collectives
 from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoAllreduces, TwoPhase
+from hvd_gradq.exchange.fusion import LowRankBucket
 from hvd_gradq.exchange.residuals import ResidualStore
 from hvd_gradq.exchange.timings import StepTimer, TimedCollectives
 from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, LOWRANK, NONE, TRANSPORTS, TWO_PHASE, LinkModel
@@ -62,6 +63,7 @@ class GradientExchange:
         self.timer = StepTimer()
         self._coll = TimedCollectives(collectives, self.timer)
         self._step_bytes = 0
+        self._bucket: LowRankBucket | None = None  # the step's low-rank layers' two allreduces
         self.size = collectives.size()
         self.rank = collectives.rank()
         link = coding.link if isinstance(coding.link, LinkModel) else LinkModel()
@@ -229,7 +231,8 @@ class GradientExchange:
                         timed("decode", coder.assemble), self._coll)
 
     def _launch_lowrank(self, name: str, grad: torch.Tensor, frozen: bool, t0: float) -> Exchange:
-        """P = M Q with the summed header (op, ranks, codebook digest checked on the sum), then Q."""
+        """P = M Q with the summed header (op, ranks, codebook digest checked on the sum), then Q; the
+        step's low-rank layers share the two allreduces (``fusion.LowRankBucket``)."""
         coder = self.lowrank[name]
         p = coder.first(grad, frozen=frozen)
         head = header_words(rank=self.rank, size=self.size, digest=self.codebook.digest(name, self.size),
@@ -241,9 +244,10 @@ class GradientExchange:
             return coder.second(summed[at:], reduced.stat_sum)
 
         self.timer.add("encode", time.perf_counter() - t0)
-        timed = self.timer.timed
-        return TwoAllreduces(name, torch.cat([head, p]), timed("encode", second), timed("decode", coder.decode),
-                             self._coll, LOWRANK)
+        if self._bucket is None or not self._bucket.takes(name):  # the step's first low-rank layer
+            self._bucket = LowRankBucket([n for n, plan in self.plans.items() if plan.transport == LOWRANK], self._coll)
+        return self._bucket.join(name, torch.cat([head, p]), self.timer.timed("encode", second),
+                                 self.timer.timed("decode", coder.decode))
 
     def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
         """The layer's aggregate (float32, flat): the sum over ranks, or the mean for an Average."""

@@ -19,7 +19,6 @@ from collections.abc import Callable
 import torch
 
 from hvd_gradq.exchange.collectives import Collectives
-from hvd_gradq.wire.header import CodebookMismatchError
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,9 +65,9 @@ class LaneAllreduce(Exchange):
 
 
 class TwoAllreduces(Exchange):
-    """Two dependent allreduces (op=Sum): a first payload (the rotated lanes' block statistics, a
-    low-rank layer's P), then the payload that ``encode`` makes from its sum (the lane codes, Q);
-    ``decode`` turns the second sum into the layer's aggregate."""
+    """Two dependent allreduces (op=Sum): a first payload (the rotated lanes' block statistics),
+    then the payload that ``encode`` makes from its sum (the lane codes); ``decode`` turns the
+    second sum into the layer's aggregate. (Low-rank layers share theirs: ``fusion``.)"""
 
     def __init__(self, layer: str, stats: torch.Tensor, encode: Decode, decode: Decode, coll: Collectives,
                  transport: str = "allreduce") -> None:
@@ -87,15 +86,7 @@ class TwoAllreduces(Exchange):
         if self._phase2 is not None:
             return
         try:
-            try:
-                summed = self._coll.synchronize(self._phase1)
-            except Exception as e:
-                if self.transport != "lowrank" or "Mismatched" not in str(e):
-                    raise
-                raise CodebookMismatchError(  # Horovod's message does not say which layer or why
-                    f"layer {self._layer!r}: the ranks sent low-rank factors of different sizes ({e}); every rank "
-                    "must construct the optimizer with the same rank= and factors= (and the same allocator)") from e
-            payload = self._encode(summed)
+            payload = self._encode(self._coll.synchronize(self._phase1))
         except Exception as e:  # kept: every later call reports the same error
             self._error = e
             raise
