@@ -129,6 +129,12 @@ def write_report(runs: list[dict], targets: dict, args, out: Path, seconds: floa
             f"shaped with tc tbf both ways at {args.rate} (launch/cluster.sh). Clock: training steps only (the first "
             f"{args.eval_tokens} validation tokens scored every {args.eval_every} steps with the clock stopped). "
             "Time to target: the training seconds at the first evaluation at or below the target.", ""]
+    by_commit: dict[str, list[str]] = {}
+    for r in runs:
+        by_commit.setdefault(r.get("commit", provenance.NOT_RECORDED), []).append(f"{r['row']} np {r['np']} "
+                                                                                  f"seed {r['seed']}")
+    if len(by_commit) > 1:  # --merge: runs of earlier invocations kept
+        text += ["Runs by commit: " + "; ".join(f"{c}: {', '.join(v)}" for c, v in by_commit.items()), ""]
     for n in sorted({line["np"] for line in lines_}):
         tgt = targets.get(str(n))
         text += [f"## N = {n}" + (" (four processes on two cores: contention as much as the code)" if n >= 4 else ""),
@@ -278,6 +284,7 @@ def main(argv=None) -> None:
     bar = Progress(len(sizes) * len(seeds) * (len(rows) + 1), "runs")
 
     def record(run: dict) -> None:
+        run.setdefault("commit", commit)
         runs.append(run)
         if "error" in run:
             bar.write(f"np {run['np']} {run['row']} seed {run['seed']}: failed; going on")
@@ -298,6 +305,7 @@ def main(argv=None) -> None:
                 steps = args.ref_steps if args.target is None else args.max_steps
                 ref = (run_one(REFERENCE, n, seed, args.target or 0.0, steps, args, out, "none") if not failed
                        else {"np": n, "row": REFERENCE, "seed": seed, "rate": "none", "target": 0.0, "error": failed})
+                ref.setdefault("commit", commit)
                 refs.append(ref)
                 runs.append(ref)
                 bar.update()
