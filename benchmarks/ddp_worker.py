@@ -18,6 +18,23 @@ from benchmarks.step_worker import timed_steps
 from workloads.tasks import TASKS, bench_task
 
 
+def gloo_group(rank: int, world: int, master: str):
+    """Join the peers' gloo process group over the nodes' eth0; returns (allreduce_sum(t) -> t
+    summed in place, finish() that meets every rank and tears the group down)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0")
+    dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world)
+
+    def allreduce_sum(t):
+        dist.all_reduce(t)
+        return t
+
+    def finish():
+        dist.barrier()  # no rank tears the group down under a peer still in its last collective
+        dist.destroy_process_group()
+
+    return allreduce_sum, finish
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", choices=list(TASKS), required=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -96,15 +95,15 @@ def _bf16_hook(world: int, bucket):
 def _ddp(args, model):
     """(network, allreduce_sum, finish) of a DDP peer: gloo across the nodes, one bucket (PowerSGD's
     chained collectives of different buckets cannot interleave), the row's hook."""
-    import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
     from torch.nn.parallel import DistributedDataParallel
 
+    from benchmarks.ddp_worker import gloo_group
+
     if args.rank is None or args.world is None or not args.master:
         raise SystemExit(f"--compressor {args.compressor} needs --rank, --world and --master")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0")
-    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world)
+    allreduce_sum, finish = gloo_group(args.rank, args.world, args.master)
     c = COMPRESSORS[args.compressor]
     net = DistributedDataParallel(model, bucket_cap_mb=args.ddp_bucket_mb)
     if c.hook == "powersgd":
@@ -115,15 +114,6 @@ def _ddp(args, model):
         net.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif c.hook == "bf16":  # torch's bf16_compress_hook refuses to run without CUDA/NCCL (gloo sums bfloat16)
         net.register_comm_hook(args.world, _bf16_hook)
-
-    def allreduce_sum(t):
-        dist.all_reduce(t)
-        return t
-
-    def finish():
-        dist.barrier()  # no rank tears the group down under a peer still in its last collective
-        dist.destroy_process_group()
-
     return net, allreduce_sum, finish
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -63,26 +62,18 @@ def main(argv=None) -> dict:
     if args.compressor == "powersgd":
         if args.rank is None or args.world is None or not args.master:
             raise SystemExit("--compressor powersgd needs --rank, --world and --master")
-        import torch.distributed as dist
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
         from torch.nn.parallel import DistributedDataParallel
 
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0")
-        dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world)
+        from benchmarks.ddp_worker import gloo_group
+
+        allreduce_sum, finish = gloo_group(args.rank, args.world, args.master)
         rank, size = args.rank, args.world
         net = DistributedDataParallel(model)
         net.register_comm_hook(powersgd.PowerSGDState(process_group=None,
                                                       matrix_approximation_rank=args.powersgd_rank,
                                                       start_powerSGD_iter=args.start_iter), powersgd.powerSGD_hook)
         loss_scale = 1.0  # DDP averages
-
-        def allreduce_sum(t):
-            dist.all_reduce(t)
-            return t
-
-        def finish():
-            dist.barrier()  # no rank tears the group down under a peer still in its last collective
-            dist.destroy_process_group()
     else:
         import horovod.torch as hvd
 
