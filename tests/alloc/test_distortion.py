@@ -75,34 +75,121 @@ def cnn_setup(seed=0):
     return model, LossProbe(model, F.cross_entropy, batches), params, quantize
 
 
-def test_first_order_lad_ranks_layers_like_exact_lad_on_a_cnn():
+def spearman_null_quantile(n, q=0.999, draws=200_000, seed=0):
+    """The q-quantile of Spearman's rho between a fixed ranking and a random order of n items."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(n) - (n - 1) / 2
+    perms = rng.permuted(np.broadcast_to(np.arange(n), (draws, n)), axis=1) - (n - 1) / 2
+    return float(np.quantile(perms @ base / (base @ base), q))
+
+
+def test_first_order_lad_orders_every_cell_like_exact_lad_on_a_cnn():
+    """Every (layer, bits) cell: first-order LAD ranks them like exact LAD, with a threshold that a
+    random order passes with probability 1e-3; where the loss moves most (a layer not sent) the two
+    agree in value within 40% (measured: within 33% on seeds 0-2)."""
     _model, probe, params, quantize = cnn_setup()
     grads, _ = D.probe_gradients(probe, params)
     exact, _ = D.lad_exact(probe, params, grads, quantize, (0, 2, 4, 8), 0.1)
     first, c = D.lad_first_order(probe, params, grads, quantize, (0, 2, 4, 8), 0.1)
     assert c["backwards"] == len(probe.get_batches()) and c["forwards"] == c["backwards"]
-    # rank correlation of the 0-bit column (the layers' overall sensitivity), and per-layer monotone in bits
-    r_exact = np.argsort(np.argsort(exact[:, 0]))
-    r_first = np.argsort(np.argsort(first[:, 0]))
+    r_exact = np.argsort(np.argsort(exact.ravel()))
+    r_first = np.argsort(np.argsort(first.ravel()))
     rho = np.corrcoef(r_exact, r_first)[0, 1]
-    assert rho > 0.5, (exact[:, 0], first[:, 0])
+    threshold = spearman_null_quantile(exact.size)
+    assert 0.55 < threshold < 0.75  # 24 cells: about 3.1 standard deviations of the null (1 / sqrt(23))
+    assert rho > threshold, (rho, exact, first)  # measured 0.93 (seed 0), 0.99 / 0.98 (seeds 1, 2)
+    assert np.allclose(first[:, 0], exact[:, 0], rtol=0.4, atol=0), (exact[:, 0], first[:, 0])
     assert (exact[:, 0] >= exact[:, -1]).all()
 
 
-def test_allocator_spends_the_budget_and_prefers_sensitive_layers():
+def assert_no_upgrade_fits(curves, alloc, budget):
+    """The budget is spent as far as it can be: no layer has a better option that the slack pays for."""
+    rows = np.arange(len(curves.names))
+    choice = np.asarray(alloc.choice)
+    slack = budget - curves.rate[rows, choice].sum()
+    assert slack >= -1e-6 * budget
+    extra = curves.rate - curves.rate[rows, choice][:, None]
+    better = curves.distortion < curves.distortion[rows, choice][:, None]
+    fits = better & (extra > 0) & (extra <= slack)
+    assert not fits.any(), (alloc.bits, slack, np.argwhere(fits))
+
+
+def test_allocator_spends_the_budget_on_a_cnn():
+    """Every metric: within the budget, and no layer left below an option the unspent bits would pay for."""
     _model, probe, params, quantize = cnn_setup(1)
+    total = 3.0 * sum(p.numel() for p in params.values())
     for metric in ("lad", "lad_first_order", "mse", "ampa"):
         allocator = Allocator(3.0, metric=metric, probe=probe, options=(0, 2, 4, 8))
         alloc, cost = allocator.allocate(params, quantize, lr=0.1)
-        n = {k: p.numel() for k, p in params.items()}
-        assert sum(alloc.bits[k] * n[k] for k in n) <= 3.0 * sum(n.values())
         assert set(alloc.bits) == set(params) and cost["seconds"] > 0
+        assert alloc.rate == sum(alloc.bits[k] * p.numel() for k, p in params.items()) <= total
+        assert_no_upgrade_fits(allocator.last_curves, alloc, total)
+        assert len(set(alloc.bits.values())) > 1, (metric, alloc.bits)  # not one width for all: it did allocate
     with pytest.raises(ValueError, match="below the smallest option"):
         Allocator(1.0, probe=probe)
     with pytest.raises(ValueError, match="LossProbe"):
         Allocator(2.0)
     with pytest.raises(ValueError, match="metric"):
         Allocator(2.0, metric="l2", probe=probe)
+
+
+class Branches(torch.nn.Module):
+    """Four equal linear branches summed with weights 0.25, 1, 4, 16: branch l's gradient is
+    weight_l x the same matrix and the codec draws the same dither for each, so its coding error
+    is weight_l x the same error and its distortion under every metric grows with its weight
+    (for exact LAD while the step is small enough to be near-linear: at lr 1e-2 it is not)."""
+
+    weights = (0.25, 1.0, 4.0, 16.0)
+
+    def __init__(self):
+        super().__init__()
+        self.branch = torch.nn.ModuleList(torch.nn.Linear(32, 32, bias=False) for _ in self.weights)
+
+    def forward(self, x):
+        return sum(w * b(x) for w, b in zip(self.weights, self.branch))
+
+
+@pytest.mark.parametrize("metric", ["lad", "lad_first_order", "mse", "ampa"])
+def test_more_sensitive_layers_get_at_least_as_many_bits(metric):
+    torch.manual_seed(0)
+    model = Branches()
+    x = torch.randn(64, 32)
+    y = (model(x) + 0.1 * torch.randn(64, 32)).detach()  # a small loss: exact LAD's float32 differences resolve
+    probe = LossProbe(model, F.mse_loss, [(x, y)])
+    params = dict(model.named_parameters())
+
+    def quantize(name, bits, g):
+        return make_codec("qsgdinf", bits, bucket_size=256).roundtrip(g, DitherSource([7, bits]))
+
+    for budget in (1.0, 2.0, 3.0, 4.5):
+        alloc, _ = Allocator(budget, metric=metric, probe=probe, options=(0, 1, 2, 3, 4, 6, 8)).allocate(
+            params, quantize, lr=1e-3)
+        widths = [alloc.bits[f"branch.{i}.weight"] for i in range(len(Branches.weights))]
+        assert widths == sorted(widths) and widths[0] < widths[-1], (metric, budget, widths)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_solvers_give_more_sensitive_layers_at_least_as_many_bits(seed):
+    """Constructed tables: equal layer sizes, distortion = sensitivity x 4^-b. An allocation where a
+    more sensitive layer has fewer bits is beaten by swapping the two, so every solver (the
+    baseline that gives one width to all aside) must be monotone in the sensitivity."""
+    from hvd_gradq.alloc.solvers import RDCurves, greedy, lagrangian, mckp_dp
+
+    rng = np.random.default_rng(seed)
+    layers, options = int(rng.integers(3, 12)), (0, 1, 2, 3, 4, 6, 8)
+    sens = np.sort(rng.lognormal(0, 2, size=layers))
+    rng.shuffle(sens)
+    size = 1000.0
+    curves = RDCurves(tuple(f"l{i}" for i in range(layers)), options,
+                      sens[:, None] * 4.0 ** -np.array(options)[None, :], np.outer(np.full(layers, size), options))
+    budget = float(rng.uniform(0.5, 7.5)) * size * layers
+    for solve in (lagrangian, mckp_dp, greedy):
+        alloc = solve(curves, budget)
+        bits = np.array([alloc.bits[n] for n in curves.names])
+        order = np.argsort(sens)
+        assert (np.diff(bits[order]) >= 0).all(), (solve.__name__, sens[order], bits[order])
+        assert alloc.rate <= budget + 1e-6
+    assert_no_upgrade_fits(curves, lagrangian(curves, budget), budget)
 
 
 def test_layer_types_and_per_type_allocation():
