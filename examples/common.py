@@ -32,6 +32,7 @@ root on ``sys.path`` for ``workloads`` (models, data, the task and compressor na
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -142,7 +143,8 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-json", dest="log", default="", help="write the JSON log here (rank 0)")
-    p.add_argument("--summary-json", default="", help="write a short JSON summary here (rank 0)")
+    p.add_argument("--summary-json", default="",
+                   help="write a short JSON summary here (rank 0; with {rank} in the path, every rank its own)")
     p.add_argument("--checkpoint", default="", help="save model, optimizer and compression state here after every "
                                                     "epoch")
     p.add_argument("--resume", action="store_true", help="start from --checkpoint (same number of workers)")
@@ -437,7 +439,9 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
                "payload_bytes_per_step": sent, "fp32_bytes_per_step": fp32, "wire_ratio": sent / fp32,
                "mean_wire_ratio": mean_sent / fp32, "bits_per_element": 32 * sent / fp32,
                "transports": job.transports(), "final": {k: v for k, v in final.items() if k not in ("step",)},
-               "allocation": job.overhead(), "final_bits": job.bits()}
+               "allocation": job.overhead(), "final_bits": job.bits(), "rank": rank,
+               "param_digest": hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                                       for _, p in sorted(model.named_parameters()))).hexdigest()}
     head = next((k for k in final if k not in ("step", "epoch", "train_seconds")), None)
     if head is not None:
         summary[head] = [e[head] for e in log["evals"]]
@@ -452,9 +456,9 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
         if args.log:
             with open(args.log, "w") as f:
                 json.dump(log, f)
-        if args.summary_json:
-            with open(args.summary_json, "w") as f:
-                json.dump(summary, f, indent=1)
+    if args.summary_json and (lead or "{rank}" in args.summary_json):  # "{rank}": every rank writes its own
+        with open(args.summary_json.replace("{rank}", str(rank)), "w") as f:
+            json.dump(summary, f, indent=1)
     if isinstance(job.opt, hvd_gradq.SimulatedWorkers):
         job.opt.close()
     return summary

@@ -172,6 +172,7 @@ class SimulatedWorkers:
                 p.grad = (total / self.workers).view(p.shape).to(p.dtype)
         else:
             for r in range(self.workers):  # all first phases are in: start every second phase
+                self.exchanges[r].agree()
                 for ex in self._pending[r].values():
                     ex.advance()
             for _, p in self._named:

@@ -67,10 +67,14 @@ def test_the_lad_table_spread_over_the_ranks_is_rank_0s_table_cell_for_cell(tmp_
     assert all(e["forwards"] > 0 for e in head["events"])
 
 
-@pytest.mark.parametrize("metric", ["mse", "lad"])
-def test_a_failing_allocation_on_rank_0_ends_the_job_on_every_rank(tmp_path, metric):
+@pytest.mark.parametrize("mode,metric,codec,transport", [
+    ("mpi", "mse", "shared_scale", "auto"), ("mpi", "lad", "shared_scale", "auto"),
+    ("gloo", "mse", "shared_scale", "allreduce"), ("gloo", "lad", "rotated", "allreduce"),
+    ("gloo", "mse", "qsgd", "two_phase"), ("mpi", "lad", "qsgd", "two_phase")])
+def test_a_failing_allocation_on_rank_0_ends_the_job_on_every_rank(tmp_path, mode, metric, codec, transport):
     start = time.monotonic()
-    run = horovodrun(WORKER, "--out", tmp_path, "--fail", "--metric", metric, "--steps", "3", timeout=120)
+    run = horovodrun(WORKER, "--out", tmp_path, "--fail", "--metric", metric, "--codec", codec,
+                     "--transport", transport, "--steps", "3", mode=mode, timeout=120)
     assert run.returncode != 0
     assert time.monotonic() - start < 60
     for res in rank_files(tmp_path, 2):

@@ -56,9 +56,13 @@ def test_example_runs_simulated_with_a_full_log(tmp_path, example):
 @pytest.mark.parametrize("example", sorted(TINY))
 def test_example_runs_under_horovodrun(tmp_path, example):
     log = tmp_path / "log.json"
-    run = horovodrun(ROOT / "examples" / example, *TINY[example], *ALLOC, "--log-json", log, timeout=240)
+    run = horovodrun(ROOT / "examples" / example, *TINY[example], *ALLOC, "--log-json", log,
+                     "--summary-json", tmp_path / "summary-{rank}.json", timeout=240)
     assert run.returncode == 0, run.output[-4000:]
     check_log(log, example, 2, "horovod", 4)
+    ranks = [json.loads((tmp_path / f"summary-{r}.json").read_text()) for r in range(2)]  # every rank's end
+    assert [s["rank"] for s in ranks] == [0, 1] and ranks[0]["param_digest"] == ranks[1]["param_digest"]
+    assert ranks[0]["final_bits"] == ranks[1]["final_bits"] and ranks[0]["steps"] == ranks[1]["steps"] == 4
     assert "layers by transport:" in run.output
 
 

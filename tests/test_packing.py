@@ -74,3 +74,39 @@ def test_pack_empty_and_bad_arguments():
 def test_altered_float_words_are_detected():
     with pytest.raises(ValueError, match="not integers"):
         words_to_int64(torch.tensor([3.0, 4.5], dtype=torch.float64))
+
+
+# hand-computed: the sum of N codes of b bits needs ceil(log2(N (2^b - 1) + 1))-bit lanes; int64 words
+# hold 63 usable bits, float64 words 48 (exact integers through Horovod's Average)
+HAND = {  # (N, bits): (lane bits, lanes per int64 word, lanes per float64 word)
+    (2, 1): (2, 31, 24), (2, 2): (3, 21, 16), (2, 3): (4, 15, 12), (2, 8): (9, 7, 5),
+    (4, 2): (4, 15, 12), (4, 3): (5, 12, 9), (8, 1): (4, 15, 12), (8, 8): (11, 5, 4),
+}
+
+
+@pytest.mark.parametrize("key", sorted(HAND))
+def test_lane_bytes_are_the_hand_computed_ones(key):
+    size, bits = key
+    width, per_int64, per_float64 = HAND[key]
+    for container, per in ((torch.int64, per_int64), (torch.float64, per_float64)):
+        layout = lane_layout(bits, size, container)
+        assert (layout.lane_bits, layout.lanes_per_word) == (width, per)
+        assert layout.nbytes(100_000) == -(-100_000 // per) * 8  # exact bytes of a 100k-element layer
+
+
+def test_the_design_doc_s_bits_per_element_table_is_what_the_lanes_send():
+    """docs/design.md's table (int64 / float64 per N and bits) against the layouts, cell by cell."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")
+            or line.startswith("| 8 |")]
+    assert len(rows) == 3, rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        size = int(cells[0])
+        for bits, cell in enumerate(cells[1:], start=1):
+            doc = [float(v) for v in cell.split("/")]
+            got = [64 / lane_layout(bits, size, c).lanes_per_word for c in CONTAINERS]
+            assert doc == [round(g, 2) for g in got], (size, bits, doc, got)
+    assert round(64 / HAND[(2, 2)][1], 2) == 3.05 and round(64 / HAND[(2, 2)][2], 2) == 4.00

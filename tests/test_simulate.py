@@ -283,3 +283,58 @@ def test_low_rank_layers_send_what_entered_minus_what_they_still_owe():
         scale = float(entered[n].abs().max())
         assert float((sent[n] + owed - entered[n]).abs().max()) <= 1e-5 * scale, n
         assert float(owed.abs().max()) > 1e-3 * scale  # rank 3 of a 64 x 48 matrix: something is owed
+
+
+@pytest.mark.parametrize("codec,extra,auto_keeps", [
+    ("qsgd", {}, False), ("nuqsgd", {}, False), ("terngrad", {"bits": 2}, False),
+    ("rotated", {"rounding": "stochastic"}, False),
+    ("rotated", {}, True), ("jointsq", {"ratio": 20}, True), ("topk", {"ratio": 20}, True),
+])
+def test_error_feedback_auto_keeps_residuals_for_biased_codes_only(codec, extra, auto_keeps):
+    """error_feedback="auto" (the default): biased codes (nearest-rounded rotated, JointSQ, top-k)
+    keep what they drop, unbiased ones (stochastic rounding) do not; True / False override it."""
+    def residuals_after_a_step(feedback):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+        sim = hvd_gradq.SimulatedWorkers(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), 2,
+                                         codec=codec, transport="allgather", error_feedback=feedback,
+                                         **{"bits": 3, **extra})
+        sim.zero_grad()
+        for _ in range(2):
+            sim.backward(F.cross_entropy(model(torch.randn(8, 64)), torch.randint(3, (8,))))
+        sim.step()
+        kept = sim.exchanges[0].residuals.worker.residuals
+        assert set(kept) <= {"0.weight"}  # the small layers go as float32
+        return "0.weight" in kept and bool(kept["0.weight"].abs().sum() > 0)
+
+    assert residuals_after_a_step("auto") is auto_keeps
+    assert residuals_after_a_step(True) is True
+    assert residuals_after_a_step(False) is False
+
+
+def test_engines_whose_codebooks_differ_are_stopped_before_any_wait():
+    """The first step's agreement (``exchange.agreement``) on the in-process world: every rank
+    compares every rank's codebook and raises, naming the layer, what differs and the ranks."""
+    from hvd_gradq.exchange.engine import GradientExchange
+    from hvd_gradq.settings import Coding
+    from hvd_gradq.wire.header import CodebookMismatchError
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 40)
+    world = SimulatedWorld(3)
+    engines = [GradientExchange(list(layer.named_parameters()), collectives=world.rank(r),
+                                coding=Coding(codec="qsgd", transport="allgather", bits=2 if r == 2 else 4))
+               for r in range(3)]
+    pending = [e.launch("weight", torch.randn(40, 64)) for e in engines]
+    for e in engines:
+        with pytest.raises(CodebookMismatchError, match="layer 'weight': bits 4 on rank 0, 2 on rank 2"):
+            e.agree()
+    pair = SimulatedWorld(2)
+    same = [GradientExchange(list(layer.named_parameters()), collectives=pair.rank(r),
+                             coding=Coding(codec="qsgd", transport="allgather")) for r in range(2)]
+    grads = [torch.randn(40, 64) for _ in same]
+    pending = [e.launch("weight", g) for e, g in zip(same, grads)]
+    for e in same:
+        e.agree()  # the same codebooks: the exchange goes on
+    outs = [e.finish("weight", p) for e, p in zip(same, pending)]
+    assert torch.equal(outs[0], outs[1]) and outs[0].shape == (40 * 64,)

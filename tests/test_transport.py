@@ -85,6 +85,15 @@ def test_optimizer_features_with_compression(tmp_path, mode):
             assert len(set(res["digest"])) == 1, f"{key}: ranks diverged"
             if "frozen_unchanged" in res:
                 assert res["frozen_unchanged"], f"{key}: a frozen layer moved"
+            if "bound_excess" in res:  # every step against uncompressed hvd.DistributedOptimizer
+                excess = res["bound_excess"]
+                assert len(excess) >= 8 and max(excess.values()) <= 0, (key, excess)
+        for kind in ("stock", "dropin"):  # grouped allreduces change nothing but how they are fused
+            for grouped in ("groups2", "groups_list"):
+                assert rep[f"{kind}.{grouped}"]["digest"] == rep[f"{kind}.SGD"]["digest"], (kind, grouped)
+        assert rep["dropin.predivide3"]["digest"] == rep["dropin.SGD"]["digest"]  # accepted, changes nothing
+        checked = [k for k, res in rep.items() if isinstance(res, dict) and "bound_excess" in res]
+        assert len(checked) == 2 * 16, checked  # 11 optimizers, bpps 2, 2 groupings, unused layer, freeze
         kinds = {k.split(".")[0] for k in rep if "." in k}
         assert kinds == {"stock", "dropin"}
         from hvd_gradq.plan.planner import CODECS
@@ -99,19 +108,24 @@ def test_optimizer_features_with_compression(tmp_path, mode):
         assert "codec=" in err["compression_arg"]
         assert "summable" in err["allreduce_for_qsgd"]
         assert "matches no parameter" in err["unknown_layer"]
+        assert "gradient_predivide_factor needs op=hvd.Average" in err["predivide_with_sum"]
         # sparse gradients are densified and coded like any layer, with or without sparse_as_dense
         assert err["sparse_as_dense=False"] is None and err["sparse_as_dense=True"] is None
         assert len(set(err["sparse_digest"])) == 1
 
 
-@pytest.mark.parametrize("case", ["version_mismatch", "bits_mismatch", "rotation_mismatch",
-                                  "lowrank_seed_mismatch", "lowrank_factors_mismatch"])
-def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, case):
-    """(lowrank_factors_mismatch: float16 factors transpose the tall fc2 (64 x 32) on rank 0 only,
-    so the step's fused P differs in size between the ranks, which Horovod refuses; the error then
-    says that the ranks hold different codebooks.)"""
+@pytest.mark.parametrize("case,mode", [
+    ("version_mismatch", "mpi"), ("bits_mismatch", "mpi"), ("rotation_mismatch", "mpi"),
+    ("lowrank_seed_mismatch", "mpi"), ("lowrank_factors_mismatch", "mpi"),
+    ("bits_mismatch", "gloo"), ("bits_mismatch_lanes", "gloo"), ("bits_mismatch_lanes", "mpi"),
+    ("bits_mismatch_two_phase", "gloo"), ("transport_mismatch", "mpi"), ("transport_mismatch", "gloo"),
+    ("transport_mismatch_lanes", "gloo"), ("lowrank_factors_mismatch", "gloo")])
+def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, case, mode):
+    """Every rank compares the ranks' codebooks before it waits for any of the first step's
+    collectives (ranks that disagree on a transport would otherwise wait in different ones), so the
+    error names what differs; the payload digests catch the rest at every step."""
     start = time.monotonic()
-    run = horovodrun(WORKER, "--case", case, "--out", tmp_path, np=2, timeout=120)
+    run = horovodrun(WORKER, "--case", case, "--out", tmp_path, np=2, mode=mode, timeout=120)
     elapsed = time.monotonic() - start
     assert run.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
@@ -120,7 +134,10 @@ def test_codebook_disagreement_stops_every_rank_with_a_clear_error(tmp_path, cas
         assert res["step"] == 0
         assert "different codebook" in res["message"] and "hvd_gradq.DistributedOptimizer" in res["message"], res
         if case == "version_mismatch":
-            assert "version" in res["message"], res
+            assert "version 0 on rank 0, 1 on rank 1" in res["message"], res
+        if case.startswith("transport_mismatch"):
+            assert "transport 'allgather' on rank 0" in res["message"] or "transport 'allreduce' on rank 0" in \
+                res["message"], res
 
 
 def test_a_rank_holding_other_per_type_levels_is_stopped_by_the_digest(tmp_path):
@@ -136,13 +153,25 @@ def test_a_rank_holding_other_per_type_levels_is_stopped_by_the_digest(tmp_path)
 
 
 def test_ranks_that_disagree_on_a_low_rank_layer_s_rank_stop_with_a_clear_error(tmp_path):
-    """Rank 0 sends rank-2 factors, rank 1 rank-3: the fused P's differ in size, which Horovod itself
-    refuses on every rank before any sum (so the headers are never read); the error names the
-    layers and the fix, with Horovod's message in it."""
+    """Rank 0 sends rank-2 factors, rank 1 rank-3: the codebooks compared before the first step's
+    collectives are waited for name the layers, the ranks and the fix on every rank."""
     start = time.monotonic()
     run = horovodrun(WORKER, "--case", "lowrank_rank_mismatch", "--out", tmp_path, np=2, timeout=120)
     assert run.returncode != 0 and time.monotonic() - start < 60
     for res in rank_files(tmp_path, 2):
         assert res["step"] == 0 and res["error"] == "CodebookMismatchError", res
-        assert "Mismatched ALLREDUCE tensor shapes" in res["message"] and "same rank= and factors=" in res["message"]
-        assert "layers ['fc" in res["message"], res  # the low-rank layers of the step share one P allreduce
+        assert "layer 'fc1.weight': rank 2 on rank 0, 3 on rank 1" in res["message"], res
+        assert "same arguments on every rank" in res["message"] and "rank=" in res["message"]
+
+
+def test_ranks_at_different_steps_are_stopped_by_the_verdict_s_step_check(tmp_path):
+    """With an allocator, rank 0's trigger verdict is broadcast every step with its step number; rank 1's
+    count is made to run one ahead: rank 1 raises the step error at the next step, and rank 0 (whose
+    next collective then has no partner) ends with an error too, well before the timeout."""
+    start = time.monotonic()
+    run = horovodrun(WORKER, "--case", "step_mismatch", "--out", tmp_path, np=2, timeout=120)
+    assert run.returncode != 0 and time.monotonic() - start < 60
+    results = rank_files(tmp_path, 2)
+    assert results[1]["step"] == 1 and results[1]["error"] == "RuntimeError", results[1]
+    assert "ranks are at different steps (2 here, 1 on the root)" in results[1]["message"], results[1]
+    assert results[0]["error"] is not None and results[0]["step"] >= 1, results[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -26,6 +27,7 @@ from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
 from hvd_gradq.codecs.levels import fit_level_groups
 from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, factor_bits, factored_shape, initial_q, transposed
 from hvd_gradq.codecs.shared_scale import abs_max
+from hvd_gradq.exchange.agreement import Agreement, describe
 from hvd_gradq.exchange.collectives import Collectives
 from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Skip, TwoAllreduces, TwoPhase
 from hvd_gradq.exchange.fusion import LowRankBucket
@@ -64,6 +66,7 @@ class GradientExchange:
         self._coll = TimedCollectives(collectives, self.timer)
         self._step_bytes = 0
         self._bucket: LowRankBucket | None = None  # the step's low-rank layers' two allreduces
+        self._agreement: Agreement | None = None  # the ranks' codebooks compared, at the first step
         self.size = collectives.size()
         self.rank = collectives.rank()
         link = coding.link if isinstance(coding.link, LinkModel) else LinkModel()
@@ -187,6 +190,8 @@ class GradientExchange:
         not require grad now; it still takes part (every rank runs the same collectives) but its
         residuals are left alone."""
         t0 = time.perf_counter()
+        if self._agreement is None:  # before this engine's first collective
+            self._agreement = Agreement(self._coll, describe(self), self.label)
         plan = self.plans[name]
         owed = self.residuals.carry.pop(name, None)
         if owed is not None and not frozen:
@@ -249,8 +254,13 @@ class GradientExchange:
         return self._bucket.join(name, torch.cat([head, p]), self.timer.timed("encode", second),
                                  self.timer.timed("decode", coder.decode))
 
+    def agree(self) -> None:
+        """At this engine's first step, before any wait: compare the ranks' codebooks (``agreement``)."""
+        if self._agreement is not None:
+            self._agreement.check()
+
     def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
-        """The layer's aggregate (float32, flat): the sum over ranks, or the mean for an Average."""
+        """The layer's aggregate (float32, flat): the sum over ranks, or the mean (after ``agree``)."""
         out = exchange.result()
         plan = self.plans[name]
         plan.payload_bytes = exchange.payload_bytes
@@ -355,12 +365,8 @@ class GradientExchange:
     def coding_error(self) -> tuple[float, float]:
         """(sum of ||decoded - x||^2, sum of ||x||^2) over the gather-coded layers of this rank's
         latest step (its normalised coding variance is their ratio); needs ``track_error``."""
-        err = energy = 0.0
-        for coder in self.coders.values():
-            if coder.last_error is not None:
-                err += coder.last_error[0]
-                energy += coder.last_error[1]
-        return err, energy
+        errors = [c.last_error for c in self.coders.values() if c.last_error is not None]
+        return sum((e[0] for e in errors), 0.0), sum((e[1] for e in errors), 0.0)
 
     # ---- checkpoint ----------------------------------------------------------------------------------
     @property
@@ -406,12 +412,9 @@ class GradientExchange:
     def summary(self) -> str:
         """Layers per transport and payload bytes of the latest step vs float32."""
         plans = list(self.plans.values())
-        counts: dict[str, int] = {}
-        for p in plans:
-            counts[p.transport] = counts.get(p.transport, 0) + 1
+        counts = Counter(p.transport for p in plans)
         order = (ALLREDUCE, LOWRANK, ALLGATHER, TWO_PHASE, FLOAT32, NONE)
         parts = ", ".join(f"{t} {counts[t]}" for t in order if counts.get(t))
-        sent = sum(p.payload_bytes for p in plans)
-        fp32 = sum(4 * p.numel for p in plans)
+        sent, fp32 = sum(p.payload_bytes for p in plans), sum(4 * p.numel for p in plans)
         return (f"layers by transport: {parts}; {sent} B handed to collectives vs {fp32} B fp32 "
                 f"({fp32 / max(sent, 1):.1f}x)")

@@ -116,7 +116,8 @@ class UniformCompressor(_HorovodCompressor):
         op: ``hvd.Average`` (default, as in ``hvd.DistributedOptimizer``) or ``hvd.Sum``.
         min_elements: layers smaller than this are sent as float32 (header included).
         seed: of the rotations (the same on every rank) and of the stochastic rounding (each rank
-            draws from its own stream).
+            and layer draws from its own stream, so the order Horovod hands layers over, e.g.
+            with ``groups=``, does not change the result).
         rotation: the largest rotation block, a power of two 8..65536 (default 4096); 0: no
             rotation (one scale per layer, stochastic rounding; the codes before this option).
         rounding: of the rotated codes: "nearest" (default; biased, its error goes to error
@@ -286,7 +287,7 @@ class UniformCompressor(_HorovodCompressor):
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """This rank's state: codebook, residuals, dither stream."""
+        """This rank's state: codebook, residuals, dither streams (one per layer)."""
         return {"codebook": self.codebook.state_dict(), "feedback": self.error_feedback.state_dict(),
                 "lanes": None if self._lanes is None else self._lanes.state_dict()}
 

@@ -167,6 +167,11 @@ class _GradqOptimizer(torch.optim.Optimizer):
         for p in self._gq_params:  # layers whose hook did not fire (yet): every rank sends every layer
             self._gq_launch(p)
         errors: list[BaseException] = []
+        try:  # before any wait: ranks whose codebooks differ may be running different collectives
+            self.gradient_exchange.agree()
+        except CodebookMismatchError as e:
+            errors.append(e)
+            self._gq_pending.clear()  # their exchanges may never complete: none is waited for
         for ex in self._gq_pending.values():
             try:
                 ex.advance()
@@ -182,11 +187,7 @@ class _GradqOptimizer(torch.optim.Optimizer):
                 p.grad.zero_().add_(out.view(p.shape).to(p.grad.dtype).to_sparse(p.grad.sparse_dim()))
             else:
                 p.grad.copy_(out.view(p.grad.shape))
-        self._gq_pending.clear()
-        self._gq_waiting.clear()
-        self._gq_ready.clear()
-        for p in self._gq_delay:
-            self._gq_delay[p] = self.backward_passes_per_step
+        self._gq_clear()
         late = [self._gq_names[p] for p in self._gq_untracked if p.requires_grad and p.grad is not None]
         if late and not errors:  # Horovod would apply each rank's own gradient to them, silently
             errors.append(ValueError(

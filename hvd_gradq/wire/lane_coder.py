@@ -26,6 +26,7 @@ Pure tensor code: rank and size are the coder's, the collectives are the caller'
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ class LaneCoder:
             drop-in's plan makes every entry itself).
         op: ``wire.SUM`` or ``wire.AVERAGE``: what the allreduce does to the words.
         min_elements: such layers below this size go as float32.
-        seed: of the dither stream, drawn per rank from (seed, rank).
+        seed: of the dither streams, one per layer and rank, drawn from (seed, rank, layer name).
         rank, size: this rank and the number of ranks (lane widths hold the sum over ``size``).
         codebook: the shared decision (the drop-in passes its own, holding every layer).
         residuals: where the lanes keep what clipping and rounding dropped.
@@ -130,7 +131,9 @@ class LaneCoder:
         self.residuals = residuals
         self.label = label
         self.rotation, self.rounding = rotation, rounding
-        self.rng = DitherSource([seed, rank])
+        #: per layer: its dither stream, drawn from (seed, rank, layer name), so what a layer draws
+        #: does not depend on the order Horovod hands the layers over (grouped allreduces, fusion)
+        self._rngs: dict[str, DitherSource] = {}
         # per layer, reused every step (no allocation on the hot path): the rotated g + r, the
         # coding error in the rotated domain
         self._rotated: dict[str, torch.Tensor] = {}
@@ -201,7 +204,7 @@ class LaneCoder:
             words = pack_lanes(torch.zeros(prep.y.numel(), dtype=torch.int64), code.layout)
         else:
             scales = rot.clip_scales(code.block_rms, code.bits)
-            rng = self.rng if code.rounding == rot.STOCHASTIC else None
+            rng = self._rng(code.name) if code.rounding == rot.STOCHASTIC else None
             staged = self.residuals.staging(code.name, prep.y[:code.numel])
             fused = rot.encode_lanes(prep.y, scales, code.bits, code.layout, key=prep.key, block=code.rotation,
                                      rotated=True, rng=rng, resid_out=staged)
@@ -237,7 +240,7 @@ class LaneCoder:
                 body, stat = pack_lanes(torch.zeros_like(g, dtype=torch.int64), code.layout), 0
             else:
                 stat = min(round(amax / code.scale * _STAT_ONE), _STAT_CAP)
-                body = quantize_to_lanes(g, code.scale, code.bits, code.layout, self.rng, residual=r,
+                body = quantize_to_lanes(g, code.scale, code.bits, code.layout, self._rng(name), residual=r,
                                          residual_out=self.residuals.staging(name, g) if track else None)
         else:  # float32: small layers always, quantized layers until a scale is calibrated
             container = torch.float32
@@ -289,7 +292,7 @@ class LaneCoder:
                         frozen: bool, track: bool) -> tuple[torch.Tensor, LaneContext]:
         block, key = code.rotation, rotation.step_key(code.rotation_key, code.version)
         packed = code.packed and not frozen
-        rng = self.rng if code.rounding == rot.STOCHASTIC else None
+        rng = self._rng(code.name) if code.rounding == rot.STOCHASTIC else None
         fused = None
         if packed:  # scales known (last step's): rotate, quantize and keep the error in one pass per block
             staged = self.residuals.staging(code.name, g) if track else None
@@ -349,8 +352,17 @@ class LaneCoder:
             code.scale, code.block_rms = (None, None) if nxt is None else nxt
         return out
 
+    def _rng(self, name: str) -> DitherSource:
+        rng = self._rngs.get(name)
+        if rng is None:
+            rng = self._rngs[name] = DitherSource([self.seed, self.rank, zlib.crc32(name.encode())])
+        return rng
+
     def state_dict(self) -> dict:
-        return {"rng": self.rng.state_dict()}
+        return {"rngs": {name: rng.state_dict() for name, rng in self._rngs.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.load_state_dict(state["rng"])
+        """(A state saved before the streams were per layer, ``{"rng": ...}``, restarts them.)"""
+        self._rngs.clear()
+        for name, rng_state in state.get("rngs", {}).items():
+            self._rng(name).load_state_dict(rng_state)

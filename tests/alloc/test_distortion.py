@@ -380,3 +380,41 @@ def test_ranks_are_options_of_the_matrices_only_and_win_where_the_gradient_is_lo
         Allocator(2.0, probe=probe, ranks=(2, 1))
     with pytest.raises(ValueError, match="group='layer'"):
         Allocator(2.0, probe=probe, ranks=(1,), group="type")
+
+
+def test_rate_wire_prices_options_with_the_transports_bits_and_paper_with_b_times_n():
+    """Two equal layers with equal gradients: with rate="paper" they get the same width; with
+    rate="wire" and a transport that makes every bit of layer 0 cost four times as much, layer 0
+    gets fewer bits, and the allocation's rate is the sum of the wire bits it chose."""
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False)
+            self.b.weight.data.copy_(self.a.weight.data)
+
+        def forward(self, inp):
+            return self.a(inp) + self.b(inp)
+
+    torch.manual_seed(0)
+    model = Pair()
+    probe = LossProbe(model, F.mse_loss, [(torch.randn(64, 32), torch.zeros(64, 32))])
+    params = dict(model.named_parameters())
+
+    def quantize(name, bits, g):
+        return make_codec("qsgdinf", bits, bucket_size=256).roundtrip(g, DitherSource([3, bits]))
+
+    def wire(name, b):
+        return (4.0 if name == "a.weight" else 1.0) * b * 1024 + 64  # + a header
+
+    options = (0, 1, 2, 3, 4, 6, 8)
+    paper, _ = Allocator(3.0, metric="mse", probe=probe, options=options).allocate(params, quantize, lr=0.1)
+    assert paper.bits["a.weight"] == paper.bits["b.weight"] and paper.rate == 1024 * sum(paper.bits.values())
+    wired = Allocator(3.0, metric="mse", probe=probe, options=options, rate="wire")
+    alloc, _ = wired.allocate(params, quantize, lr=0.1, wire_bits=wire)
+    assert alloc.bits["a.weight"] < alloc.bits["b.weight"], alloc.bits
+    assert alloc.rate == sum(wire(n, b) for n, b in alloc.bits.items()) <= 3.0 * 2048
+    assert wired.last_curves.rate[0, options.index(2)] == wire("a.weight", 2)
+    with pytest.raises(ValueError, match="rate='wire' needs"):
+        wired.allocate(params, quantize, lr=0.1)
+    with pytest.raises(ValueError, match="rate"):
+        Allocator(3.0, probe=probe, rate="bytes")

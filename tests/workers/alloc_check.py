@@ -26,6 +26,7 @@ ap.add_argument("--metric", default="lad")
 ap.add_argument("--solver", default="lagrangian")
 ap.add_argument("--trigger", default="interval")
 ap.add_argument("--codec", default="shared_scale")
+ap.add_argument("--transport", default="auto")
 ap.add_argument("--fail", action="store_true")
 ap.add_argument("--spread-check", action="store_true",
                 help="after training: the allocation with the LAD table spread over the ranks against rank 0 alone")
@@ -54,7 +55,7 @@ trigger = (hvd_gradq.Trigger("interval", interval=4) if args.trigger == "interva
            else hvd_gradq.Trigger(tau=0.999, k_min=3))
 opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                      named_parameters=model.named_parameters(), codec=args.codec, bits=4,
-                                     allocator=allocator, trigger=trigger, min_elements=512)
+                                     transport=args.transport, allocator=allocator, trigger=trigger, min_elements=512)
 
 
 def codebook_digest():

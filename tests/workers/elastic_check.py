@@ -4,6 +4,13 @@ Rank 0 grows the job from 2 to 3 workers (rewriting the host file the discovery 
 and, after some steps with 3, shrinks it back to 2. Every worker appends one JSON line per step to
 its own file in --out: step, world size, rank, codebook version and digest (bits, transport and
 lane width per layer), loss. The surviving workers finish with a digest of their parameters.
+
+With the lanes config, each step is also checked against plain Horovod: the aggregate must be the
+sum over the ranks of gradient + what the rank owed before the step - what it owes after (every
+residual kind, and what a resize carried), recorded as the relative gap; the owed vectors' digests
+are recorded so that the test can follow one worker's residuals across a resize and a restore; and
+once, with 2 workers again, every worker fails a step after coding it (HorovodInternalError), so
+that ``restore()`` puts the committed state back before the step is redone.
 """
 import argparse
 import hashlib
@@ -35,10 +42,10 @@ x_all, y_all = fashion_mnist("test")
 model = FashionCNN(width=8)
 probe = hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [(x_all[:64], y_all[:64])])
 if args.config == "lanes":
-    kw = dict(codec="shared_scale", bits=4,
+    kw = dict(codec="shared_scale", bits=4, error_feedback=True,  # the gathered layers (qsgdinf) keep residuals too
               transport={"features.[34].*": "two_phase", "features.1.*": "allgather", "features.2.*": "allreduce"},
               allocator=hvd_gradq.Allocator(3.0, metric="mse", solver="greedy", options=(2, 3, 4, 8), probe=probe),
-              trigger=hvd_gradq.Trigger("interval", interval=5))
+              trigger=hvd_gradq.Trigger("interval", interval=1000))  # reallocations: resizes and restores
 else:  # low-rank factors (rank 2) on the matrices, float16 Q: warm starts and residuals across the resizes
     kw = dict(codec="lowrank", rank=2, factors="float16", bits=4)
 opt = hvd_gradq.DistributedOptimizer(
@@ -50,6 +57,32 @@ log = Path(args.out, f"worker-{os.getpid()}.jsonl")
 def factors_digest():
     low = opt.gradient_exchange.lowrank if opt.gradient_exchange is not None else {}
     return zlib.crc32(b"".join(c.q.numpy().tobytes() for _, c in sorted(low.items())))
+
+
+def owed():
+    """What this rank owes per layer (every residual kind, server chunks in place, carried), one vector."""
+    ex = opt.gradient_exchange
+    res, parts = ex.residuals, []
+    for n, p in model.named_parameters():
+        v = torch.zeros(p.numel())
+        for store in (res.worker, res.zero_bit, res.lanes):
+            if n in store.residuals:
+                v += store.residuals[n].reshape(-1)
+        coder = ex.coders.get(n)
+        if n in res.server.residuals and coder is not None:
+            v[coder.bounds[coder.rank]:coder.bounds[coder.rank + 1]] += res.server.residuals[n]
+        if n in res.carry:
+            v += res.carry[n].reshape(-1)
+        parts.append(v)
+    return torch.cat(parts)
+
+
+def vector_digest(v):
+    return float((v.double() * torch.arange(1, v.numel() + 1, dtype=torch.float64).sin()).sum())
+
+
+plain = FashionCNN(width=8)  # this rank's local gradient at the same weights
+injected = []
 
 
 def codebook_digest():
@@ -68,16 +101,38 @@ def train(state):
         rank, size = hvd.rank(), hvd.size()
         i = ((state.step * size + rank) * 32) % (len(x_all) - 32)
         q_before = factors_digest()  # after a resize: rank 0's warm start, on every worker
+        xb, yb = x_all[i:i + 32], y_all[i:i + 32]
+        extra = {}
+        events = len(opt.allocation_events)
+        if args.config == "lanes":
+            plain.load_state_dict(model.state_dict())
+            plain.zero_grad()
+            (F.cross_entropy(plain(xb), yb) / size).backward()
+            before = owed()
+            local = torch.cat([p.grad.reshape(-1) for p in plain.parameters()]) + before
         opt.zero_grad()
-        loss = F.cross_entropy(model(x_all[i:i + 32]), y_all[i:i + 32])
+        loss = F.cross_entropy(model(xb), yb)
         (loss / size).backward()
-        opt.step()
+        opt.synchronize()
+        if args.config == "lanes":  # what crossed: the sum of what entered minus what the ranks still owe
+            after = owed()
+            expected = hvd.allreduce(local - after, op=hvd.Sum, name=f"check.{state.step}.{len(injected)}")
+            agg = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            extra = {"gap": float((agg - expected).abs().max() / expected.abs().max()),
+                     "owed_before": vector_digest(before), "owed_after": vector_digest(after),
+                     "owed_norm": float(after.norm()), "allocated": len(opt.allocation_events) > events}
+        with opt.skip_synchronize():
+            opt.step()
+        fail = args.config == "lanes" and state.phase == 4 and state.step - state.phase_start == 2 and not injected
         digest, rows = codebook_digest()
         with log.open("a") as f:
             f.write(json.dumps({"step": state.step, "size": size, "rank": rank, "version": opt.codebook.version,
                                 "digest": digest, "rows": rows, "loss": loss.item(), "phase": state.phase,
-                                "q_before": q_before, "q_after": factors_digest(),
-                                "low": sorted(opt.gradient_exchange.lowrank)}) + "\n")
+                                "q_before": q_before, "q_after": factors_digest(), "failed": fail,
+                                "low": sorted(opt.gradient_exchange.lowrank), "pid": os.getpid(), **extra}) + "\n")
+        if fail:  # every worker at the same step: restore() undoes what this step changed, then it is redone
+            injected.append(state.step)
+            raise hvd.HorovodInternalError("injected failure after a coded step")
         state.step += 1
         done = state.step - state.phase_start
         if state.phase in (0, 2) and done >= args.steps_per_phase:

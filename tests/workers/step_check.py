@@ -10,6 +10,11 @@ Cases:
   nonfinite     rank 1's loss is NaN at step 2 (after the float32 calibration step and one packed
                 step): every rank must see NaN gradients, and the next finite step must go on
                 normally from the residuals of the last finite step.
+  nonfinite_dropin   the same through hvd_gradq.DistributedOptimizer (--codec on --transport) with
+                an AMP GradScaler (CPU): every rank sees NaN after synchronize, the scaler skips the
+                step on every rank and halves its scale, residuals and codebook (scales, block RMS,
+                levels) stay as they were (the reduction counts advance by one, as at every step),
+                and the next step trains on.
 """
 import argparse
 import copy
@@ -32,6 +37,8 @@ ap.add_argument("--case", required=True)
 ap.add_argument("--bits", type=int, default=2)
 ap.add_argument("--op", choices=["sum", "average"], default="sum")
 ap.add_argument("--rotation", type=int, default=4096, help="the compressor's rotation (0: unrotated lanes)")
+ap.add_argument("--codec", default="rotated")
+ap.add_argument("--transport", default="allreduce")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
@@ -102,6 +109,62 @@ if args.case == "nonfinite":
     digest = torch.tensor([sum(p.double().sum().item() for p in model_c.parameters())], dtype=torch.float64)
     out.write_text(json.dumps({"rank": rank, "all_nan": all_nan, "residuals_kept": kept, "n_residuals": len(residuals),
                                "finite_after": finite,
+                               "digests": hvd.allgather(digest, name="check.digest").tolist()}))
+    sys.exit(0)
+
+if args.case == "nonfinite_dropin":
+    opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model_c.parameters(), lr=0.1), named_parameters=named_c,
+                                         op=op, codec=args.codec, bits=args.bits, transport=args.transport,
+                                         min_elements=512)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def amp_step(step, poison=False):
+        xb, yb = batch(step)
+        opt.zero_grad()
+        loss = F.cross_entropy(model_c(xb), yb)
+        scaler.scale(loss * float("nan") if poison else loss).backward()
+        opt.synchronize()
+        nan = all(bool(torch.isnan(p.grad).all()) for _, p in named_c)
+        scaler.unscale_(opt)
+        with opt.skip_synchronize():
+            scaler.step(opt)
+        scaler.update()
+        return nan
+
+    def snapshot():
+        ex = opt.gradient_exchange
+        residuals = [t.clone() for kind in ("worker", "server", "zero_bit", "lanes")
+                     for _, t in sorted(getattr(ex.residuals, kind).residuals.items())]
+        codes = [(c.name, c.version, c.scale, None if c.block_rms is None else c.block_rms.clone(), c.codec_key)
+                 for c in sorted(opt.codebook, key=lambda c: c.name)]
+        return residuals, codes, [p.detach().clone() for _, p in named_c]
+
+    for step in range(2):
+        amp_step(step)
+    residuals, codes, params = snapshot()
+    scale = scaler.get_scale()
+    all_nan = amp_step(2, poison=rank == 1)
+    residuals2, codes2, params2 = snapshot()
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    def same_code(a, b):
+        x, y = a[3], b[3]
+        rms_same = (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        return (a[0], a[2], a[4]) == (b[0], b[2], b[4]) and rms_same  # name, scale, levels; RMS per block
+
+    codes_same = len(codes) == len(codes2) and all(same_code(a, b) for a, b in zip(codes, codes2))
+    halved = scaler.get_scale() == scale / 2
+    transports = sorted({plan.transport for plan in opt.gradient_exchange.plans.values()})
+    amp_step(3)
+    finite = all(bool(torch.isfinite(p).all()) for p in model_c.parameters()) and scaler.get_scale() == scale / 2
+    digest = torch.tensor([sum(p.double().sum().item() for p in model_c.parameters())], dtype=torch.float64)
+    out.write_text(json.dumps({"rank": rank, "all_nan": all_nan, "residuals_kept": same(residuals, residuals2),
+                               "n_residuals": len(residuals), "codebook_kept": codes_same,
+                               "versions_advanced": sorted({b[1] - a[1] for a, b in zip(codes, codes2)}),
+                               "skipped": same(params, params2), "scale_halved": halved, "finite_after": finite,
+                               "transports": transports,
                                "digests": hvd.allgather(digest, name="check.digest").tolist()}))
     sys.exit(0)
 

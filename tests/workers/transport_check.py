@@ -16,6 +16,11 @@ Cases:
              first Q of low-rank factors): every rank must raise.
   levels_mismatch   after the first step's per-type ALQ fit, rank 1 holds other levels for the
              weights' type: every rank must raise at the second step.
+  bits_mismatch_lanes / bits_mismatch_two_phase   the bits differ on the rotated lanes / the
+             two-phase transport; transport_mismatch / transport_mismatch_lanes   rank 0 gathers where
+             the others reduce in two phases / sums lanes where the others gather: every rank must raise.
+  step_mismatch   with an allocator, rank 1's step count runs one ahead after the first step: the
+             trigger verdict's step cross-check stops it, and the job ends on every rank.
 """
 import argparse
 import copy
@@ -220,39 +225,114 @@ def stock_process_set_case(out, ps):
                                 name="stock_ps.digest", process_set=ps).tolist()}))
 
 
+def reference_check(kind, opt, comp, before, model, plain, ref):
+    """One step's aggregate against uncompressed Horovod at the same weights and data.
+
+    ``plain`` (no hooks) holds this rank's local gradient (summed over the step's passes), ``ref``
+    the uncompressed average of hvd.DistributedOptimizer, ``model`` its own after ``opt.synchronize()``;
+    ``before``: the stock compressor's residuals and scales the step started from. Returns per layer the largest
+    excess of the error over the codec's bound (<= 0 passes). The drop-in (QSGDinf, 4 bits, no error
+    feedback) codes each rank's gradient with gaps of at most max|g_r| / 7, and a two-phase chunk sum
+    again with gaps of its own max / 7; the stock lanes (one scale s per layer, stochastic rounding,
+    error feedback) code x_r = g_r + e_r with gaps 2s / 15 and clip at s, so what they average is
+    compared with the reference plus the mean residual; small layers and the calibration step go as
+    float32 (exact up to rounding)."""
+    size = hvd.size()
+    params, local, agg = (dict(m.named_parameters()) for m in (model, plain, ref))
+    names = [n for n, p in params.items() if p.requires_grad and p.grad is not None]
+    xs_local, es_local = [], []
+    for n in names:
+        g = local[n].grad
+        e = before.get(n, torch.zeros(params[n].numel())).reshape(-1)  # zeros on the drop-in: no error feedback
+        xs_local.append((torch.zeros(params[n].numel()) if g is None else g.reshape(-1)) + e)
+        es_local.append(e)
+    table = hvd.allgather(torch.cat(xs_local + es_local).view(1, -1), name=f"optim.refcheck.{kind}")
+    total = table.shape[1] // 2
+    excess, offset = {}, 0
+    for n in names:
+        k = params[n].numel()
+        xs, es = table[:, offset:offset + k], table[:, total + offset:total + offset + k]  # (N, k) each
+        offset += k
+        err = (params[n].grad.reshape(-1) - agg[n].grad.reshape(-1) - es.mean(0)).abs()
+        tol = 1e-6 * float(xs.abs().max()) + 1e-9
+        if kind == "dropin":
+            peaks = xs.abs().amax(1)  # max |g_r|
+            transport = opt.gradient_exchange.plans[n].transport
+            bound = 0.0 if transport == "float32" else float(peaks.sum()) / 7 / size
+            if transport == "two_phase":
+                bound += float(peaks.sum()) * (8 / 7) / 7 / size
+        else:
+            s = before.get(("scale", n))  # None: the layer went as float32 (small, or calibrating)
+            bound = 0.0 if s is None else (2 * s / 15 + (xs.abs() - s).clamp(min=0)).mean(0)
+        excess[n] = float((err - bound - tol).max())
+    return excess
+
+
 def optim_case(out):
     rank, size = hvd.rank(), hvd.size()
     report = {"rank": rank}
 
     def make(kind, model, opt, codec_kw=None, **kw):
         if kind == "stock":
-            comp = hvd_gradq.UniformCompressor(bits=4, named_parameters=model.named_parameters(), op=hvd.Average)
-            return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp, **kw)
-        coding = {"codec": "qsgd", "bits": 4, **(codec_kw or {})}
+            comp = hvd_gradq.UniformCompressor(bits=4, named_parameters=model.named_parameters(), op=hvd.Average,
+                                               rotation=0)
+            return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp,
+                                            **kw), comp
+        coding = {"codec": "qsgdinf", "bits": 4, **(codec_kw or {})}
         return hvd_gradq.DistributedOptimizer(opt, named_parameters=model.named_parameters(), bucket_size=512,
-                                              **coding, **kw)
+                                              **coding, **kw), None
 
-    def train(kind, opt_fn, steps=3, skip_on=None, bpps=1, freeze_at=None, groups_fn=None, codec_kw=None, **kw):
+    def train(kind, opt_fn, steps=3, skip_on=None, bpps=1, freeze_at=None, groups_fn=None, codec_kw=None,
+              check=True, **kw):
         model = MLP()
         if groups_fn is not None:
             kw["groups"] = groups_fn(model)
-        opt = make(kind, model, opt_fn(model.parameters()), codec_kw=codec_kw, backward_passes_per_step=bpps, **kw)
+        opt, comp = make(kind, model, opt_fn(model.parameters()), codec_kw=codec_kw, backward_passes_per_step=bpps,
+                         **kw)
+        tag = f"{kind}{len(report)}"
+        plain, ref = MLP(), MLP()  # this rank's local gradients; the uncompressed Horovod aggregate
+        ref_opt = hvd.DistributedOptimizer(torch.optim.SGD(ref.parameters(), lr=0.0),
+                                           named_parameters=[(f"ref.{tag}.{n}", p) for n, p in ref.named_parameters()],
+                                           backward_passes_per_step=bpps)
         start = [p.detach().clone() for p in model.parameters()]
         frozen_before = None
+        worst: dict[str, float] = {}
         for step in range(steps):
             if freeze_at is not None and step == freeze_at:
-                model.fc3.weight.requires_grad_(False)
+                for m in (model, plain, ref):
+                    m.fc3.weight.requires_grad_(False)
                 frozen_before = model.fc3.weight.detach().clone()
+            skip = ("fc2",) if skip_on is not None and rank == skip_on else ()
+            batches = [batch(step * bpps + k, rank, size) for k in range(bpps)]
+            if check:
+                before = {} if comp is None else {
+                    **{n: r.clone() for n, r in comp.error_feedback.residuals.items()},
+                    **{("scale", c.name): c.scale for c in comp.codebook if c.packed}}
+                plain.load_state_dict(model.state_dict())
+                ref.load_state_dict(model.state_dict())
+                plain.zero_grad()
+                ref_opt.zero_grad()
+                for xb, yb in batches:
+                    F.cross_entropy(plain(xb, skip=skip), yb).backward()
+                    F.cross_entropy(ref(xb, skip=skip), yb).backward()
+                ref_opt.synchronize()
             opt.zero_grad()
-            for k in range(bpps):
-                xb, yb = batch(step * bpps + k, rank, size)
-                skip = ("fc2",) if skip_on is not None and rank == skip_on else ()
+            for xb, yb in batches:
                 F.cross_entropy(model(xb, skip=skip), yb).backward()
-            opt.step()
+            if check:
+                opt.synchronize()
+                for n, e in reference_check(kind, opt, comp, before, model, plain, ref).items():
+                    worst[n] = max(worst.get(n, -float("inf")), e)
+                with opt.skip_synchronize():
+                    opt.step()
+            else:
+                opt.step()
         moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(model.parameters(), start))
         res = {"moved": moved, "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
                "digest": hvd.allgather(torch.tensor([digest(model.parameters())], dtype=torch.float64),
                                        name=f"optim.{kind}.{len(report)}").tolist()}
+        if check:
+            res["bound_excess"] = worst
         if frozen_before is not None:
             res["frozen_unchanged"] = bool(torch.equal(frozen_before, model.fc3.weight.detach()))
         return res
@@ -280,17 +360,19 @@ def optim_case(out):
         report[f"{kind}.freeze"] = train(kind, lambda ps: torch.optim.SGD(ps, lr=0.05), steps=4, freeze_at=2)
         report[f"{kind}.groups_list"] = train(
             kind, sgd, groups_fn=lambda m: [[m.fc1.weight, m.fc1.bias], [m.fc3.weight]])
+    # the drop-in sums decoded float32: gradient_predivide_factor changes nothing (the stock path's in compat_check)
+    report["dropin.predivide3"] = train("dropin", sgd, check=False, gradient_predivide_factor=3.0)
     # every codec through the drop-in (auto transport), two steps
     from hvd_gradq.plan.planner import CODECS, RATIO_CODECS
 
     for codec in CODECS:
         report[f"dropin.codec.{codec}"] = train(
-            "dropin", sgd, steps=2, codec_kw={"codec": codec, "bits": 2 if codec == "terngrad" else 3,
-                                              "ratio": 50 if codec in RATIO_CODECS else None})
+            "dropin", sgd, steps=2, check=False, codec_kw={"codec": codec, "bits": 2 if codec == "terngrad" else 3,
+                                                           "ratio": 50 if codec in RATIO_CODECS else None})
     link = hvd_gradq.measure_link()
     report["link"] = hvd.allgather(torch.tensor([[link.latency_s, link.bandwidth]], dtype=torch.float64),
                                    name="optim.link").tolist()
-    report["dropin.measured_link"] = train("dropin", sgd, steps=2, codec_kw={"link": "measure"})
+    report["dropin.measured_link"] = train("dropin", sgd, steps=2, check=False, codec_kw={"link": "measure"})
     m = MLP()
     errors = {}
     for label, fn in {
@@ -304,6 +386,9 @@ def optim_case(out):
         "allreduce_for_qsgd": lambda: hvd_gradq.DistributedOptimizer(
             torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), codec="qsgd",
             transport="allreduce"),
+        "predivide_with_sum": lambda: hvd_gradq.DistributedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), op=hvd.Sum,
+            gradient_predivide_factor=2.0),
         "unknown_layer": lambda: hvd_gradq.DistributedOptimizer(
             torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(), bits={"conv.*": 2}),
     }.items():
@@ -333,11 +418,19 @@ def optim_case(out):
 def mismatch_case(out, case):
     rank = hvd.rank()
     model = MLP()
-    bits = 2 if (case == "bits_mismatch" and rank == 0) else 4
+    bits = 2 if (case.startswith("bits_mismatch") and rank == 0) else 4
     # rotation_mismatch: rank 0 gathers rotated codes with rotation blocks of up to 4096, the others 1024
     coding = {"codec": "rotated", "rotation": 4096 if rank == 0 else 1024} if case == "rotation_mismatch" else \
         {"codec": "qsgd"}
     coding["transport"] = "allgather"
+    if case == "bits_mismatch_lanes":  # the summed lanes of the rotated code
+        coding = {"codec": "rotated", "transport": "allreduce"}
+    if case == "bits_mismatch_two_phase":
+        coding = {"codec": "qsgd", "transport": "two_phase"}
+    if case == "transport_mismatch":  # rank 0 gathers, the others reduce in two phases
+        coding = {"codec": "qsgd", "transport": "allgather" if rank == 0 else "two_phase"}
+    if case == "transport_mismatch_lanes":  # rank 0 sums lanes, the others gather
+        coding = {"codec": "shared_scale", "transport": "allreduce" if rank == 0 else "allgather"}
     if case == "lowrank_seed_mismatch":  # low-rank factors whose warm start differs: rank 0's seed is another
         coding = {"codec": "lowrank", "rank": 2, "seed": 1 if rank == 0 else 0}
     if case == "lowrank_rank_mismatch":  # rank 2 factors on rank 0, rank 3 on the others: P's shapes differ
@@ -345,6 +438,9 @@ def mismatch_case(out, case):
     if case == "lowrank_factors_mismatch":  # float16 Q on rank 0 only: the codebook digest (and the tall fc2's
         # orientation) differ
         coding = {"codec": "lowrank", "rank": 2, "factors": "float16" if rank == 0 else "float32"}
+    if case == "step_mismatch":  # an allocator: rank 0's trigger verdict goes out every step, with the step
+        coding = {"codec": "qsgd", "allocator": hvd_gradq.Allocator(
+            3.0, metric="mse", options=(2, 4), probe=hvd_gradq.LossProbe(model, F.cross_entropy, [batch(99, 0, 1)]))}
     if case == "levels_mismatch":  # ALQ levels fitted per layer type after every step; rank 1 then holds
         # another level set for the weights' type than the one rank 0 fitted and shared
         coding = {"codec": "alq", "level_groups": hvd_gradq.layer_types(model), "refit_levels": 1}
@@ -359,6 +455,8 @@ def mismatch_case(out, case):
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
+            if case == "step_mismatch" and rank == 1 and step == 0:  # as if rank 1 had stepped once more
+                opt._gq_step += 1
             if case == "levels_mismatch" and rank == 1:
                 exchange, types = opt.gradient_exchange, hvd_gradq.layer_types(model)
                 held = {name: {"levels": torch.cat([coder.codec.levels[:-1] * 0.97, coder.codec.levels[-1:]])}
