@@ -99,6 +99,8 @@ def test_optimizer_features_with_compression(tmp_path, mode):
         from hvd_gradq.plan.planner import CODECS
 
         assert all(f"dropin.codec.{c}" in rep for c in CODECS)
+        for c in CODECS:  # the aggregate = uncompressed Horovod's + the mean of what the ranks' residuals paid
+            assert rep[f"dropin.codec.{c}"]["conservation"] < 1e-5, (c, rep[f"dropin.codec.{c}"]["conservation"])
         link = rep["link"]
         assert link[0] == link[1] and link[0][0] > 0 and link[0][1] > 0, link  # rank 0's figures everywhere
         assert sum(k.startswith("dropin.") for k in rep) >= 15

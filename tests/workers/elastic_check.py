@@ -23,6 +23,7 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
+from owed import owed as owed_vector  # tests/workers/owed.py, next to this script
 
 import hvd_gradq
 from workloads.datasets import fashion_mnist
@@ -61,20 +62,7 @@ def factors_digest():
 
 def owed():
     """What this rank owes per layer (every residual kind, server chunks in place, carried), one vector."""
-    ex = opt.gradient_exchange
-    res, parts = ex.residuals, []
-    for n, p in model.named_parameters():
-        v = torch.zeros(p.numel())
-        for store in (res.worker, res.zero_bit, res.lanes):
-            if n in store.residuals:
-                v += store.residuals[n].reshape(-1)
-        coder = ex.coders.get(n)
-        if n in res.server.residuals and coder is not None:
-            v[coder.bounds[coder.rank]:coder.bounds[coder.rank + 1]] += res.server.residuals[n]
-        if n in res.carry:
-            v += res.carry[n].reshape(-1)
-        parts.append(v)
-    return torch.cat(parts)
+    return owed_vector(opt.gradient_exchange, model.named_parameters())
 
 
 def vector_digest(v):

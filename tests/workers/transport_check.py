@@ -31,6 +31,7 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
+from owed import owed  # tests/workers/owed.py, next to this script
 
 import hvd_gradq
 from hvd_gradq.bits.rotation import rotate, step_key
@@ -283,7 +284,7 @@ def optim_case(out):
                                               **coding, **kw), None
 
     def train(kind, opt_fn, steps=3, skip_on=None, bpps=1, freeze_at=None, groups_fn=None, codec_kw=None,
-              check=True, **kw):
+              check=True, conserve=False, **kw):
         model = MLP()
         if groups_fn is not None:
             kw["groups"] = groups_fn(model)
@@ -316,9 +317,30 @@ def optim_case(out):
                     F.cross_entropy(plain(xb, skip=skip), yb).backward()
                     F.cross_entropy(ref(xb, skip=skip), yb).backward()
                 ref_opt.synchronize()
+            if conserve:  # every codec, error feedback on: what the aggregate owes the reference
+                plain.load_state_dict(model.state_dict())
+                ref.load_state_dict(model.state_dict())
+                ref_opt.zero_grad()
+                for xb, yb in batches:
+                    F.cross_entropy(ref(xb, skip=skip), yb).backward()
+                ref_opt.synchronize()
+                held = [(n, p) for n, p in model.named_parameters() if n not in opt.gradient_exchange.lowrank]
+                before = owed(opt.gradient_exchange, held)
             opt.zero_grad()
             for xb, yb in batches:
                 F.cross_entropy(model(xb, skip=skip), yb).backward()
+            if conserve:
+                opt.synchronize()
+                paid = hvd.allreduce(before - owed(opt.gradient_exchange, held), op=hvd.Average,
+                                     name=f"optim.paid.{tag}.{step}")
+                agg = dict(ref.named_parameters())
+                applied = torch.cat([p.grad.reshape(-1) for _, p in held])
+                expected = torch.cat([agg[n].grad.reshape(-1) for n, _ in held]) + paid
+                worst["conservation"] = max(worst.get("conservation", 0.0), float(
+                    (applied - expected).abs().max() / expected.abs().max()))
+                with opt.skip_synchronize():
+                    opt.step()
+                continue
             if check:
                 opt.synchronize()
                 for n, e in reference_check(kind, opt, comp, before, model, plain, ref).items():
@@ -333,6 +355,8 @@ def optim_case(out):
                                        name=f"optim.{kind}.{len(report)}").tolist()}
         if check:
             res["bound_excess"] = worst
+        if conserve:
+            res["conservation"] = worst["conservation"]
         if frozen_before is not None:
             res["frozen_unchanged"] = bool(torch.equal(frozen_before, model.fc3.weight.detach()))
         return res
@@ -366,9 +390,10 @@ def optim_case(out):
     from hvd_gradq.plan.planner import CODECS, RATIO_CODECS
 
     for codec in CODECS:
-        report[f"dropin.codec.{codec}"] = train(
-            "dropin", sgd, steps=2, check=False, codec_kw={"codec": codec, "bits": 2 if codec == "terngrad" else 3,
-                                                           "ratio": 50 if codec in RATIO_CODECS else None})
+        report[f"dropin.codec.{codec}"] = train(  # error feedback on: conservation against plain Horovod
+            "dropin", sgd, steps=2, check=False, conserve=True,
+            codec_kw={"codec": codec, "bits": 2 if codec == "terngrad" else 3, "error_feedback": True,
+                      "ratio": 50 if codec in RATIO_CODECS else None})
     link = hvd_gradq.measure_link()
     report["link"] = hvd.allgather(torch.tensor([[link.latency_s, link.bandwidth]], dtype=torch.float64),
                                    name="optim.link").tolist()
