@@ -8,9 +8,10 @@ hook (so it overlaps the rest of the backward pass); ``advance()`` moves a two-p
 its second collective; ``result()`` waits and returns what the last callback made of the bytes.
 ``payload_bytes`` counts what was handed to the collectives, the figure the cost model predicts.
 
-Collective names are ``hvd_gradq.<layer>`` for the first collective of every transport, so ranks
-that disagree about a layer's transport meet under one name and Horovod reports the mismatch on
-all of them instead of waiting forever.
+Collective names are ``hvd_gradq.<layer>`` (``.phase2`` for a second collective). Ranks that
+disagree about a layer's transport would run different collectives (Horovod 0.28.1 does not
+reject an allgather and an alltoall under one name): the engine's first step compares the ranks'
+codebooks before anything waits (``agreement``).
 """
 from __future__ import annotations
 
@@ -69,9 +70,9 @@ class TwoAllreduces(Exchange):
     then the payload that ``encode`` makes from its sum (the lane codes); ``decode`` turns the
     second sum into the layer's aggregate. (Low-rank layers share theirs: ``fusion``.)"""
 
-    def __init__(self, layer: str, stats: torch.Tensor, encode: Decode, decode: Decode, coll: Collectives,
-                 transport: str = "allreduce") -> None:
-        self.transport = transport
+    transport = "allreduce"
+
+    def __init__(self, layer: str, stats: torch.Tensor, encode: Decode, decode: Decode, coll: Collectives) -> None:
         self._layer = layer
         self._encode, self._decode = encode, decode
         self._coll = coll

@@ -7,8 +7,8 @@ The bucket's members are the layers planned low-rank, in plan order (the same on
 starts its first allreduce when the last of them joins, i.e. after the backward pass has produced
 every low-rank gradient. Each member is an ``Exchange`` whose ``result()`` is its own decoded
 aggregate; its ``payload_bytes`` are its own P and Q, as if it had travelled alone. The fused
-collectives are named after the first member (``hvd_gradq.<layer>``), as every transport's first
-collective is, so ranks that disagree about a layer's transport meet under one name.
+collectives are named after the first member (``hvd_gradq.<layer>``). Ranks whose factors differ
+in rank or dtype never get here: the engine's first step compares the codebooks (``agreement``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import torch
 
 from hvd_gradq.exchange.collectives import Collectives
 from hvd_gradq.exchange.exchanges import Decode, Exchange
-from hvd_gradq.wire.header import CodebookMismatchError
 
 
 class LowRankBucket:
@@ -64,15 +63,7 @@ class LowRankBucket:
             raise RuntimeError(f"the low-rank bucket was advanced before layers {missing} joined it (every rank "
                                "must launch every low-rank layer of the step first)")
         try:
-            try:
-                summed = self._coll.synchronize(self._phase1)
-            except Exception as e:
-                if "Mismatched" not in str(e):
-                    raise
-                raise CodebookMismatchError(  # Horovod's message does not say which layers or why
-                    f"layers {self.names}: the ranks sent low-rank factors of different sizes, i.e. they hold "
-                    f"different codebooks ({e}); every rank must construct the hvd_gradq.DistributedOptimizer with "
-                    "the same rank= and factors= (and the same allocator)") from e
+            summed = self._coll.synchronize(self._phase1)
             firsts = [self._members[n][0].numel() for n in self.names]
             seconds = [self._members[n][1](part) for n, part in zip(self.names, torch.split(summed, firsts))]
         except Exception as e:  # kept: every member reports the same error

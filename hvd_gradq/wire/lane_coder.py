@@ -150,7 +150,7 @@ class LaneCoder:
 
     def restart(self, rank: int, size: int) -> None:
         """A fresh codebook for a new number of ranks: lanes laid out anew, every scale
-        recalibrated by one float32 step; residuals and the dither stream stay."""
+        recalibrated by one float32 step; residuals and the dither streams stay."""
         self.codebook.clear()
         self.rank, self.size = rank, size
 

@@ -305,10 +305,14 @@ def optim_case(out):
                 frozen_before = model.fc3.weight.detach().clone()
             skip = ("fc2",) if skip_on is not None and rank == skip_on else ()
             batches = [batch(step * bpps + k, rank, size) for k in range(bpps)]
-            if check:
-                before = {} if comp is None else {
-                    **{n: r.clone() for n, r in comp.error_feedback.residuals.items()},
-                    **{("scale", c.name): c.scale for c in comp.codebook if c.packed}}
+            if check or conserve:  # at these weights: this rank's own gradient, the uncompressed aggregate
+                if conserve:  # every codec, error feedback on: what the ranks' residuals owe before the step
+                    held = [(n, p) for n, p in model.named_parameters() if n not in opt.gradient_exchange.lowrank]
+                    before = owed(opt.gradient_exchange, held)
+                else:  # the stock lanes' residuals and scales the step starts from
+                    before = {} if comp is None else {
+                        **{n: r.clone() for n, r in comp.error_feedback.residuals.items()},
+                        **{("scale", c.name): c.scale for c in comp.codebook if c.packed}}
                 plain.load_state_dict(model.state_dict())
                 ref.load_state_dict(model.state_dict())
                 plain.zero_grad()
@@ -317,20 +321,14 @@ def optim_case(out):
                     F.cross_entropy(plain(xb, skip=skip), yb).backward()
                     F.cross_entropy(ref(xb, skip=skip), yb).backward()
                 ref_opt.synchronize()
-            if conserve:  # every codec, error feedback on: what the aggregate owes the reference
-                plain.load_state_dict(model.state_dict())
-                ref.load_state_dict(model.state_dict())
-                ref_opt.zero_grad()
-                for xb, yb in batches:
-                    F.cross_entropy(ref(xb, skip=skip), yb).backward()
-                ref_opt.synchronize()
-                held = [(n, p) for n, p in model.named_parameters() if n not in opt.gradient_exchange.lowrank]
-                before = owed(opt.gradient_exchange, held)
             opt.zero_grad()
             for xb, yb in batches:
                 F.cross_entropy(model(xb, skip=skip), yb).backward()
-            if conserve:
-                opt.synchronize()
+            if not (check or conserve):
+                opt.step()
+                continue
+            opt.synchronize()
+            if conserve:  # the aggregate = the uncompressed one + the mean of what the residuals paid
                 paid = hvd.allreduce(before - owed(opt.gradient_exchange, held), op=hvd.Average,
                                      name=f"optim.paid.{tag}.{step}")
                 agg = dict(ref.named_parameters())
@@ -338,16 +336,10 @@ def optim_case(out):
                 expected = torch.cat([agg[n].grad.reshape(-1) for n, _ in held]) + paid
                 worst["conservation"] = max(worst.get("conservation", 0.0), float(
                     (applied - expected).abs().max() / expected.abs().max()))
-                with opt.skip_synchronize():
-                    opt.step()
-                continue
-            if check:
-                opt.synchronize()
+            else:
                 for n, e in reference_check(kind, opt, comp, before, model, plain, ref).items():
                     worst[n] = max(worst.get(n, -float("inf")), e)
-                with opt.skip_synchronize():
-                    opt.step()
-            else:
+            with opt.skip_synchronize():
                 opt.step()
         moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(model.parameters(), start))
         res = {"moved": moved, "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
