@@ -27,12 +27,12 @@ from pathlib import Path
 
 from benchmarks import procs, provenance
 from benchmarks.archive import Archive
+from benchmarks.cluster import CLUSTER, held
 from hvd_gradq.exchange.timings import PHASES
 from workloads.progress import Progress
 from workloads.tasks import TASKS, compressor_name
 
 ROOT = procs.ROOT
-CLUSTER = ROOT / "launch" / "cluster.sh"
 DEFAULT_COMPRESSORS = "none,fp16,stock2,stock4,stock8,rotated2,rotated3,lad2,lad3,jointsq20,jointsq100,powersgd"
 
 
@@ -283,33 +283,34 @@ def main(argv=None) -> None:
         compute = dict(old["compute_s"])
     compute.update({m: compute_only(m, args, out) for m in models if m not in compute})
     bar = Progress(len(cells), "cells")
-    try:
-        for rate in args.rates.split(","):
-            args.rate_label = rate
-            rc, text = _run([str(CLUSTER), "up", "--nodes", str(max(sizes)), "--rate", rate, "--delay", args.delay],
-                            180)
-            if rc != 0:
-                for cell in [c for c in cells if c[0] == rate]:
-                    rows.append({"rate": rate, "model": cell[1], "compressor": cell[2], "size": cell[3],
-                                 "error": f"cluster up failed: {text[-500:]}"})
+    with held(say=bar.write):
+        try:
+            for rate in args.rates.split(","):
+                args.rate_label = rate
+                rc, text = _run([str(CLUSTER), "up", "--nodes", str(max(sizes)), "--rate", rate, "--delay", args.delay],
+                                180)
+                if rc != 0:
+                    for cell in [c for c in cells if c[0] == rate]:
+                        rows.append({"rate": rate, "model": cell[1], "compressor": cell[2], "size": cell[3],
+                                     "error": f"cluster up failed: {text[-500:]}"})
+                        bar.update()
+                    continue
+                for _, m, c, n in [cell for cell in cells if cell[0] == rate]:
+                    bar.set_postfix(f"{rate} {m} {c} np{n}")
+                    row = run_cell(m, c, n, args, out)
+                    row["rate"] = rate
+                    rows.append(row)
+                    if "error" in row:
+                        bar.write(f"cell {rate} {m} {c} np{n} failed; going on")
+                    else:
+                        bar.write(f"{rate} {m} {c} np{n}: {row['median_step_s']:.3f} s/step, "
+                                  f"{row['tx_per_step'] / 1e6:.2f} MB/step sent")
                     bar.update()
-                continue
-            for _, m, c, n in [cell for cell in cells if cell[0] == rate]:
-                bar.set_postfix(f"{rate} {m} {c} np{n}")
-                row = run_cell(m, c, n, args, out)
-                row["rate"] = rate
-                rows.append(row)
-                if "error" in row:
-                    bar.write(f"cell {rate} {m} {c} np{n} failed; going on")
-                else:
-                    bar.write(f"{rate} {m} {c} np{n}: {row['median_step_s']:.3f} s/step, "
-                              f"{row['tx_per_step'] / 1e6:.2f} MB/step sent")
-                bar.update()
-                derive(rows, compute)
-                write_report(rows, compute, args, out, time.perf_counter() - started, kept, commit)
-    finally:
-        _run([str(CLUSTER), "down"], 120)
-        bar.close()
+                    derive(rows, compute)
+                    write_report(rows, compute, args, out, time.perf_counter() - started, kept, commit)
+        finally:
+            _run([str(CLUSTER), "down"], 120)
+            bar.close()
     derive(rows, compute)
     write_report(rows, compute, args, out, time.perf_counter() - started, kept, commit)
     print(f"wrote {out / 'BANDWIDTH.md'}, {out / 'results.json'}, {out / 'speedup.png'}, {out / 'breakdown.png'}")

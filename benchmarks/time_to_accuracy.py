@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from benchmarks import provenance
-from benchmarks.bandwidth import CLUSTER, _rate_mbit, _run, keep_cell, run_on_nodes
+from benchmarks.bandwidth import _rate_mbit, _run, keep_cell, run_on_nodes
+from benchmarks.cluster import CLUSTER, held
 from workloads.progress import Progress
 from workloads.tasks import compressor_name
 
@@ -150,25 +151,27 @@ def main(argv=None) -> None:
         rows = [r for r in json.loads((out / "results.json").read_text())["rows"]
                 if (r["rate"], compressor_name(r["compressor"])) not in redo]
     bar = Progress(len(comps) * len(args.rates.split(",")), "runs")
-    try:
-        for rate in args.rates.split(","):
-            rc, text = _run([str(CLUSTER), "up", "--nodes", str(args.np), "--rate", rate, "--delay", args.delay], 180)
-            for comp in comps:
-                bar.set_postfix(f"{rate} {comp}")
-                row = (run_one(rate, comp, args, out) if rc == 0 else
-                       {"rate": rate, "compressor": comp, "error": f"cluster up failed: {text[-500:]}"})
-                rows.append(row)
-                if "error" in row:
-                    bar.write(f"{rate} {comp} failed; going on")
-                else:
-                    got = f"reached {args.target} in {row['reached']['train_s']:.1f} s" if row["reached"] else \
-                        f"did not reach {args.target} in {row['steps']} steps"
-                    bar.write(f"{rate} {comp}: {got} ({row['s_per_step']:.3f} s/step)")
-                bar.update()
-                write_report(rows, args, out, time.perf_counter() - started, commit)
-    finally:
-        _run([str(CLUSTER), "down"], 120)
-        bar.close()
+    with held(say=bar.write):
+        try:
+            for rate in args.rates.split(","):
+                rc, text = _run([str(CLUSTER), "up", "--nodes", str(args.np), "--rate", rate, "--delay", args.delay],
+                                180)
+                for comp in comps:
+                    bar.set_postfix(f"{rate} {comp}")
+                    row = (run_one(rate, comp, args, out) if rc == 0 else
+                           {"rate": rate, "compressor": comp, "error": f"cluster up failed: {text[-500:]}"})
+                    rows.append(row)
+                    if "error" in row:
+                        bar.write(f"{rate} {comp} failed; going on")
+                    else:
+                        got = f"reached {args.target} in {row['reached']['train_s']:.1f} s" if row["reached"] else \
+                            f"did not reach {args.target} in {row['steps']} steps"
+                        bar.write(f"{rate} {comp}: {got} ({row['s_per_step']:.3f} s/step)")
+                    bar.update()
+                    write_report(rows, args, out, time.perf_counter() - started, commit)
+        finally:
+            _run([str(CLUSTER), "down"], 120)
+            bar.close()
     write_report(rows, args, out, time.perf_counter() - started, commit)
     print(f"wrote {out / 'TTA.md'}, {out / 'results.json'}, {out / 'accuracy_vs_time.png'}")
 

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from benchmarks import provenance
-from benchmarks.bandwidth import CLUSTER, _run, keep_cell, run_on_nodes
+from benchmarks.bandwidth import _run, keep_cell, run_on_nodes
+from benchmarks.cluster import CLUSTER, held
 from workloads.progress import Progress
 from workloads.tasks import BENCH_COMPRESSORS, COMPRESSORS, DDP_COMPRESSORS, compressor_name
 
@@ -135,6 +136,11 @@ def write_report(runs: list[dict], targets: dict, args, out: Path, seconds: floa
                                                                                   f"seed {r['seed']}")
     if len(by_commit) > 1:  # --merge: runs of earlier invocations kept
         text += ["Runs by commit: " + "; ".join(f"{c}: {', '.join(v)}" for c, v in by_commit.items()), ""]
+    tuned = [f"{r['row']} np {r['np']} seed {r['seed']} ({r['horovod_cycle_ms']} ms)" for r in runs
+             if r.get("horovod_cycle_ms")]
+    if tuned:
+        text += ["Horovod rows run with HOROVOD_CYCLE_TIME set (the others with Horovod's default, 1 ms): "
+                 + ", ".join(tuned), ""]
     for n in sorted({line["np"] for line in lines_}):
         tgt = targets.get(str(n))
         text += [f"## N = {n}" + (" (four processes on two cores: contention as much as the code)" if n >= 4 else ""),
@@ -217,13 +223,17 @@ def run_one(row: str, n: int, seed: int, target: float, max_steps: int, args, ou
               str(max_steps), "--eval-every", str(args.eval_every), "--eval-tokens", str(args.eval_tokens),
               "--batch-size", str(args.batch_size), "--seed", str(seed), "--out", str(cell_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if COMPRESSORS[compressor].path == "ddp":
+    horovod = COMPRESSORS[compressor].path != "ddp"
+    if horovod and args.horovod_cycle_ms:
+        env["HOROVOD_CYCLE_TIME"] = str(args.horovod_cycle_ms)
+    if not horovod:
         rc, text = run_on_nodes("benchmarks.tq_worker", common, n, args.run_timeout, env)
     else:
         rc, text = _run([str(CLUSTER), "run", "-np", str(n), sys.executable, "-m", "benchmarks.tq_worker", *common],
                         args.run_timeout, env)
     (cell_dir / "log.txt").write_text(text)
-    base = {"np": n, "row": row, "seed": seed, "rate": rate, "target": target}
+    base = {"np": n, "row": row, "seed": seed, "rate": rate, "target": target,
+            "horovod_cycle_ms": args.horovod_cycle_ms if horovod else None}
     if rc != 0:
         record = dict(base, error=text[-1500:] or f"exit status {rc}")
     else:
@@ -255,6 +265,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-tokens", type=int, default=20_000)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--run-timeout", type=float, default=3600)
+    ap.add_argument("--horovod-cycle-ms", type=float, default=None,
+                    help="HOROVOD_CYCLE_TIME of the Horovod rows (default: Horovod's, 1 ms); on nodes with fewer "
+                         "cores than threads a longer cycle leaves the compute more of them")
     ap.add_argument("--out", default="docs/results/time_to_quality")
     ap.add_argument("--merge", action="store_true", help="keep the runs of --out/results.json not redone")
     provenance.add_argument(ap)
@@ -296,43 +309,45 @@ def main(argv=None) -> None:
         bar.update()
         write_report(runs, targets, args, out, time.perf_counter() - started, commit)
 
-    try:
-        for n in sizes:
-            failed = _up(n, "none", "0")
-            refs = []
-            for seed in seeds:
-                bar.set_postfix(f"np {n} reference seed {seed}")
-                steps = args.ref_steps if args.target is None else args.max_steps
-                ref = (run_one(REFERENCE, n, seed, args.target or 0.0, steps, args, out, "none") if not failed
-                       else {"np": n, "row": REFERENCE, "seed": seed, "rate": "none", "target": 0.0, "error": failed})
-                ref.setdefault("commit", commit)
-                refs.append(ref)
-                runs.append(ref)
-                bar.update()
-            if args.target is not None:
-                targets[str(n)] = args.target
-            elif str(n) in targets:
-                pass  # --merge: the earlier seeds' target stays
-            elif all("error" not in r for r in refs):
-                targets[str(n)] = target_from(refs, args.ref_steps, args.target_factor)
-            else:
-                bar.write(f"np {n}: the reference failed, no target; skipping N = {n}")
+    with held(say=bar.write):
+        try:
+            for n in sizes:
+                failed = _up(n, "none", "0")
+                refs = []
+                for seed in seeds:
+                    bar.set_postfix(f"np {n} reference seed {seed}")
+                    steps = args.ref_steps if args.target is None else args.max_steps
+                    ref = (run_one(REFERENCE, n, seed, args.target or 0.0, steps, args, out, "none") if not failed
+                           else {"np": n, "row": REFERENCE, "seed": seed, "rate": "none", "target": 0.0,
+                                 "error": failed})
+                    ref.setdefault("commit", commit)
+                    refs.append(ref)
+                    runs.append(ref)
+                    bar.update()
+                if args.target is not None:
+                    targets[str(n)] = args.target
+                elif str(n) in targets:
+                    pass  # --merge: the earlier seeds' target stays
+                elif all("error" not in r for r in refs):
+                    targets[str(n)] = target_from(refs, args.ref_steps, args.target_factor)
+                else:
+                    bar.write(f"np {n}: the reference failed, no target; skipping N = {n}")
+                    write_report(runs, targets, args, out, time.perf_counter() - started, commit)
+                    continue
+                for r in refs:  # the reference's time to the target, from its own curve
+                    r["target"] = targets[str(n)]
+                bar.write(f"np {n}: target perplexity {targets[str(n)]:.2f}")
                 write_report(runs, targets, args, out, time.perf_counter() - started, commit)
-                continue
-            for r in refs:  # the reference's time to the target, from its own curve
-                r["target"] = targets[str(n)]
-            bar.write(f"np {n}: target perplexity {targets[str(n)]:.2f}")
-            write_report(runs, targets, args, out, time.perf_counter() - started, commit)
-            failed = _up(n, args.rate, args.delay)
-            for seed in seeds:
-                for row in rows:
-                    bar.set_postfix(f"np {n} {row} seed {seed}")
-                    record(run_one(row, n, seed, targets[str(n)], args.max_steps, args, out, args.rate)
-                           if not failed else {"np": n, "row": row, "seed": seed, "rate": args.rate,
-                                               "target": targets[str(n)], "error": failed})
-    finally:
-        _run([str(CLUSTER), "down"], 120)
-        bar.close()
+                failed = _up(n, args.rate, args.delay)
+                for seed in seeds:
+                    for row in rows:
+                        bar.set_postfix(f"np {n} {row} seed {seed}")
+                        record(run_one(row, n, seed, targets[str(n)], args.max_steps, args, out, args.rate)
+                               if not failed else {"np": n, "row": row, "seed": seed, "rate": args.rate,
+                                                   "target": targets[str(n)], "error": failed})
+        finally:
+            _run([str(CLUSTER), "down"], 120)
+            bar.close()
     write_report(runs, targets, args, out, time.perf_counter() - started, commit)
     print(f"wrote {out / 'TQ.md'}, {out / 'results.json'}, {out / 'perplexity_vs_time.png'}, "
           f"{out / 'time_to_target.png'}")

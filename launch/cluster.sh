@@ -14,6 +14,10 @@
 # `down` kills the sshds, deletes the namespaces and the bridge, and removes the cluster folder.
 # Node i is namespace hvdgq<i> with address 10.77.0.<i> on its eth0; horovodrun runs inside node 1,
 # so all traffic stays on the addresses of these namespaces.
+# One job at a time: a benchmark sweep or a test holds $HVD_GRADQ_CLUSTER_LOCK (default
+# /run/lock/hvdgq-cluster.lock, flock) while it uses the cluster and marks its children with
+# HVD_GRADQ_CLUSTER_HELD=1 (benchmarks/cluster.py); up, down and run from anyone else are refused
+# with exit status 75 while it is held, instead of tearing down or joining a cluster in use.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,8 +27,18 @@ NS=hvdgq
 BRIDGE=hvdgq-br
 SUBNET=10.77.0
 
+LOCK="${HVD_GRADQ_CLUSTER_LOCK:-/run/lock/hvdgq-cluster.lock}"
+
 die() { echo "[cluster] $*" >&2; exit 1; }
 log() { echo "[cluster] $*" >&2; }
+
+check_free() {  # exit 75 if another job holds the cluster (its own children pass)
+  [ "${HVD_GRADQ_CLUSTER_HELD:-}" = 1 ] && return 0
+  [ -e "$LOCK" ] || return 0
+  flock -n "$LOCK" true 2>/dev/null && return 0
+  echo "[cluster] busy: another job holds the cluster ($LOCK: $(cat "$LOCK" 2>/dev/null)); wait for it to end" >&2
+  exit 75
+}
 
 need_root() {
   [ "$(id -u)" = 0 ] || die "network namespaces, bridges and tc need root: run 'sudo $0 $*'"
@@ -187,10 +201,10 @@ cmd_run() {  # horovodrun across the nodes, launched from node 1 ([--mpi|--gloo]
 }
 
 case "${1:-}" in
-  up) shift; cmd_up "$@" ;;
-  down) cmd_down ;;
+  up) shift; check_free; cmd_up "$@" ;;
+  down) check_free; cmd_down ;;
   status) cmd_status ;;
-  run) shift; cmd_run "$@" ;;
+  run) shift; check_free; cmd_run "$@" ;;
   hosts) cat "$DIR/hosts" ;;
   dir) echo "$DIR" ;;
   *) die "usage: $0 up [--nodes N --rate R --delay D --mtu M] | down | status | run HOROVODRUN-ARGS | hosts | dir" ;;
