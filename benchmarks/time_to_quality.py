@@ -226,11 +226,11 @@ def run_one(row: str, n: int, seed: int, target: float, max_steps: int, args, ou
     horovod = COMPRESSORS[compressor].path != "ddp"
     if horovod and args.horovod_cycle_ms:
         env["HOROVOD_CYCLE_TIME"] = str(args.horovod_cycle_ms)
-    if not horovod:
-        rc, text = run_on_nodes("benchmarks.tq_worker", common, n, args.run_timeout, env)
-    else:
+    if horovod:
         rc, text = _run([str(CLUSTER), "run", "-np", str(n), sys.executable, "-m", "benchmarks.tq_worker", *common],
                         args.run_timeout, env)
+    else:
+        rc, text = run_on_nodes("benchmarks.tq_worker", common, n, args.run_timeout, env)
     (cell_dir / "log.txt").write_text(text)
     base = {"np": n, "row": row, "seed": seed, "rate": rate, "target": target,
             "horovod_cycle_ms": args.horovod_cycle_ms if horovod else None}
