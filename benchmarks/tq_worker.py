@@ -145,6 +145,7 @@ def main(argv=None) -> dict:
     model = LSTM.model(vocab=10_000, **SIZES[args.size])
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     ddp = COMPRESSORS[args.compressor].path == "ddp"
+    coder = None  # hvd_gradq's compressor, on the Horovod rows
     if ddp:
         net, allreduce_sum, finish = _ddp(args, model)
         rank, size = args.rank, args.world
@@ -168,7 +169,7 @@ def main(argv=None) -> dict:
             return data.windows(data.train, data.starts[torch.randint(len(data.starts), (args.batch_size,),
                                                                       generator=gen)])
 
-        opt, _ = make_optimizer(args.compressor, model, opt, probe_batch, loss_fn, max_grad_norm=args.clip)
+        opt, coder = make_optimizer(args.compressor, model, opt, probe_batch, loss_fn, max_grad_norm=args.clip)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         loss_scale = 1.0 / size  # op=Sum
 
@@ -216,14 +217,14 @@ def main(argv=None) -> dict:
               "s_per_step": train_s / max(len(losses), 1), "eval_every": args.eval_every,
               "eval_tokens": args.eval_tokens, "batch_size": args.batch_size, "lr": args.lr, "clip": args.clip,
               "seed": args.seed}
-    if hasattr(opt, "layer_plans"):
-        result["payload_per_step"] = sum(p.payload_bytes for p in opt.layer_plans())
-    if hasattr(opt, "step_timings"):  # where the drop-in's steps went; not the first one, nor those after an
-        # evaluation (their clock runs from the end of the step before, so they hold the evaluation)
-        records = opt.step_timings()
+    if coder is not None:  # hvd_gradq's compressor (stock or drop-in): bytes per step, placeholders included
+        result["payload_per_step"] = coder.wire_stats().payload_bytes
+        # where the steps went; not the first one, nor those after an evaluation (their clock runs from
+        # the end of the step before, so they hold the evaluation)
+        records = coder.step_timings()
         result["breakdown"] = summarize([r for i, r in enumerate(records) if i % args.eval_every])
-    if hasattr(opt, "allocation_overhead") and getattr(opt, "allocator", None) is not None:
-        result["allocation"] = opt.allocation_overhead()
+        if coder.allocator is not None:
+            result["allocation"] = coder.allocation_overhead()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     return result

@@ -8,12 +8,13 @@ Both see the same data: at step s, worker r trains on micro-batch s * N + r of t
 so a simulated run and a real one with the same seed and N start from the same aggregate.
 
 Compressors (``--compressor``, named in ``workloads.tasks``): ``none``; ``fp16`` (Horovod's, real
-jobs only); ``stock`` (the rotated lanes: ``hvd_gradq.UniformCompressor`` on the stock
-``hvd.DistributedOptimizer`` in a job, the same lanes inside ``SimulatedWorkers``); and through
-``hvd_gradq.DistributedOptimizer`` (``SimulatedWorkers`` when simulated) every codec of
-``hvd_gradq.CODECS``: ``rotated``, ``shared_scale``, ``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``,
-``alq``, ``amq``, ``jointsq`` and ``topk`` (with ``--ratio``), ``lowrank`` (PowerSGD's factors,
-with ``--rank``). The old names ``uniform`` (now
+jobs only); ``stock`` (the preset ``hvd_gradq.UniformCompressor``: one width on the rotated lanes,
+the same lanes inside ``SimulatedWorkers``); and every codec of ``hvd_gradq.CODECS``: ``rotated``,
+``shared_scale``, ``qsgd``, ``qsgdinf``, ``nuqsgd``, ``natural``, ``terngrad``, ``alq``, ``amq``,
+``jointsq`` and ``topk`` (with ``--ratio``), ``lowrank`` (PowerSGD's factors, with ``--rank``), in a
+job through Horovod's own ``hvd.DistributedOptimizer`` with ``compression=hvd_gradq.Compressor(...)``
+(``--way stock``, the default) or through the drop-in ``hvd_gradq.DistributedOptimizer``
+(``--way dropin``; the same codes and bytes), and ``SimulatedWorkers`` when simulated. The old names ``uniform`` (now
 ``stock``) and ``gradq-uniform`` (now ``shared_scale``) are still accepted.
 ``--allocator lad|lad_first_order|mse|ampa`` lets rank 0 re-decide the bits per layer under
 ``--budget`` (priced by ``--rate``) when the trigger fires; ``--ranks 1,2,4`` lets it send a matrix
@@ -93,8 +94,8 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
     """The arguments every example takes (examples add their own model/data ones)."""
     p.add_argument("--compressor", type=compressor_name, choices=EXAMPLE_COMPRESSORS, default="stock",
                    help="none/fp16/stock: Horovod's optimizer with that compression (stock: "
-                        "hvd_gradq.UniformCompressor's lanes); any other: hvd_gradq.DistributedOptimizer with that "
-                        "codec (old names: uniform = stock, gradq-uniform = shared_scale)")
+                        "hvd_gradq.UniformCompressor's lanes); any other: that hvd_gradq codec (see --way; old names: "
+                        "uniform = stock, gradq-uniform = shared_scale)")
     p.add_argument("--bits", type=int, default=bits,
                    help="bit width of every coded layer (the start with --allocator)")
     p.add_argument("--ratio", type=float, default=20.0, help="jointsq / topk: compression ratio against float32")
@@ -108,6 +109,11 @@ def add_arguments(p: argparse.ArgumentParser, *, bits: int = 2, lr: float = 0.05
                    help="stock / rotated: nearest (biased, with error feedback) or stochastic rounding")
     p.add_argument("--block-scales", default="this_step", choices=["this_step", "previous_step"],
                    help="rotated on allreduce: this step's block scales (a first small allreduce) or last step's")
+    p.add_argument("--way", choices=["stock", "dropin"], default="stock",
+                   help="real jobs with an hvd_gradq codec: Horovod's own hvd.DistributedOptimizer with "
+                        "compression=hvd_gradq.Compressor (stock), or hvd_gradq.DistributedOptimizer (dropin)")
+    p.add_argument("--show-bits", action="store_true", help="print every layer's bits at the end (always with "
+                                                            "--allocator)")
     p.add_argument("--transport", default="auto", choices=["auto", "allreduce", "allgather", "two_phase"],
                    help="per-layer transport (auto: the cost model picks)")
     p.add_argument("--min-elements", type=int, default=1024, help="layers smaller than this go as float32")
@@ -160,6 +166,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("--workers N simulates N workers in one process; do not launch it with horovodrun")
     if args.workers and args.compressor == "fp16":
         raise SystemExit("--compressor fp16 is Horovod's own compression: run it under horovodrun (no --workers)")
+    if args.way == "dropin" and args.compressor not in DROPIN:
+        raise SystemExit(f"--way dropin needs a hvd_gradq codec (one of {list(DROPIN)}), not --compressor "
+                         f"{args.compressor}")
     if args.allocator != "none" and args.compressor not in DROPIN:
         raise SystemExit(f"--allocator needs a hvd_gradq codec, e.g. --compressor shared_scale or one of "
                          f"{list(DROPIN)}")
@@ -193,17 +202,10 @@ class _Job:
         self.allocation = self._allocation()
         c = args.compressor
         spec = COMPRESSORS[c]
-        self.stock = not self.simulated and spec.stock
+        #: Horovod's own optimizer in a job: Horovod's compression, or an hvd_gradq compressor (--way stock)
+        self.stock = not self.simulated and (spec.stock or args.way == "stock")
+        #: the hvd_gradq compressor handed to hvd.DistributedOptimizer (None: Horovod's, the drop-in, simulated)
         self.compression = None
-        if self.stock:
-            hvd = self.hvd
-            self.op = hvd.Sum if args.op == "sum" else hvd.Average
-            if spec.path == "stock":
-                self.compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named, op=self.op,
-                                                               seed=args.seed, rounding=args.rounding)
-            compression = self.compression or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
-            self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=compression, op=self.op)
-            return
         kw = {"bits": args.bits, "ratio": args.ratio, "rank": args.rank, "factors": args.factors,
               "bucket_size": args.bucket_size, "seed": args.seed,
               "min_elements": args.min_elements, "transport": args.transport, "refit_levels": args.refit_every,
@@ -211,14 +213,27 @@ class _Job:
               "rounding": args.rounding, "block_scales": args.block_scales,
               "error_feedback": {"auto": "auto", "on": True, "off": False}[args.error_feedback], **self.allocation}
         codec = None if c == "none" else spec.codec
+        if self.stock:
+            hvd = self.hvd
+            if spec.path == "stock":
+                self.op = hvd.Sum if args.op == "sum" else hvd.Average
+                self.compression = hvd_gradq.UniformCompressor(bits=args.bits, named_parameters=named, op=self.op,
+                                                               seed=args.seed, rounding=args.rounding)
+            elif spec.path == "dropin":  # every hvd_gradq codec through Horovod's optimizer: the mean, as simulated
+                self.op = hvd.Average
+                self.compression = hvd_gradq.Compressor(named, op=self.op, codec=codec, lr=base, **kw)
+            else:
+                self.op = hvd.Sum if args.op == "sum" else hvd.Average
+            compression = self.compression or (hvd.Compression.fp16 if c == "fp16" else hvd.Compression.none)
+            self.opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=compression, op=self.op)
+            if spec.path == "dropin":
+                self.compression.track_error = True
+            return
         if spec.path == "stock":  # simulated: the lanes as UniformCompressor sends them in a job
             settings = ("bits", "ratio", "bucket_size", "seed", "min_elements", "refit_levels", "error_feedback",
                         "rounding")
-            kw.pop("rank")
-            kw.pop("factors")
-            kw.pop("level_groups")
-            kw.pop("transport")
-            kw.pop("block_scales")
+            for key in ("rank", "factors", "level_groups", "transport", "block_scales"):
+                kw.pop(key)
             coding = hvd_gradq.Coding(codec="rotated", transport="allreduce", block_scales="previous_step",
                                       **{k: kw.pop(k) for k in settings})
             self.opt = hvd_gradq.SimulatedWorkers(base, named, args.workers, coding=coding, **kw)
@@ -228,6 +243,12 @@ class _Job:
             self.op = self.hvd.Average  # the mean, as the simulation forms it
             self.opt = hvd_gradq.DistributedOptimizer(base, named_parameters=named, op=self.op, codec=codec, **kw)
         self.opt.track_error = True
+
+    @property
+    def coder(self):
+        """What holds the coding (plans, codebook, timings, checkpoints): the compressor on the
+        stock path, else the optimizer; None for Horovod's own compression."""
+        return self.compression if self.stock else self.opt
 
     def _allocation(self) -> dict:
         args, task = self.args, self.task
@@ -290,45 +311,48 @@ class _Job:
     def coding_variance(self) -> float | None:
         """Normalised coding variance of the latest step over the gather-coded layers (all
         simulated workers, or this rank in a job); None where nothing was measured."""
-        if self.stock or self.opt.codebook is None:
+        coder = self.coder
+        if coder is None or isinstance(coder, hvd_gradq.UniformCompressor) or coder.codebook is None:
             return None
-        return self.opt.coding_variance()
+        return coder.coding_variance()
 
     def bits(self) -> dict[str, int]:
-        if self.stock:
+        coder = self.coder
+        if coder is None:
             b = 16 if self.args.compressor == "fp16" else 32
-            if self.compression is not None:
-                return {c.name: c.bits for c in self.compression.codebook}
             return {n: b for n, p in self.task.model.named_parameters() if p.requires_grad}
-        plans = self.opt.layer_plans()
+        plans = coder.layer_plans()
         if not plans:
-            return self.opt.bits()
+            return coder.bits()
         # a layer sent as low-rank factors: its bits per element on the wire (float32 factors)
         return {p.name: (round(8 * p.predicted.payload_bytes / p.numel, 2) if p.rank else p.bits) for p in plans}
 
     def version(self) -> int:
-        return 0 if self.stock or self.opt.codebook is None else self.opt.codebook.version
+        coder = self.coder
+        return 0 if coder is None or coder.codebook is None else coder.codebook.version
 
     def events(self) -> list[dict]:
-        return [asdict(e) for e in getattr(self.opt, "allocation_events", [])]
+        return [asdict(e) for e in getattr(self.coder, "allocation_events", [])]
 
     def overhead(self) -> dict | None:
-        return self.opt.allocation_overhead() if self.allocation else None
+        return self.coder.allocation_overhead() if self.allocation else None
 
     def transports(self) -> dict[str, str]:
-        if self.stock:
-            return {}
-        return {p.name: p.transport for p in self.opt.layer_plans()}
+        coder = self.coder
+        return {} if coder is None else {p.name: p.transport for p in coder.layer_plans()}
+
+    def summary_line(self) -> str | None:
+        """The coder's one line (layers per transport, bytes), in a job."""
+        coder = self.coder
+        return None if coder is None or self.simulated else coder.transport_summary()
 
     # ---- checkpoint ----------------------------------------------------------------------------------
     def compression_state(self):
-        holder = self.compression if self.stock else self.opt
-        return None if holder is None else holder.compression_state_dict()
+        return None if self.coder is None else self.coder.compression_state_dict()
 
     def load_compression_state(self, state, reset: bool) -> None:
-        holder = self.compression if self.stock else self.opt
-        if holder is not None and state is not None:
-            holder.load_compression_state_dict(state, reset=reset)
+        if self.coder is not None and state is not None:
+            self.coder.load_compression_state_dict(state, reset=reset)
 
 
 def command_line() -> str:
@@ -448,11 +472,13 @@ def run(task_factory: Callable[[argparse.Namespace], Task], args: argparse.Names
     log["allocations"] = job.events()
     log["summary"] = summary
     if lead:
-        if not job.stock or job.compression is not None:
+        if job.coder is not None:
+            line = job.summary_line()
             say(f"wire per step: {sent} B vs {fp32} B fp32 ({fp32 / max(sent, 1):.1f}x fewer; mean over steps "
-                f"{fp32 / max(mean_sent, 1):.1f}x)" + (f"; {job.opt.transport_summary()}" if not job.stock
-                                                       and not job.simulated else ""))
+                f"{fp32 / max(mean_sent, 1):.1f}x)" + (f"; {line}" if line else ""))
             say(f"wire reduction: {fp32 / max(sent, 1):.1f}x fewer bytes than fp32 ({sent} vs {fp32} bytes per step)")
+            if args.show_bits or job.allocation:
+                say("bits per layer: " + ", ".join(f"{n} {b}" for n, b in job.bits().items()))
         if args.log:
             with open(args.log, "w") as f:
                 json.dump(log, f)

@@ -1,9 +1,11 @@
 """hvd_gradq: gradient compression for Horovod + PyTorch.
 
-``hvd_gradq.UniformCompressor`` plugs into ``hvd.DistributedOptimizer(compression=...)``;
-``hvd_gradq.DistributedOptimizer`` is a drop-in for ``hvd.DistributedOptimizer`` that also moves
-non-summable codecs (allgather, two-phase exchange), choosing per layer with the cost model, and
-re-decides the bits with an ``Allocator`` when a ``Trigger`` fires; ``hvd_gradq.SimulatedWorkers``
+``hvd_gradq.Compressor`` plugs into Horovod's own ``hvd.DistributedOptimizer(compression=...)`` with
+every feature: per-layer bit widths (0 = not sent), every codec and transport (summable lanes,
+allgather, two-phase exchange, low-rank factors), chosen per layer with the cost model, and the
+bits re-decided by an ``Allocator`` on rank 0 when a ``Trigger`` fires; ``UniformCompressor`` is
+its preset of one width on the lanes; ``hvd_gradq.DistributedOptimizer`` is Horovod's optimizer
+with that compressor plus a few fixes (docs/HOROVOD_COMPAT.md); ``hvd_gradq.SimulatedWorkers``
 runs the same coding for N workers in one process (studies). ``Coding`` holds the coding
 settings. The layers below (``bits``, ``codecs``, ``codebook``, ``wire``, ``plan``, ``alloc``,
 ``exchange``) import without Horovod; the names that need it (from ``hvd_gradq.horovod``) are
@@ -27,6 +29,7 @@ __all__ = [
     "Allocator",
     "CodebookMismatchError",
     "Coding",
+    "Compressor",
     "DistributedOptimizer",
     "LinkModel",
     "LossProbe",
@@ -39,7 +42,8 @@ __all__ = [
     "measure_link",
 ]
 
-_LAZY = {"UniformCompressor": "hvd_gradq.horovod.compressor", "DistributedOptimizer": "hvd_gradq.horovod.optimizer",
+_LAZY = {"Compressor": "hvd_gradq.horovod.compressor", "UniformCompressor": "hvd_gradq.horovod.uniform",
+         "DistributedOptimizer": "hvd_gradq.horovod.optimizer",
          "measure_link": "hvd_gradq.horovod.collectives"}
 
 

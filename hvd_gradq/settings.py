@@ -1,9 +1,9 @@
 """The coding settings, validated once: ``Coding`` for how gradients are coded, and
-``check_reallocation`` for the allocator and trigger that re-decide the bits. The drop-in
-optimizer and the simulation take the same ones (as keywords, or a ``Coding`` object).
+``check_reallocation`` for the allocator and trigger that re-decide the bits. The compressor, the
+drop-in optimizer and the simulation take the same ones (as keywords, or a ``Coding`` object).
 
     coding = hvd_gradq.Coding(codec="qsgd", bits={"fc.*": 2}, bucket_size=512)
-    opt = hvd_gradq.DistributedOptimizer(opt, named_parameters=model.named_parameters(), coding=coding)
+    comp = hvd_gradq.Compressor(model.named_parameters(), coding=coding)
 """
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ class Coding:
         rounding: of ``codec="rotated"``: "nearest" (biased, with error feedback) or "stochastic".
         block_scales: of ``codec="rotated"``: "this_step" (a first, small allreduce of the block
             statistics, one word per rotation block, then the codes) or "previous_step" (one
-            allreduce: the codes carry the statistics that set the next step's scales; the stock
-            path's only choice, weaker on row-sparse layers).
+            allreduce: the codes carry the statistics that set the next step's scales;
+            ``UniformCompressor``'s, weaker on row-sparse layers).
         refit_levels: for the adaptive codecs (``alq``, ``amq``; 3 bits or more): refit every
             layer's levels to its aggregated gradient after step 0 and then every this many steps
             (default 100; 0: keep the initial exponential levels).

@@ -188,6 +188,7 @@ class SimulatedWorkers:
             raise RuntimeError(f"collectives left unread: {self.world.pending()}")
         if self.exchanges:
             self.reallocation.after_step(self.steps, self.exchanges, dict(self._named),
+                                         {n: p.grad for n, p in self._named if p.grad is not None},
                                          float(self.optimizer.param_groups[0]["lr"]))
         self._synchronized = True
 
@@ -281,7 +282,7 @@ class SimulatedWorkers:
             self.reallocation.reset()
             return
         for ex, part in zip(self.exchanges, parts):
-            ex.load_state_dict(part["exchange"])
+            checkpoint.load_engine_state(ex, part["exchange"])
         self.steps = parts[0]["step"]
         if self.exchanges:
             self.reallocation.load_state_dict(parts[0])

@@ -46,13 +46,14 @@ def test_resume_recipe_with_broadcast_optimizer_state(tmp_path, np_, mode):
     optimizer lets the state-materialising step apply weight decay on those ranks)."""
     reports = run_case(tmp_path, "resume", np_, mode)
     for rep in reports:
-        for kind in ("dropin", "stock"):
+        for kind in ("dropin", "stock", "mixed", "wrapped"):
             for name in ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad"):
                 res = ok(rep, f"{kind}.{name}")
                 assert res["state"] == [res["expected_state"]] * np_, (kind, name, res)
                 assert same(res["params_after_broadcast"]) and same(res["params"]), (kind, name, res)
                 assert res["finite"]
         assert rep["dropin.elastic_sync_handler"] == "GradqOptimizerStateHandler"
+        assert set(rep["mixed.transports"].values()) == {"lowrank", "allgather", "allreduce", "float32"}, rep
 
 
 @pytest.mark.parametrize("np_,mode", ALL[:3])
@@ -99,7 +100,7 @@ def test_join_with_uneven_data(tmp_path, np_, mode):
     trains from one codebook again."""
     for rep in run_case(tmp_path, "join", np_, mode):
         r = rep["rank"]
-        for kind in ("stock", "dropin"):
+        for kind in ("stock", "dropin", "mixed"):  # mixed: low-rank factors and this step's rotated lanes
             res = ok(rep, kind)
             assert res["last"] == 0
             assert len(res["gap"]) == 2 + (3 if r == 0 else r - 1) + 3, res

@@ -32,7 +32,7 @@ meant (``ALIASES``: old result logs use them); what is written now uses the new 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,8 @@ def bench_task(name: str, rank: int, size: int):
 class Compressor:
     """What a compressor name builds. ``path``: "horovod" (the stock optimizer with Horovod's
     ``codec`` "none" or "fp16"), "stock" (the stock optimizer with ``UniformCompressor``),
-    "dropin" (``hvd_gradq.DistributedOptimizer`` with ``codec``) or "ddp" (PyTorch DDP + PowerSGD).
+    "dropin" (``hvd_gradq.DistributedOptimizer`` with ``codec``), "compressor" (the stock optimizer
+    with ``hvd_gradq.Compressor`` of the same settings: the ``-stock`` rows) or "ddp" (PyTorch DDP + PowerSGD).
     ``bits``/``ratio``/``budget``: fixed settings (None: the command line's)."""
 
     name: str
@@ -130,7 +131,7 @@ class Compressor:
     @property
     def stock(self) -> bool:
         """Horovod's own optimizer (``hvd.DistributedOptimizer``) in a job."""
-        return self.path in ("horovod", "stock")
+        return self.path in ("horovod", "stock", "compressor")
 
 
 _SHARED_SCALE = "shared_scale"
@@ -154,15 +155,17 @@ _BENCH = [*[Compressor(f"stock{b}", "stock", bits=b) for b in (2, 4, 8)],
           Compressor("powersgd8", "ddp", rank=8, hook="powersgd"),
           Compressor("ddp_fp16", "ddp", hook="fp16"), Compressor("ddp_bf16", "ddp", hook="bf16"),
           Compressor("ddp_none", "ddp")]
+#: every drop-in row again through Horovod's own optimizer with hvd_gradq.Compressor ("<row>-stock")
+_BENCH += [replace(c, name=f"{c.name}-stock", path="compressor") for c in _BENCH if c.path == "dropin"]
 COMPRESSORS = {c.name: c for c in [*_EXAMPLES, *_BENCH]}
 #: the examples' --compressor
 EXAMPLE_COMPRESSORS = tuple(c.name for c in _EXAMPLES)
 #: the codecs of the drop-in optimizer and the simulation
 DROPIN = tuple(hvd_gradq.CODECS)
 #: what benchmarks.step_worker and benchmarks.tta_worker run under Horovod (powersgd: under DDP)
-BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", "lad2", "lad3", "jointsq20", "jointsq100", "qsgd4",
-                     "rotated2", "rotated3", "lad2r", "lad3r", "lad2f", "lad3f", "topk20", "lowrank4", "lowrank4h",
-                     "mixed07h", "mixed10h", "alq4t", "alq4g")
+_DROPIN_ROWS = ("lad2", "lad3", "jointsq20", "jointsq100", "qsgd4", "rotated2", "rotated3", "lad2r", "lad3r", "lad2f",
+                "lad3f", "topk20", "lowrank4", "lowrank4h", "mixed07h", "mixed10h", "alq4t", "alq4g")
+BENCH_COMPRESSORS = ("none", "fp16", "stock2", "stock4", "stock8", *_DROPIN_ROWS, *(f"{r}-stock" for r in _DROPIN_ROWS))
 #: the PyTorch DDP peers (``benchmarks.tq_worker``; ``powersgd`` also in ``benchmarks.ddp_worker``)
 DDP_COMPRESSORS = tuple(c.name for c in _BENCH if c.path == "ddp")
 #: old name -> new name
@@ -186,7 +189,8 @@ def solver_name(name: str) -> str:
 def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: bool = True,
                    max_grad_norm: float | None = None):
     """Wrap ``opt`` for benchmark compressor ``name`` (op=Sum: callers divide the loss by the
-    number of workers). Returns (distributed optimizer, the UniformCompressor or None).
+    number of workers). Returns (distributed optimizer, the hvd_gradq compressor or None): the
+    ``UniformCompressor`` of the stock rows, the ``Compressor`` of the ``-stock`` rows, the drop-in's.
     ``spread``: the LAD rows' ``Allocator(spread=)`` (the table split over the ranks or not);
     ``max_grad_norm``: the clipping training applies after the exchange (the LAD metrics' step)."""
     name = compressor_name(name)
@@ -196,7 +200,7 @@ def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: 
 
     c = COMPRESSORS[name]
     named = list(model.named_parameters())
-    if c.stock:
+    if c.path in ("horovod", "stock"):
         comp = hvd_gradq.UniformCompressor(bits=c.bits, named_parameters=named, op=hvd.Sum) if c.path == "stock" \
             else None
         compression = comp or (hvd.Compression.fp16 if c.codec == "fp16" else hvd.Compression.none)
@@ -219,4 +223,8 @@ def make_optimizer(name: str, model: nn.Module, opt, batch, loss_fn, *, spread: 
         kw["allocator"] = hvd_gradq.Allocator(c.budget, metric=c.metric, probe=probe, spread=spread,
                                               max_grad_norm=max_grad_norm, **mix)
         kw["trigger"] = hvd_gradq.Trigger(tau=0.95, k_min=20)
-    return hvd_gradq.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum, **kw), None
+    if c.path == "compressor":
+        comp = hvd_gradq.Compressor(named, op=hvd.Sum, lr=opt, **kw)
+        return hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp, op=hvd.Sum), comp
+    dropin = hvd_gradq.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum, **kw)
+    return dropin, dropin.compressor

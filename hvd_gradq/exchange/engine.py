@@ -21,7 +21,6 @@ import torch
 from hvd_gradq import checks
 from hvd_gradq.bits.dither import DitherSource
 from hvd_gradq.bits.rotation import key_for
-from hvd_gradq.codebook import LOWRANK as LOWRANK_CODEC
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
 from hvd_gradq.codecs.levels import fit_level_groups
@@ -33,7 +32,7 @@ from hvd_gradq.exchange.exchanges import Allgather, Exchange, LaneAllreduce, Ski
 from hvd_gradq.exchange.fusion import LowRankBucket
 from hvd_gradq.exchange.residuals import ResidualStore
 from hvd_gradq.exchange.timings import StepTimer, TimedCollectives
-from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, LOWRANK, NONE, TRANSPORTS, TWO_PHASE, LinkModel
+from hvd_gradq.plan.cost_model import ALLGATHER, ALLREDUCE, FLOAT32, LOWRANK, NONE, TWO_PHASE, LinkModel
 from hvd_gradq.plan.planner import LayerPlan, Planner
 from hvd_gradq.settings import Coding, check_bits
 from hvd_gradq.wire.gather_coder import GatherCoder
@@ -84,7 +83,7 @@ class GradientExchange:
         self.level_fit: dict[str, dict] = {}  # the latest level fit per group (``fit_levels``)
         self.plans: dict[str, LayerPlan] = {}
         self._track_error = False
-        self._coders_made = 0  # each coder draws from its own stream (see _plan)
+        self._coders_made = 0  # each coder draws from its own stream (see plan_layer)
         names = [n for n, _ in named]
         self.numel = {n: p.numel() for n, p in named}
         self.shapes = {n: tuple(p.shape) for n, p in named}
@@ -92,7 +91,7 @@ class GradientExchange:
         bits_of = coding.layer_bits(names)
         self.forced = coding.layer_transports(names)
         for name in names:
-            self._plan(name, bits_of[name])
+            self.plan_layer(name, bits_of[name])
 
     @property
     def allocatable(self) -> list[str]:
@@ -100,7 +99,8 @@ class GradientExchange:
         return [n for n, plan in self.plans.items() if plan.transport != FLOAT32]
 
     # ---- planning -------------------------------------------------------------------------------------
-    def _plan(self, name: str, bits: int) -> None:
+    def plan_layer(self, name: str, bits: int) -> None:
+        """(Re)plan layer ``name`` at ``bits`` with its forced transport and rank (a fresh coder)."""
         plan, code = self.planner.plan(name, self.numel[name], bits, self.forced[name], self.shapes[name],
                                        self.ranks[name])
         self.codebook.add(code)
@@ -151,7 +151,7 @@ class GradientExchange:
                 self.residuals.carry[name] = owed
             old = self.codebook[name] if plan.transport == ALLREDUCE else None
             self.ranks[name] = rank
-            self._plan(name, b)
+            self.plan_layer(name, b)
             new = self.codebook[name]
             if old is not None and self.plans[name].transport == ALLREDUCE and new.codec == old.codec:
                 new.scale, new.block_rms = old.scale, old.block_rms  # no float32 recalibration step
@@ -185,10 +185,11 @@ class GradientExchange:
                 coder.q = q.clone().to(torch.float32)
 
     # ---- one step -------------------------------------------------------------------------------------
-    def launch(self, name: str, grad: torch.Tensor, frozen: bool = False) -> Exchange:
+    def launch(self, name: str, grad: torch.Tensor, frozen: bool = False, carry: bool = False) -> Exchange:
         """Code layer ``name``'s gradient and start its exchange. ``frozen``: the parameter does
         not require grad now; it still takes part (every rank runs the same collectives) but its
-        residuals are left alone."""
+        residuals are left alone. ``carry``: a one-allreduce lane layer is not started; the caller
+        sums ``exchange.payload`` and hands the sum to ``exchange.deliver`` (if ``exchange.carried``)."""
         t0 = time.perf_counter()
         if self._agreement is None:  # before this engine's first collective
             self._agreement = Agreement(self._coll, describe(self), self.label)
@@ -223,7 +224,7 @@ class GradientExchange:
             payload, ctx = self.lanes.encode(name, grad, frozen=frozen)
             self.timer.add("encode", time.perf_counter() - t0)
             return LaneAllreduce(name, payload, timed("decode", lambda out: self.lanes.decode(out, ctx).reshape(-1)),
-                                 self._coll, plan.transport)
+                                 self._coll, plan.transport, carried=carry)
         coder = self.coders[name]
         stamp = (self.codebook.version, self.codebook.digest(name, self.size))
         if plan.transport == ALLGATHER:
@@ -254,17 +255,27 @@ class GradientExchange:
         return self._bucket.join(name, torch.cat([head, p]), self.timer.timed("encode", second),
                                  self.timer.timed("decode", coder.decode))
 
+    def excuse(self, names) -> None:
+        """Layers not launched this step on any rank (the stock path: Horovod reduced a sparse
+        gradient itself, or its optimizer lacks them): the step's low-rank bucket goes without them."""
+        lowrank = [n for n in names if self.plans[n].transport == LOWRANK]
+        if lowrank and (self._bucket is None or not any(self._bucket.takes(n) for n in lowrank)):
+            self._bucket = LowRankBucket([n for n, plan in self.plans.items() if plan.transport == LOWRANK], self._coll)
+        if lowrank:
+            self._bucket.excuse(lowrank)
+
     def agree(self) -> None:
         """At this engine's first step, before any wait: compare the ranks' codebooks (``agreement``)."""
         if self._agreement is not None:
             self._agreement.check()
 
-    def finish(self, name: str, exchange: Exchange) -> torch.Tensor:
-        """The layer's aggregate (float32, flat): the sum over ranks, or the mean (after ``agree``)."""
+    def finish(self, name: str, exchange: Exchange, extra_bytes: int = 0) -> torch.Tensor:
+        """The layer's aggregate (float32, flat): the sum over ranks, or the mean (after ``agree``);
+        ``extra_bytes`` (the stock path's placeholder) count in the step's bytes."""
         out = exchange.result()
         plan = self.plans[name]
         plan.payload_bytes = exchange.payload_bytes
-        self._step_bytes += exchange.payload_bytes
+        self._step_bytes += exchange.payload_bytes + extra_bytes
         if plan.transport not in (ALLREDUCE, FLOAT32):
             self.codebook[name].version += 1  # the lane coder advances it in decode
         if self.op == AVERAGE:
@@ -374,34 +385,6 @@ class GradientExchange:
         """The settings a saved state must have been made with to resume here."""
         return {**self.coding.config, "op": self.op}
 
-    def state_dict(self) -> dict:
-        """This rank's compression state: codebook, residuals, dither streams and the coders' own."""
-        return {"codebook": self.codebook.state_dict(), "residuals": self.residuals.state_dict(),
-                "lanes": self.lanes.state_dict(), "coders": {n: c.state_dict() for n, c in self.coders.items()},
-                "lowrank": {n: c.state_dict() for n, c in self.lowrank.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state_dict()`` of the same rank of a job with the same model, size and
-        settings (checked by the caller): the plan follows the saved bits and transports."""
-        for name, code in state["codebook"]["layers"].items():
-            plan = self.plans[name]
-            saved = (code["bits"], code["transport"], code.get("rank", 0))
-            if plan.transport != FLOAT32 and saved != (plan.bits, plan.transport, plan.rank):
-                forced = self.forced[name]
-                self.forced[name] = code["transport"] if code["transport"] in TRANSPORTS else "auto"
-                if code["transport"] == LOWRANK or self.coding.codec != LOWRANK_CODEC:
-                    self.ranks[name] = code.get("rank", 0)
-                self._plan(name, code["bits"])
-                self.forced[name] = forced
-            self.codebook[name].follow(code)
-        self.codebook.version = state["codebook"]["version"]
-        self.residuals.load_state_dict(state["residuals"])
-        self.lanes.load_state_dict(state["lanes"])
-        for name, coder_state in state["coders"].items():
-            self.coders[name].load_state_dict(coder_state)
-        for name, coder_state in state.get("lowrank", {}).items():
-            self.lowrank[name].load_state_dict(coder_state)
-
     def reset_state(self) -> None:
         """Forget every residual and what was carried (the plan and the codebook stay)."""
         self.residuals.reset()
@@ -409,12 +392,13 @@ class GradientExchange:
             coder.take_residual()
 
     # ---- reporting ----------------------------------------------------------------------------------
-    def summary(self) -> str:
-        """Layers per transport and payload bytes of the latest step vs float32."""
+    def summary(self, sent: int | None = None) -> str:
+        """Layers per transport and payload bytes of the latest step (or ``sent``) vs float32."""
         plans = list(self.plans.values())
         counts = Counter(p.transport for p in plans)
         order = (ALLREDUCE, LOWRANK, ALLGATHER, TWO_PHASE, FLOAT32, NONE)
         parts = ", ".join(f"{t} {counts[t]}" for t in order if counts.get(t))
-        sent, fp32 = sum(p.payload_bytes for p in plans), sum(4 * p.numel for p in plans)
+        fp32 = sum(4 * p.numel for p in plans)
+        sent = sum(p.payload_bytes for p in plans) if sent is None else sent
         return (f"layers by transport: {parts}; {sent} B handed to collectives vs {fp32} B fp32 "
                 f"({fp32 / max(sent, 1):.1f}x)")

@@ -33,6 +33,8 @@ class Exchange:
 
     payload_bytes: int = 0
     transport: str = ""
+    #: the caller sums this exchange's one payload itself (``LaneAllreduce``)
+    carried: bool = False
 
     def advance(self) -> None:
         """Start the next phase if there is one (a no-op for one-collective transports)."""
@@ -51,18 +53,34 @@ class Exchange:
 
 class LaneAllreduce(Exchange):
     """An allreduce (op=Sum) of a summable payload; ``decode`` turns the reduced payload into the
-    layer's aggregate."""
+    layer's aggregate.
+
+    ``carried``: the caller runs the allreduce itself (the stock path hands ``payload`` to
+    Horovod's optimizer, which sums it under its own name) and hands the sum to ``deliver``; the
+    exchange then only decodes."""
 
     def __init__(self, layer: str, payload: torch.Tensor, decode: Decode, coll: Collectives,
-                 transport: str = "allreduce") -> None:
+                 transport: str = "allreduce", carried: bool = False) -> None:
         self.transport = transport
         self.payload_bytes = _nbytes(payload)
         self._decode = decode
         self._coll = coll
-        self._handle = coll.allreduce_sum_async(payload, f"hvd_gradq.{layer}")
+        self.carried = carried
+        #: what the caller must sum (``carried`` only)
+        self.payload = payload if carried else None
+        self._handle = None if carried else coll.allreduce_sum_async(payload, f"hvd_gradq.{layer}")
+        self._delivered: torch.Tensor | None = None
+
+    def deliver(self, summed: torch.Tensor) -> None:
+        """The sum over the ranks of a carried payload."""
+        self._delivered = summed
 
     def result(self) -> torch.Tensor:
-        return self._decode(self._coll.synchronize(self._handle))
+        if not self.carried:
+            return self._decode(self._coll.synchronize(self._handle))
+        if self._delivered is None:
+            raise RuntimeError("a carried lane allreduce was read before its sum was delivered")
+        return self._decode(self._delivered)
 
 
 class TwoAllreduces(Exchange):

@@ -47,10 +47,16 @@ class LowRankBucket:
     def join(self, name: str, first: torch.Tensor, encode: Decode, decode: Decode) -> BucketMember:
         """Add a member's first payload; the last one to join starts the fused allreduce."""
         self._members[name] = (first, encode, decode)
-        if len(self._members) == len(self.names):
+        self.excuse(())
+        return BucketMember(self, name, first.numel() * first.element_size())
+
+    def excuse(self, names) -> None:
+        """Layers that will not join this step on any rank (the stock path: Horovod reduced their
+        sparse gradients itself); the fused allreduce starts if every other member is in."""
+        self.names = [n for n in self.names if n not in set(names) or n in self._members]
+        if self._phase1 is None and self._members and len(self._members) == len(self.names):
             payload = torch.cat([self._members[n][0] for n in self.names])
             self._phase1 = self._coll.allreduce_sum_async(payload, f"hvd_gradq.{self.names[0]}")
-        return BucketMember(self, name, first.numel() * first.element_size())
 
     def advance(self) -> None:
         """Wait for the fused P's, let every member make its Q, start the fused Q allreduce."""

@@ -157,15 +157,15 @@ class Reallocator:
         self.started: float | None = None
 
     def after_step(self, step: int, exchanges: Sequence[GradientExchange], params: Mapping[str, torch.Tensor],
-                   lr: float) -> AllocationEvent | None:
+                   grads: Mapping[str, torch.Tensor], lr: float) -> AllocationEvent | None:
         """After the exchange of ``step``: ``exchanges[0]`` is the root's engine (the others, in a
-        simulation, the other ranks'); ``params`` hold the aggregated gradients."""
+        simulation, the other ranks'); ``params`` the parameters by name, ``grads`` the
+        aggregated gradients by name (layers missing from it count as zero)."""
         root = exchanges[0]
         if self.started is None:
             self.started = time.perf_counter()
         if root.refit_due(step):  # every rank knows when: only the levels travel
-            fitted = root.fit_levels({n: p.grad for n, p in params.items() if p.grad is not None}) \
-                if self.is_root else None
+            fitted = root.fit_levels(grads) if self.is_root else None
             fitted = self.channel.share(fitted)
             for ex in exchanges:
                 ex.set_levels(fitted)
@@ -175,8 +175,7 @@ class Reallocator:
         names = root.allocatable
         fire = False
         if self.is_root:
-            norms = [float(params[n].grad.detach().float().norm()) if params[n].grad is not None else 0.0
-                     for n in names]
+            norms = [float(grads[n].detach().float().norm()) if grads.get(n) is not None else 0.0 for n in names]
             fire = self.trigger.observe(step, norms)
         fire = self.channel.decide(fire, step)
         if not fire:

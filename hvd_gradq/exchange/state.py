@@ -17,6 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
+from hvd_gradq.codebook import LOWRANK
+from hvd_gradq.plan.cost_model import FLOAT32, TRANSPORTS
+from hvd_gradq.plan.cost_model import LOWRANK as LOWRANK_TRANSPORT
+
 FORMAT = "hvd_gradq.compression_state/2"
 
 RESET_HINT = ("pass reset=True to start the compression state afresh instead (residuals zero, the codebook "
@@ -78,10 +82,41 @@ def _few(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def engine_state(engine) -> dict:
+    """One rank's engine state (``exchange.engine.GradientExchange``): codebook, residuals, dither
+    streams and the coders' own."""
+    return {"codebook": engine.codebook.state_dict(), "residuals": engine.residuals.state_dict(),
+            "lanes": engine.lanes.state_dict(), "coders": {n: c.state_dict() for n, c in engine.coders.items()},
+            "lowrank": {n: c.state_dict() for n, c in engine.lowrank.items()}}
+
+
+def load_engine_state(engine, state: Mapping) -> None:
+    """Resume ``engine`` from ``engine_state()`` of the same rank of a job with the same model,
+    size and settings (checked by the caller): the plan follows the saved bits and transports."""
+    for name, code in state["codebook"]["layers"].items():
+        plan = engine.plans[name]
+        saved = (code["bits"], code["transport"], code.get("rank", 0))
+        if plan.transport != FLOAT32 and saved != (plan.bits, plan.transport, plan.rank):
+            forced = engine.forced[name]
+            engine.forced[name] = code["transport"] if code["transport"] in TRANSPORTS else "auto"
+            if code["transport"] == LOWRANK_TRANSPORT or engine.coding.codec != LOWRANK:
+                engine.ranks[name] = code.get("rank", 0)
+            engine.plan_layer(name, code["bits"])
+            engine.forced[name] = forced
+        engine.codebook[name].follow(code)
+    engine.codebook.version = state["codebook"]["version"]
+    engine.residuals.load_state_dict(state["residuals"])
+    engine.lanes.load_state_dict(state["lanes"])
+    for name, coder_state in state["coders"].items():
+        engine.coders[name].load_state_dict(coder_state)
+    for name, coder_state in state.get("lowrank", {}).items():
+        engine.lowrank[name].load_state_dict(coder_state)
+
+
 def rank_state(step: int, exchange, reallocator) -> dict:
     """One rank's part of a bundle: its step count, engine state and reallocation state (the
     trigger and allocator are the root's; every rank saves its copy)."""
-    return {"step": step, "exchange": exchange.state_dict(), **reallocator.state_dict()}
+    return {"step": step, "exchange": engine_state(exchange), **reallocator.state_dict()}
 
 
 def coding_config(exchange, reallocator) -> dict:

@@ -1,31 +1,61 @@
-"""``UniformCompressor``: the Horovod ``Compressor`` users pass to
-``hvd.DistributedOptimizer(compression=...)``.
+"""``hvd_gradq.Compressor``: every feature of the library through Horovod's own optimizer,
+``hvd.DistributedOptimizer(opt, named_parameters=..., compression=comp, op=...)``.
 
-A thin adapter over the lane protocol (``wire.lane_coder``): Horovod hands ``compress`` a bare
-gradient, so the compressor finds the layer it belongs to, asks Horovod for rank and size, and
-meets the other ranks in a barrier before a mismatch is raised. The codes are summable, so
-Horovod's own allreduce carries them.
+Horovod calls ``compress(grad)`` from its gradient hook and ``decompress(reduced, ctx)`` in
+``synchronize()``; in between it allreduces what ``compress`` returned, under its own op. The
+compressor hands each gradient to the exchange engine (``exchange.engine``, the one the drop-in
+optimizer and the simulation run), which codes it and starts the layer's own collectives, and
+gives Horovod:
+
+* the layer's payload itself when it is one summable allreduce and Horovod sums (``op=hvd.Sum``:
+  the lanes of shared-scale codes, rotated codes with last step's block scales, float32 layers);
+* otherwise a placeholder: the summed header (``wire.header``, 8 words), so that Horovod's own
+  allreduce still checks, at every step and on every rank alike, that the op is the one the
+  compressor was built for, how many ranks reduced it and that they share the layer's codebook.
+  The layer itself travels in the compressor's named collectives (gathered codes, two-phase,
+  low-rank P and Q, this step's block statistics then the lanes, JointSQ's sparse codes); a
+  0-bit layer sends nothing else.
+
+The step boundary: a step's first ``compress`` opens it (after a change of the workers, the
+engine is rebuilt there, as in the drop-in); its first ``decompress`` compares the ranks'
+codebooks (a new engine's first step) and starts every dependent round still pending, in codebook
+order, so each rank starts them at the same point whatever order Horovod hands layers over;
+each ``decompress`` then returns its layer's aggregate; the last one closes the step: the
+trigger sees the aggregated per-layer norms, rank 0 allocates and broadcasts the codebook
+(``exchange.reallocation``), and every rank switches before the next step.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
 from hvd_gradq import checks
-from hvd_gradq.bits.rotation import block_for
-from hvd_gradq.codebook import Codebook
-from hvd_gradq.codecs import ErrorFeedback
-from hvd_gradq.codecs.rotated import ROUNDINGS
-from hvd_gradq.exchange import state as checkpoint
-from hvd_gradq.exchange.timings import StepTimer
+from hvd_gradq.alloc import Allocator, Trigger
+from hvd_gradq.exchange.engine import GradientExchange
+from hvd_gradq.exchange.exchanges import Exchange
+from hvd_gradq.exchange.reallocation import Reallocator
+from hvd_gradq.exchange.timings import StepClock
 from hvd_gradq.horovod.arguments import named_list
-from hvd_gradq.horovod.channel import broadcast_object, gather_objects
-from hvd_gradq.horovod.collectives import HorovodCollectives
-from hvd_gradq.wire.header import AVERAGE, SUM, CodebookMismatchError, ReductionMismatchError
-from hvd_gradq.wire.lane_coder import LaneCoder, lane_payload_bytes
+from hvd_gradq.horovod.channel import HorovodChannel
+from hvd_gradq.horovod.collectives import HorovodCollectives, measure_link
+from hvd_gradq.horovod.gradient_names import GradientNames
+from hvd_gradq.horovod.report import CompressionReport, PayloadInfo
+from hvd_gradq.horovod.resync import CompressionResync
+from hvd_gradq.plan.cost_model import ALLREDUCE, FLOAT32, NONE, LinkModel
+from hvd_gradq.settings import CODING_KEYWORDS, Coding, check_reallocation
+from hvd_gradq.wire.header import (
+    AVERAGE,
+    SUM,
+    CodebookMismatchError,
+    ReductionMismatchError,
+    header_words,
+    read_header,
+)
 
 try:
     import horovod.torch as hvd
@@ -36,42 +66,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without Horovod
         "checkout: it builds Horovod 0.28.1 against torch 2.13.0."
     ) from exc
 
-
-@dataclass(frozen=True)
-class PayloadInfo:
-    """What the latest ``compress`` of one layer handed to Horovod."""
-
-    dtype: torch.dtype
-    nbytes: int
-    numel: int  # elements of the gradient (not of the payload)
-    packed: bool  # True: quantized codes in lanes; False: float32
-
-
-@dataclass(frozen=True)
-class WireStats:
-    """Bytes handed to Horovod for the latest payload of every layer, against float32."""
-
-    payload_bytes: int
-    fp32_bytes: int
-    elements: int
-    packed_layers: int
-    float_layers: int
-
-    @property
-    def bits_per_element(self) -> float:
-        return 8.0 * self.payload_bytes / max(1, self.elements)
-
-    @property
-    def ratio(self) -> float:
-        """payload bytes / float32 bytes (smaller is better)."""
-        return self.payload_bytes / max(1, self.fp32_bytes)
-
-    def __str__(self) -> str:
-        return (
-            f"{self.bits_per_element:.2f} bits/element on the wire, {self.payload_bytes} B vs "
-            f"{self.fp32_bytes} B fp32 ({1 / max(self.ratio, 1e-12):.1f}x smaller; "
-            f"{self.packed_layers} packed, {self.float_layers} float32 layers)"
-        )
+#: the allocator metrics that take a step size (the LAD paper's eta)
+_LR_METRICS = ("lad", "lad_first_order")
 
 
 def op_name(op) -> str:
@@ -81,265 +77,287 @@ def op_name(op) -> str:
     if op == hvd.Sum:
         return SUM
     raise ValueError(
-        f"op must be hvd.Average (the DistributedOptimizer default) or hvd.Sum, got {op!r}; "
-        "pass the same op to hvd.DistributedOptimizer"
+        f"op must be hvd.Average (the DistributedOptimizer default) or hvd.Sum, got {op!r}: Adasum (and "
+        "Min/Max/Product) do not combine coded gradients. Pass the same op to the compressor and to "
+        "hvd.DistributedOptimizer; for Adasum use hvd.DistributedOptimizer(op=hvd.Adasum) without compression."
     )
 
 
-class UniformCompressor(_HorovodCompressor):
-    """``bits``-bit quantization of every gradient onto evenly spaced levels, packed into summable
-    lanes.
+class _Ticket(NamedTuple):
+    """The ``ctx`` of one ``compress`` (it never leaves the rank)."""
 
-    Usage (pass the same ``op`` to both, ``hvd.Sum`` gives the smallest payload)::
+    name: str
+    carried: bool  # Horovod's allreduce carries the layer's payload (else a placeholder)
+    packed: bool  # the layer is coded this step (not float32, not skipped)
 
-        comp = hvd_gradq.UniformCompressor(bits=2, named_parameters=model.named_parameters(),
-                                           op=hvd.Sum)
-        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                       compression=comp, op=hvd.Sum)
 
-    What is communicated, per layer and step: a short header (``wire.header``) and the layer's
-    codes packed into int64 lanes (``op=hvd.Sum``) or into exact integers of float64 words
-    (``op=hvd.Average``), with headroom for the sum over all ranks. By default (``rotation``) each
-    layer is first rotated by a randomized Hadamard transform shared by every rank, and every
-    rotation block is quantized against its own scale, the same on all ranks: the MSE-optimal clip
-    for the block's RMS in the previous step (``codecs.rotated``), so a sparse or heavy-tailed
-    layer codes as well as a Gaussian one; the payload carries one statistic word per block for
-    the next scales. With ``rotation=0`` the layer is quantized unrotated, stochastically, against
-    one scale (the mean over ranks of max|g + residual| of the previous step). What clipping and
-    rounding drop is kept by error feedback. A layer's first step, and any layer with fewer than
-    ``min_elements`` elements, is sent as float32.
+class Compressor(CompressionResync, CompressionReport, _HorovodCompressor):
+    """Per-layer coding through the stock ``hvd.DistributedOptimizer``: every codec, transport and
+    bit width of the library, 0-bit layers, and the rank-0 allocator.
+
+    Usage (pass the same ``op`` and ``process_set`` to both)::
+
+        comp = hvd_gradq.Compressor(model.named_parameters(), codec="rotated", bits={"fc.*": 2})
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp)
+        ...
+        print(comp.transport_summary())         # layers per transport, bytes vs float32
 
     Args:
-        bits: bit width 1..8 of every quantized layer.
-        named_parameters: the model's ``named_parameters()`` (or ``parameters()``); the compressor
-            uses them to know which layer a gradient belongs to (Horovod hands it the gradient only).
-        op: ``hvd.Average`` (default, as in ``hvd.DistributedOptimizer``) or ``hvd.Sum``.
-        min_elements: layers smaller than this are sent as float32 (header included).
-        seed: of the rotations (the same on every rank) and of the stochastic rounding (each rank
-            and layer draws from its own stream, so the order Horovod hands layers over, e.g.
-            with ``groups=``, does not change the result).
-        rotation: the largest rotation block, a power of two 8..65536 (default 4096); 0: no
-            rotation (one scale per layer, stochastic rounding; the codes before this option).
-        rounding: of the rotated codes: "nearest" (default; biased, its error goes to error
-            feedback) or "stochastic" (unbiased within the clip).
-        process_set: the Horovod process set the optimizer reduces over (pass the same one to
-            ``hvd.DistributedOptimizer``); N in the lane headroom is its size.
+        named_parameters: the model's ``named_parameters()`` (or ``parameters()``): Horovod hands
+            ``compress`` a bare gradient, and the compressor finds its layer among them. Layers
+            that do not require grad now are not coded (as Horovod registers no hook for them).
+        op: ``hvd.Average`` (default, as in ``hvd.DistributedOptimizer``) or ``hvd.Sum``; a
+            different op in the optimizer raises on every rank at the first step.
+        process_set: the Horovod process set the optimizer reduces over (default: all ranks).
+        coding: a ``hvd_gradq.Coding``, or its settings as keywords (``codec``, ``bits``, ``ratio``,
+            ``rank``, ``factors``, ``bucket_size``, ``transport``, ``link``, ``min_elements``,
+            ``error_feedback``, ``seed``, ``refit_levels``, ``level_groups``, ``rotation``,
+            ``rounding``, ``block_scales``), meaning what they mean for ``hvd_gradq.DistributedOptimizer``.
+        allocator, trigger: rank 0 re-decides the bits of every coded layer when the trigger
+            (default: similarity, tau 0.95, k_min 20) fires on the aggregated per-layer gradient
+            norms, and broadcasts the codebook (mpi4py under ``horovodrun --mpi``, else Horovod's
+            ``broadcast_object``); every rank switches at the same step.
+        lr: the step size of the LAD metrics when the ``Allocator`` has no ``lr`` of its own: a
+            number, a function returning one, or the optimizer (its first group's current
+            ``lr``, so a scheduler is followed).
+        label: the name error messages give (the drop-in passes its own).
 
-    The decoded gradient follows Horovod's op: the sum over ranks for ``hvd.Sum``, the mean for
-    ``hvd.Average``; under ``hvd.join()`` the joined ranks add nothing and Average still divides by
-    N, as in Horovod (afterwards call ``sync_codebook(root_rank=<what hvd.join() returned>)``).
-    Sparse gradients: with ``sparse_as_dense=False`` Horovod sends them itself, exactly, without
-    calling the compressor; with ``sparse_as_dense=True`` they are coded. In Horovod elastic, pass
-    the compressor to the ``TorchState`` (``compressor=comp``). More in docs/HOROVOD_COMPAT.md.
+    What is communicated per layer and step: see the module's docs; ``layer_plans()`` lists each
+    layer's bits, transport, predicted and measured bytes, ``transport_summary()`` gives one line,
+    ``step_timings()`` where each step's time went (on the stock path the wrapped optimizer's update
+    counts as ``compute``, and ``wait`` includes the time Horovod blocks between ``decompress``
+    calls), ``allocation_events`` every codebook switch. Checkpoints: ``compression_state_dict()``
+    / ``load_compression_state_dict()``; Horovod elastic: ``hvd.elastic.TorchState(...,
+    compressor=comp)``; after ``hvd.join()``: ``sync_codebook(root_rank=...)``.
     """
 
-    def __init__(self, bits: int, named_parameters: Iterable[tuple[str, torch.Tensor]], *, op=None,
-                 min_elements: int = 1024, seed: int = 0, rotation: int = 4096, rounding: str = "nearest",
-                 process_set=None) -> None:
-        self.bits = checks.integer(bits, "bits", 1, 8)
-        self.rotation = checks.rotation_block(rotation, "rotation")
-        self.rounding = checks.choice(rounding, "rounding", ROUNDINGS)
-        self.min_elements = checks.integer(min_elements, "min_elements", low=0)
-        self.seed = checks.integer(seed, "seed")
-        self._params = named_list(named_parameters, type(self).__name__)
+    #: what error messages tell the user to build identically on every rank
+    label = "hvd_gradq.Compressor"
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]], *, op=None, process_set=None,
+                 coding: Coding | None = None, allocator: Allocator | None = None, trigger: Trigger | None = None,
+                 lr: float | Callable[[], float] | torch.optim.Optimizer | None = None,
+                 codec: str = "rotated", bits: int | Mapping[str, int] | Callable[[str], int] = 4,
+                 ratio: float | None = None, rank: int | Mapping[str, int] | Callable[[str], int] = 4,
+                 factors: str = "float32", bucket_size: int = 1024, transport: str | Mapping[str, str] = "auto",
+                 link: LinkModel | str | None = None, min_elements: int = 1024, error_feedback: bool | str = "auto",
+                 seed: int = 0, refit_levels: int | None = None, level_groups="layer", rotation: int = 4096,
+                 rounding: str = "nearest", block_scales: str = "this_step", label: str | None = None) -> None:
+        if label is not None:
+            self.label = label
+        if isinstance(named_parameters, torch.optim.Optimizer):
+            raise TypeError(f"{self.label} takes named_parameters=model.named_parameters(), not the optimizer; pass "
+                            "the compressor to hvd.DistributedOptimizer(opt, compression=comp)")
+        self._params = named_list(named_parameters, self.label)
         self.op = op_name(op)
         self.process_set = hvd.global_process_set if process_set is None else process_set
         if not isinstance(self.process_set, hvd.ProcessSet):
             raise ValueError(f"process_set must be a horovod.torch ProcessSet, got {process_set!r}")
-        self._coll = HorovodCollectives(self.process_set)
-        self.codebook = Codebook()
-        self.error_feedback = ErrorFeedback()
-        self._lanes: LaneCoder | None = None  # made at the first step, once Horovod knows rank and size
-        self._index = {n: i for i, (n, _) in enumerate(self._params)}
-        self._cursor = 0  # where the last gradient was found; backward visits layers in order
-        self._grad_names: dict[int, str] = {}
-        #: layers found by their sparse gradient (sparse_as_dense=True) and not yet decompressed
-        self._densified: set[str] = set()
-        #: per layer, what its latest compress handed to Horovod
+        given = locals()  # the coding keywords have the names of Coding's fields
+        coding = Coding.of(coding, **{key: given[key] for key in CODING_KEYWORDS})
+        trigger = check_reallocation(coding, allocator, trigger)
+        self._lr = self._learning_rate(lr, allocator)
+        if not hvd.is_initialized():
+            raise ValueError(f"{self.label}: call hvd.init() before building the compressor (it plans every layer "
+                             "for the number of ranks)")
+        included = self.process_set.included()
+        if coding.link == "measure":
+            coding = replace(coding, link=measure_link(self.process_set) if included else LinkModel())
+        self.coding = coding
+        trainable = [(n, p) for n, p in self._params if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"{self.label}: no parameter of named_parameters requires grad")
+
+        def make_exchange() -> GradientExchange:  # again after an elastic reset, for the new process set
+            return GradientExchange(trainable, coding=coding, collectives=HorovodCollectives(self.process_set),
+                                    op=self.op, label=self.label)
+
+        self._make_exchange = make_exchange
+        #: the engine: plan, codebook, coders and residuals of this rank (None outside the process set)
+        self.gradient_exchange = make_exchange() if included else None  # settings errors surface here
+        #: the reallocation step after every exchange (refit, trigger, allocate, apply)
+        self.reallocation = Reallocator(allocator, trigger, HorovodChannel(self.process_set) if included else None,
+                                        is_root=included and self.process_set.rank() == 0)
+        self._step = 0
+        self._by_name = dict(self._params)
+        self._trainable = dict(trainable)
+        self._names = GradientNames(self._params, self.label)
+        # the step in progress: exchanges launched, aggregates returned, whether the dependent rounds started
+        self._launched: dict[str, Exchange] = {}
+        self._done: dict[str, torch.Tensor] = {}
+        self._finishing = False
+        self._clock = StepClock()
+        #: step timings close at the step's last decompress (False: the optimizer closes them after
+        #: its update, ``close_after_update``)
+        self.closes_steps = True
+        self._last_exit = 0.0  # end of the latest compress/decompress call
+        #: per layer, what it handed to the collectives in its latest step
         self.payloads: dict[str, PayloadInfo] = {}
-        #: seconds in ``compress`` (encode) and ``decompress`` (decode), accumulated in
-        #: ``timer.current`` until ``timer.reset()``; Horovod's own waiting is the caller's to time
-        self.timer = StepTimer()
-        from hvd_gradq.horovod import elastic  # noqa: F401 - TorchState(compressor=...) keeps its state
 
-    # ---- the lane coder, for the current number of ranks ----------------------------------------
-    def _coder(self) -> LaneCoder:
-        rank, size = self._coll.rank(), self._coll.size()
-        if self._lanes is None:
-            self._lanes = LaneCoder(bits=self.bits, op=self.op, min_elements=self.min_elements, seed=self.seed,
-                                    rank=rank, size=size, codebook=self.codebook, residuals=self.error_feedback,
-                                    label=type(self).__name__, rotation=self.rotation, rounding=self.rounding)
-        elif (self._lanes.rank, self._lanes.size) != (rank, size):
-            # the world changed (Horovod elastic): lanes sized for fewer ranks could carry into each
-            # other, so every rank starts a fresh codebook (one float32 step) at this same step
-            self._lanes.restart(rank, size)
-            self._densified.clear()
-        return self._lanes
+    def _learning_rate(self, lr, allocator: Allocator | None) -> Callable[[], float]:
+        if lr is None:
+            if allocator is not None and allocator.metric in _LR_METRICS and allocator.lr is None:
+                raise ValueError(f"{self.label}: the allocator's metric {allocator.metric!r} needs the step size: pass "
+                                 "lr= (a number, or the optimizer: lr=opt) to the compressor, or Allocator(lr=...)")
+            return lambda: 0.0
+        if isinstance(lr, torch.optim.Optimizer):
+            return lambda: float(lr.param_groups[0]["lr"])
+        if callable(lr):
+            return lambda: float(lr())
+        checks.number(lr, "lr", positive=True)
+        return lambda: float(lr)
 
-    # ---- naming ---------------------------------------------------------------------------------
-    def _name_of(self, grad: torch.Tensor) -> str:
-        name = self._grad_names.get(id(grad))
-        if name is not None and self._params[self._index[name]][1].grad is grad:
-            return name
-        count = len(self._params)
-        for k in range(count):  # search backwards from the last hit: gradients arrive in reverse
-            i = (self._cursor - 1 - k) % count
-            pname, p = self._params[i]
-            if p.grad is grad:
-                self._cursor = i
-                self._grad_names[id(grad)] = pname
-                return pname
-        name = self._densified_name(grad)
-        if name is not None:
-            return name
-        if any(p is grad for _, p in self._params):
-            raise ValueError(
-                f"{type(self).__name__} was given a parameter instead of its gradient: that is "
-                "hvd.DistributedOptimizer with op=hvd.Adasum, whose reduction is not a sum of codes. "
-                "Use op=hvd.Average or op=hvd.Sum (the same in the optimizer and the compressor)."
-            )
-        raise ValueError(
-            f"{type(self).__name__} was given a tensor of shape {tuple(grad.shape)} that is not the "
-            "gradient of any parameter in its named_parameters. Pass the same model's "
-            "named_parameters() to the compressor and to hvd.DistributedOptimizer; the compressor "
-            "cannot be used with hvd.allreduce on arbitrary tensors."
-        )
-
-    def _densified_name(self, dense: torch.Tensor) -> str | None:
-        """The layer whose sparse gradient ``dense`` is a dense copy of (Horovod's
-        ``sparse_as_dense=True`` hands ``compress`` ``p.grad.to_dense()``, not ``p.grad``)."""
-        found = [n for n, p in self._params if p.grad is not None and p.grad.is_sparse
-                 and p.grad.shape == dense.shape and n not in self._densified]
-        if len(found) > 1:  # several sparse layers of this shape: the one with these values
-            by_name = dict(self._params)
-            found = [n for n in found if torch.equal(by_name[n].grad.to_dense(), dense)]
-        if len(found) > 1:
-            raise ValueError(
-                f"{type(self).__name__}: the sparse gradients of {found} are equal this step, so the "
-                "dense copy Horovod made (sparse_as_dense=True) cannot be told apart; build these "
-                "layers with sparse=False, or use hvd_gradq.DistributedOptimizer"
-            )
-        if not found:
-            return None
-        self._densified.add(found[0])
-        return found[0]
-
-    # ---- Horovod Compressor interface -----------------------------------------------------------
+    # ---- Horovod's Compressor interface ---------------------------------------------------------
     def compress(self, tensor: torch.Tensor):
+        with self._clock.inside():
+            payload, ticket = self._compress(tensor)
+        self._last_exit = time.perf_counter()
+        return payload, ticket
+
+    def _compress(self, tensor: torch.Tensor):
+        if tensor is None:
+            raise ValueError(
+                f"{self.label} was handed no gradient: hvd.DistributedOptimizer(groups=...) does not give zeros to "
+                "a parameter without a gradient (unused in this step). Leave groups unset, or use every parameter.")
         if tensor.is_sparse:  # Horovod's grouped path (groups=) hands sparse gradients over as they are
             raise ValueError(
-                f"{type(self).__name__} compresses dense gradients only; this parameter has a sparse "
-                "gradient (e.g. nn.Embedding(sparse=True)) and hvd.DistributedOptimizer(groups=...) does not "
-                "densify it. Leave groups unset (sparse gradients then work with sparse_as_dense=True or "
-                "False), build the layer with sparse=False, or use hvd_gradq.DistributedOptimizer."
+                f"{self.label} compresses dense gradients only; this parameter has a sparse gradient (e.g. "
+                "nn.Embedding(sparse=True)) and hvd.DistributedOptimizer(groups=...) does not densify it. Leave "
+                "groups unset (sparse gradients then work with sparse_as_dense=True or False), or build the layer "
+                "with sparse=False."
             )
-        t = time.perf_counter()
-        name = self._name_of(tensor)
-        frozen = not self._params[self._index[name]][1].requires_grad
-        payload, ctx = self._coder().encode(name, tensor, frozen=frozen)
-        self.payloads[name] = PayloadInfo(payload.dtype, payload.numel() * payload.element_size(), tensor.numel(),
-                                          ctx.packed)
-        self.timer.add("encode", time.perf_counter() - t)
-        return payload, ctx
+        name = self._names.name_of(tensor)
+        engine = self.gradient_exchange
+        if engine is None:
+            raise ValueError(
+                f"{self.label}: this rank is not in the compressor's process_set, but the optimizer reduces over a "
+                "process set it is in. Pass the same process_set= to the compressor and to hvd.DistributedOptimizer.")
+        if name not in engine.plans:
+            raise ValueError(
+                f"{self.label}: parameter {name!r} did not require grad when the compressor was built, so it has no "
+                "plan. Build the compressor after setting requires_grad, right before hvd.DistributedOptimizer.")
+        if self._finishing:
+            raise RuntimeError(
+                f"{self.label}: gradient of {name!r} handed over after this step's first decompress(), before every "
+                "layer of the step was decompressed (a step that raised?). Build a new optimizer and compressor, or "
+                "restore the elastic state.")
+        if name in self._launched:
+            raise RuntimeError(f"{self.label}: gradient of {name!r} handed over twice in one step")
+        if not self._launched and (self.process_set.size(), self.process_set.rank()) != (engine.size, engine.rank):
+            self.elastic_resync()  # a step's first gradient after the set of workers changed (elastic)
+            engine = self.gradient_exchange
+        frozen = not self._by_name[name].requires_grad
+        plan = engine.plans[name]
+        # coded this step: not a float32 layer, nor a lane layer's calibration step, nor a frozen one
+        packed = not frozen and plan.transport != NONE and (
+            engine.codebook[name].packed if plan.transport in (ALLREDUCE, FLOAT32) else True)
+        ex = engine.launch(name, tensor, frozen=frozen, carry=self.op == SUM)
+        self._launched[name] = ex
+        for other in self._launched.values():  # finished first rounds start their second now: overlap
+            if other.waiting:
+                with suppress(Exception):  # an error is kept by the exchange and raised at its decompress
+                    other.advance_if_ready()
+        if ex.carried:
+            return ex.payload, _Ticket(name, True, packed)
+        return self._placeholder(name), _Ticket(name, False, packed)
+
+    def _placeholder(self, name: str) -> torch.Tensor:
+        """The summed header Horovod reduces in place of a layer that travels by our collectives."""
+        engine = self.gradient_exchange
+        return header_words(rank=engine.rank, size=engine.size, digest=engine.codebook.digest(name, engine.size),
+                            nonfinite=False, stat=0.0, container=torch.int64 if self.op == SUM else torch.float64)
 
     def decompress(self, payload: torch.Tensor, ctx):
         if ctx is None:
             # Horovod's own sparse path (a sparse gradient, sparse_as_dense=False): it allgathered the
             # values and indices exactly, without calling compress; there is nothing to decode
             return payload
-        self._densified.discard(ctx.name)
-        t = time.perf_counter()
+        start = time.perf_counter()
+        if self._launched and self._last_exit:  # Horovod blocked on its handle since our last call
+            gap = start - self._last_exit
+            self._clock.own += gap
+            self.gradient_exchange.timer.add("wait", gap)
         try:
-            return self._lanes.decode(payload, ctx)
+            with self._clock.inside():
+                out = self._decompress(payload, ctx)
+        finally:
+            self._last_exit = time.perf_counter()
+        return out
+
+    def _decompress(self, payload: torch.Tensor, ticket: _Ticket) -> torch.Tensor:
+        name = ticket.name
+        engine = self.gradient_exchange
+        try:
+            if not self._finishing:  # first the ranks' codebooks (named differences), then the rounds
+                self._start_dependent_rounds()
+            if not ticket.carried:  # op, ranks and the codebook digest, from Horovod's reduction
+                read_header(payload, size=engine.size, op=self.op, layer=name, compressor=self.label)
+            ex = self._launched[name]
+            if ex.carried:
+                ex.deliver(payload)
+            extra = 0 if ticket.carried else payload.numel() * payload.element_size()
+            out = engine.finish(name, ex, extra)
         except (ReductionMismatchError, CodebookMismatchError) as e:
             # Every rank reaches this verdict from the same reduced words, but a fast rank must not
             # exit (shutting Horovod down) while a slow one is still submitting this step's
-            # gradients: meet in a barrier first, so that every rank raises this error. Not when
-            # ranks have joined (hvd.join()): they take no part in a barrier.
-            if e.ranks in (None, self._lanes.size):
-                self._coll.barrier()
+            # gradients: meet in a barrier first. Not when ranks have joined (hvd.join()): they take
+            # no part in a barrier.
+            self._clear_step()
+            if e.ranks in (None, engine.size):
+                engine.collectives.barrier()
             raise
-        finally:
-            self.timer.add("decode", time.perf_counter() - t)
+        self.payloads[name] = PayloadInfo(payload.dtype, ex.payload_bytes + extra, engine.plans[name].numel,
+                                          ticket.packed)
+        p = self._by_name[name]
+        shaped = out.view(p.shape).to(p.dtype)
+        self._done[name] = shaped
+        if len(self._done) == len(self._launched):
+            self._end_step()
+        return shaped
 
-    def sync_codebook(self, root_rank: int) -> None:
-        """Take the codebook (per-layer scales and reduction counts) of global rank ``root_rank``.
+    def _start_dependent_rounds(self) -> None:
+        """At the step's first decompress: every rank has launched every layer of the step.
+        Compare the codebooks (a new engine's first step), let the step's low-rank bucket go
+        without the layers Horovod reduced itself, and start every second round still pending,
+        in codebook order."""
+        self._finishing = True
+        engine = self.gradient_exchange
+        try:  # before any wait: ranks whose codebooks differ may be running different collectives
+            engine.agree()
+        except CodebookMismatchError:
+            self._launched.clear()  # their exchanges may never complete: none is waited for
+            raise
+        missing = [n for n in engine.plans if n not in self._launched]
+        if missing:
+            engine.excuse(missing)
+        for name in engine.plans:
+            ex = self._launched.get(name)
+            if ex is not None and ex.waiting:
+                with suppress(Exception):  # an error is kept by the exchange and raised at its decompress
+                    ex.advance()
 
-        After ``hvd.join()``: the ranks that joined early missed the reductions the others went
-        on with, so their codebooks are behind. Call it on every rank of the process set after the
-        join, with what ``hvd.join()`` returned (the rank that joined last), next to
-        ``hvd.broadcast_parameters(model.state_dict(), root_rank=...)``. Residuals stay local.
-        Horovod elastic calls it (root 0) on sync when the compressor is in the ``TorchState``."""
-        coder = self._coder()
-        shared = broadcast_object(self.codebook.state_dict() if hvd.rank() == root_rank else None, self.process_set,
-                                  root=root_rank)
-        self._follow(coder, shared["layers"])
+    def _end_step(self) -> None:
+        engine = self.gradient_exchange
+        step, self._step = self._step, self._step + 1
+        grads = dict(self._done)
+        self._clear_step()
+        with self._clock.phase("allocation"):
+            self.reallocation.after_step(step, [engine], self._trainable, grads, self._lr())
+        if self.closes_steps:
+            self._clock.close(engine)
 
-    def _follow(self, coder: LaneCoder, layers: dict) -> None:
-        for name in [n for n in self.codebook.layers if n not in layers]:
-            del self.codebook.layers[name]
-        for name, state in layers.items():
-            entry = coder.code_of(name, state["numel"])
-            if entry.bits != state["bits"]:
-                raise checkpoint.StateMismatchError(
-                    f"layer {name!r} was coded at {state['bits']} bits there and is coded at {entry.bits} here")
-            entry.follow(state)
+    def _clear_step(self) -> None:
+        self._launched.clear()
+        self._done.clear()
+        self._names.clear()
+        self._finishing = False
 
-    # ---- checkpoint -----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """This rank's state: codebook, residuals, dither streams (one per layer)."""
-        return {"codebook": self.codebook.state_dict(), "feedback": self.error_feedback.state_dict(),
-                "lanes": None if self._lanes is None else self._lanes.state_dict()}
+    def _in_step(self) -> bool:
+        return bool(self._launched)
 
-    def load_state_dict(self, state: dict) -> None:
-        coder = self._coder()
-        self._follow(coder, state["codebook"]["layers"])
-        self.error_feedback.load_state_dict(state["feedback"])
-        if state["lanes"] is not None:
-            coder.load_state_dict(state["lanes"])
-
-    def _config(self) -> dict:
-        return {"bits": self.bits, "op": self.op, "min_elements": self.min_elements, "seed": self.seed,
-                "rotation": self.rotation, "rounding": self.rounding}
-
-    def _layers(self) -> dict[str, int]:
-        return {n: p.numel() for n, p in self._params}
-
-    def compression_state_dict(self) -> dict:
-        """Every rank's state in one bundle for a checkpoint (``exchange.state``). Collective: call
-        it on every rank of the process set at the same point (after ``optimizer.step()``); every
-        rank gets the bundle, so rank 0 alone can save it."""
-        return checkpoint.bundle(gather_objects(self.state_dict(), self.process_set), layers=self._layers(),
-                                 config=self._config())
-
-    def load_compression_state_dict(self, state: dict, reset: bool = False) -> None:
-        """Resume from ``compression_state_dict()`` on every rank, before the first step. A state
-        from another number of ranks, model or setting raises ``StateMismatchError``; with
-        ``reset=True`` the compressor starts afresh instead (no residuals, scales recalibrated by a
-        float32 step)."""
-        parts = checkpoint.parts_to_resume(state, owner=type(self).__name__, size=self._coll.size(),
-                                           ranks=[self._coll.rank()], layers=self._layers(), config=self._config(),
-                                           reset=reset)
-        if parts is None:
-            self.codebook.clear()
-            self.error_feedback.residuals.clear()
-            return
-        self.load_state_dict(parts[0])
-
-    # ---- reporting ------------------------------------------------------------------------------
-    def wire_stats(self) -> WireStats:
-        """Payload bytes of the latest step of every layer seen so far, against float32."""
-        vals = self.payloads.values()
-        return WireStats(
-            payload_bytes=sum(v.nbytes for v in vals),
-            fp32_bytes=sum(4 * v.numel for v in vals),
-            elements=sum(v.numel for v in vals),
-            packed_layers=sum(1 for v in vals if v.packed),
-            float_layers=sum(1 for v in vals if not v.packed),
-        )
-
-    def payload_bytes(self, numel: int, packed: bool = True, bits: int | None = None) -> int:
-        """Predicted payload bytes of a layer of ``numel`` elements (packed, or sent as float32)."""
-        packed = packed and numel >= self.min_elements
-        block = block_for(numel, self.rotation) if self.rotation else 0
-        return lane_payload_bytes(numel, (bits or self.bits) if packed else None, self._coll.size(), self.op, block)
+    def close_after_update(self, seconds: float) -> None:
+        """The optimizer's update took ``seconds``: close the step's timings now (the drop-in, which
+        sets ``closes_steps = False``; Horovod's optimizer does not tell its compressor)."""
+        self._clock.phases["update"] += seconds
+        if self.gradient_exchange is not None:
+            self._clock.close(self.gradient_exchange)

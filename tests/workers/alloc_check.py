@@ -82,7 +82,7 @@ if args.spread_check:  # the same inputs: fixed probe batches, the quantizer of 
     from hvd_gradq.exchange.reallocation import decide_bits, decide_bits_spread
     from hvd_gradq.horovod.channel import HorovodChannel
     ex = opt.gradient_exchange
-    layers = {n: opt._gq_by_name[n] for n in ex.allocatable}
+    layers = {n: dict(model.named_parameters())[n] for n in ex.allocatable}
     payload = decide_bits_spread(allocator, ex, layers, 99, 0.05, HorovodChannel(hvd.global_process_set))
     if rank == 0:
         spread_table = allocator.last_curves.distortion.tolist()

@@ -56,10 +56,8 @@ def digest(model) -> str:
 
 
 def owed_of(opt_or_comp) -> dict:
-    """What each layer's coding owes from earlier steps: the lanes' residuals, and for the drop-in
-    what it carries into the next step after rebuilding its exchange for a new world size."""
-    if opt_or_comp is comp:
-        return {n: r.clone() for n, r in comp.error_feedback.residuals.items()}
+    """What each layer's coding owes from earlier steps: the lanes' residuals, and what the engine
+    carries into the next step after rebuilding itself for a new world size (both ways in)."""
     ex = opt_or_comp.gradient_exchange
     owed = {n: r.clone() for n, r in ex.residuals.lanes.residuals.items()}
     for n, c in ex.residuals.carry.items():

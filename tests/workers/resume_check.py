@@ -23,7 +23,8 @@ from workloads.models import FashionCNN
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--phase", choices=["full", "resume"], required=True)
-ap.add_argument("--config", choices=["lanes", "gather", "jointsq", "stock", "lowrank", "lowrank16"], required=True)
+ap.add_argument("--config", choices=["lanes", "gather", "jointsq", "stock", "stock_alloc", "lowrank", "lowrank16"],
+                required=True)
 ap.add_argument("--ckpt", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--k1", type=int, default=5)
@@ -50,6 +51,17 @@ base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 named = list(model.named_parameters())
 if args.config == "stock":
     comp = hvd_gradq.UniformCompressor(bits=2, named_parameters=named, op=hvd.Sum, min_elements=512)
+    opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=comp, op=hvd.Sum)
+    state_of, load_into = comp.compression_state_dict, comp.load_compression_state_dict
+elif args.config == "stock_alloc":  # Horovod's optimizer + hvd_gradq.Compressor: the allocator moving bits and
+    # low-rank ranks over the rotated code on lanes and allgather, one two-phase layer
+    probe = hvd_gradq.LossProbe(model, F.cross_entropy, lambda: [batch(1000, 0, 64)])
+    comp = hvd_gradq.Compressor(
+        named, op=hvd.Sum, min_elements=512, codec="rotated", bits=4, lr=base,
+        transport={"features.3.*": "two_phase", "features.1.*": "allgather"},
+        allocator=hvd_gradq.Allocator(2.5, metric="lad_first_order", solver="greedy", options=(0, 2, 3, 4, 8),
+                                      ranks=(1, 2), probe=probe),
+        trigger=hvd_gradq.Trigger("interval", interval=3))
     opt = hvd.DistributedOptimizer(base, named_parameters=named, compression=comp, op=hvd.Sum)
     state_of, load_into = comp.compression_state_dict, comp.load_compression_state_dict
 else:
@@ -105,7 +117,8 @@ for _, p in sorted(model.named_parameters()):
     h.update(p.detach().numpy().tobytes())
 result["digest"] = h.hexdigest()
 if args.config != "stock":
-    result["version"] = opt.codebook.version
-    result["allocations"] = [e.step for e in opt.allocation_events]
-    result["bits"] = {p.name: p.bits for p in opt.layer_plans()}
+    owner = comp if args.config == "stock_alloc" else opt
+    result["version"] = owner.codebook.version
+    result["allocations"] = [e.step for e in owner.allocation_events]
+    result["bits"] = {p.name: [p.bits, p.rank, p.transport] for p in owner.layer_plans()}
 Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))

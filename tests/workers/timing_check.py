@@ -3,8 +3,8 @@
 Every rank's forward sleeps ``--sleep`` seconds (known compute); on odd steps rank 1 sleeps
 ``--delay`` more before its backward, so that rank 0 waits for it in the collectives. Records the
 optimizer's ``step_timings()`` next to this worker's own wall clock of each step (from the end of
-one ``opt.step()`` to the end of the next), and for the stock path the compressor's encode and
-decode seconds.
+one ``opt.step()`` to the end of the next); for the stock path the compressor's (whose steps end at
+their last decompress, before Horovod's update).
 """
 import argparse
 import json
@@ -54,7 +54,7 @@ else:
     opt = hvd_gradq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                          named_parameters=model.named_parameters(), codec=args.codec, bits=2,
                                          min_elements=16, **kw)
-walls, coding = [], []
+walls = []
 prev = None
 for step in range(args.steps):
     x = torch.randn(32, 256)
@@ -68,13 +68,9 @@ for step in range(args.steps):
     if prev is not None:
         walls.append(now - prev)
     prev = now
-    if args.codec == "stock":
-        coding.append({"encode": comp.timer.current["encode"], "decode": comp.timer.current["decode"]})
-        comp.timer.reset()
 out["walls"] = walls
-out["coding"] = coding
-if args.codec != "stock":
-    out["timings"] = opt.step_timings()
-    out["payload"] = sum(p.payload_bytes for p in opt.layer_plans())
-    out["transports"] = sorted({p.transport for p in opt.layer_plans()})
+coder = comp if args.codec == "stock" else opt
+out["timings"] = coder.step_timings()
+out["payload"] = coder.wire_stats().payload_bytes  # what the step handed to collectives, placeholders included
+out["transports"] = sorted({p.transport for p in coder.layer_plans()})
 Path(args.out, f"rank{rank}.json").write_text(json.dumps(out))

@@ -427,7 +427,7 @@ def optim_case(out):
                                                     name="optim.sparse").tolist()
         except ValueError as e:
             errors[f"sparse_as_dense={sad}"] = str(e)
-            opt._gq_pending.clear()
+            opt._handles.clear()  # Horovod's pending handles: the next optimizer starts clean
     report["errors"] = errors
     out.write_text(json.dumps(report))
 
@@ -473,7 +473,7 @@ def mismatch_case(out, case):
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
             if case == "step_mismatch" and rank == 1 and step == 0:  # as if rank 1 had stepped once more
-                opt._gq_step += 1
+                opt.compressor._step += 1
             if case == "levels_mismatch" and rank == 1:
                 exchange, types = opt.gradient_exchange, hvd_gradq.layer_types(model)
                 held = {name: {"levels": torch.cat([coder.codec.levels[:-1] * 0.97, coder.codec.levels[-1:]])}

@@ -1,0 +1,149 @@
+"""Step time of the stock path (``hvd.DistributedOptimizer`` + ``hvd_gradq.Compressor``) against the
+drop-in, on the emulated cluster, rows interleaved and repeated (root; see launch/cluster.sh).
+
+    sudo .venv/bin/python -m benchmarks.stock_path --rate 100mbit --np 2,4 --model lstm --repeats 3 \\
+        --rows lowrank4,lowrank4-stock,rotated2,rotated2-stock,stock2 \\
+        --baseline /path/to/an/older/checkout --baseline-rows lowrank4,rotated2,stock2 \\
+        --out docs/results/stock_path
+
+Every repeat runs every row once, in the same order, for each N (``step_worker`` under horovodrun
+across the nodes, ``--warmup`` then ``--steps`` timed steps); so slow drift of the shared machine
+falls on every row alike. ``--baseline`` runs its rows from another checkout of the project (the
+same virtual environment), e.g. the commit before the drop-in ran on Horovod's optimizer, whose
+exchanges sent no placeholders: its rows are labelled ``<row>@baseline``. Per row: the median
+over repeats of the cell's median step (the slower rank's), the range, the ratio to the first row
+of the list, and rank 0's mean wait per step. Writes results.json and STOCK_PATH.md into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import procs, provenance
+from benchmarks.cluster import CLUSTER, held
+from workloads.progress import Progress
+
+
+def run_cell(tree: Path, model: str, row: str, size: int, args, cell: Path) -> dict:
+    cell.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HVD_GRADQ_VENV=str(Path(sys.executable).parent.parent))
+    if args.cycle_ms:
+        env["HOROVOD_CYCLE_TIME"] = str(args.cycle_ms)
+    cmd = [str(tree / "launch" / "cluster.sh"), "run", "-np", str(size), sys.executable, "-m", "benchmarks.step_worker",
+           "--model", model, "--compressor", row, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--out", str(cell)]
+    res = procs.run(cmd, timeout=args.cell_timeout, env=env, cwd=tree)
+    if res.returncode != 0:
+        return {"error": res.output[-1500:]}
+    ranks = [json.loads((cell / f"rank{r}.json").read_text()) for r in range(size)]
+    head = ranks[0]
+    return {"median_step_s": max(r["median_step_s"] for r in ranks), "payload_per_step": head["payload_per_step"],
+            "wait_s": head.get("breakdown", {}).get("wait"), "tx_per_step": head["tx_per_step"]}
+
+
+def summarize_rows(runs: list[dict]) -> list[dict]:
+    """Per (N, row): the repeats' median steps, their median and range, and the ratio to the N's first row."""
+    out = []
+    keys = list(dict.fromkeys((r["size"], r["row"]) for r in runs))
+    for size, row in keys:
+        ok = [r for r in runs if (r["size"], r["row"]) == (size, row) and "error" not in r]
+        steps = [r["median_step_s"] for r in ok]
+        waits = [r["wait_s"] for r in ok if r.get("wait_s") is not None]
+        out.append({"size": size, "row": row, "repeats": len(ok), "failed": sum(
+            1 for r in runs if (r["size"], r["row"]) == (size, row) and "error" in r), "steps": steps,
+            "median_s": statistics.median(steps) if steps else None, "min_s": min(steps, default=None),
+            "max_s": max(steps, default=None), "wait_s": statistics.median(waits) if waits else None,
+            "payload": ok[0]["payload_per_step"] if ok else None})
+    for size in {r["size"] for r in out}:
+        first = next(r for r in out if r["size"] == size)
+        for r in out:
+            if r["size"] == size and r["median_s"] and first["median_s"]:
+                r["ratio"] = r["median_s"] / first["median_s"]
+    return out
+
+
+def write_report(summary: list[dict], args, out: Path, commit: str, baseline: str | None, seconds: float) -> None:
+    lines = ["# Stock path against the drop-in: step time (benchmarks.stock_path)", "",
+             f"Commit {commit}" + (f"; baseline rows from {baseline}" if baseline else "") +
+             f". {args.model} at {args.rate} per link, {args.repeats} repeats, rows interleaved in each repeat; "
+             f"{args.warmup} warm-up and {args.steps} timed steps per cell; the cell's figure is the slower rank's "
+             f"median step. {seconds / 60:.0f} min. Command: `{' '.join(sys.argv)}`", "",
+             "| N | row | median s/step | range over repeats | x first row | rank 0 wait s/step | bytes/step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary:
+        if r["median_s"] is None:
+            lines.append(f"| {r['size']} | {r['row']} | failed | | | | |")
+            continue
+        wait = "" if r["wait_s"] is None else f"{r['wait_s']:.3f}"
+        lines.append(f"| {r['size']} | {r['row']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | "
+                     f"{r.get('ratio', float('nan')):.3f} | {wait} | {r['payload']} |")
+    lines += ["", "N = 4 is four processes on this machine's two cores: it measures contention as much as the code.",
+              ""]
+    (out / "STOCK_PATH.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--np", default="2", help="comma-separated process counts (one per node)")
+    ap.add_argument("--model", default="lstm")
+    ap.add_argument("--rows", default="lowrank4,lowrank4-stock,rotated2,rotated2-stock,stock2")
+    ap.add_argument("--baseline", default="", help="another checkout of the project whose --baseline-rows also run")
+    ap.add_argument("--baseline-rows", default="")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--cycle-ms", type=float, default=0, help="HOROVOD_CYCLE_TIME for every row (0: Horovod's)")
+    ap.add_argument("--cell-timeout", type=float, default=600)
+    ap.add_argument("--out", default="docs/results/stock_path")
+    provenance.add_argument(ap)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmark brings up network namespaces: run it as root")
+    out = Path(args.out)
+    commit = provenance.commit(args.allow_dirty, outputs=[out])
+    out.mkdir(parents=True, exist_ok=True)
+    trees = [(procs.ROOT, r, r) for r in args.rows.split(",")]
+    baseline = None
+    if args.baseline:
+        base = Path(args.baseline).resolve()
+        baseline = provenance.commit(args.allow_dirty, root=base)
+        trees += [(base, r, f"{r}@baseline") for r in args.baseline_rows.split(",") if r]
+    sizes = [int(n) for n in args.np.split(",")]
+    runs: list[dict] = []
+    started = time.perf_counter()
+    bar = Progress(len(sizes) * args.repeats * len(trees), "cells")
+    with held(say=bar.write):
+        try:
+            res = procs.run([str(CLUSTER), "up", "--nodes", str(max(sizes)), "--rate", args.rate], timeout=180)
+            if res.returncode != 0:
+                raise SystemExit(f"cluster up failed: {res.output[-800:]}")
+            for size in sizes:
+                for rep in range(args.repeats):
+                    for tree, row, label in trees:
+                        bar.set_postfix(f"np{size} {label} #{rep}")
+                        cell = out / "cells" / f"np{size}-{label.replace('@', '-')}-{rep}"
+                        runs.append({"size": size, "row": label, "repeat": rep,
+                                     **run_cell(tree, args.model, row, size, args, cell)})
+                        bar.update()
+                        (out / "results.json").write_text(json.dumps({"commit": commit, "baseline": baseline,
+                                                                      "args": vars(args), "runs": runs}, indent=1))
+        finally:
+            procs.run([str(CLUSTER), "down"], timeout=120)
+    bar.close()
+    summary = summarize_rows(runs)
+    (out / "results.json").write_text(json.dumps({"commit": commit, "baseline": baseline, "args": vars(args),
+                                                  "runs": runs, "summary": summary}, indent=1))
+    write_report(summary, args, out, commit, baseline, time.perf_counter() - started)
+    shutil.rmtree(out / "cells", ignore_errors=True)
+    print((out / "STOCK_PATH.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
