@@ -67,7 +67,8 @@ def test_the_allocator_on_the_stock_path_agrees_across_ranks_and_with_the_simula
     assert a["overhead"]["allocations"] == 3 and all(t["step"] > 0 for t in a["timings"])
 
 
-@pytest.mark.parametrize("case,mode", [("mismatch_op", "mpi"), ("mismatch_op", "gloo"), ("mismatch_bits", "mpi"),
+@pytest.mark.parametrize("case,mode", [("mismatch_op", "mpi"), ("mismatch_op", "gloo"), ("mismatch_op_sum", "mpi"),
+                                       ("mismatch_bits", "mpi"),
                                        ("mismatch_bits", "gloo"), ("mismatch_process_set", "mpi")])
 def test_settings_that_disagree_stop_every_rank_at_the_first_step(tmp_path, case, mode):
     run = horovodrun(WORKER, "--case", case, "--out", tmp_path, np=2, mode=mode, timeout=120)
@@ -77,6 +78,9 @@ def test_settings_that_disagree_stop_every_rank_at_the_first_step(tmp_path, case
         if case == "mismatch_op":
             assert res["error"] == "ReductionMismatchError", res
             assert "op=hvd.Sum" in res["message"] and "averaged" in res["message"], res
+        elif case == "mismatch_op_sum":  # found by the placeholders alone
+            assert res["error"] == "ReductionMismatchError", res
+            assert "op=hvd.Average" in res["message"] and "summed" in res["message"], res
         elif case == "mismatch_bits":
             assert res["error"] == "CodebookMismatchError", res
             assert "layer 'fc3.weight': bits 2 on rank 0, 4 on rank 1" in res["message"], res

@@ -12,7 +12,7 @@ Cases:
              an interval trigger): per step the codebook version, a digest of the codebook state
              and the bits; then rank 0 replays the same steps in SimulatedWorkers (the same engine
              in one process) and records its bits and parameter digests.
-  mismatch_op / mismatch_bits / mismatch_process_set   settings that differ from the optimizer's or
+  mismatch_op / mismatch_op_sum / mismatch_bits / mismatch_process_set   settings that differ from the optimizer's or
              between ranks: every rank records the error of its first step.
   errors     construction errors, which must name the fix.
 """
@@ -202,6 +202,9 @@ def mismatch_case(case):
     kw, opt_kw = {"codec": "rotated", "bits": dict(BITS)}, {}
     if case == "mismatch_op":  # the compressor sums, the optimizer averages
         kw["op"] = hvd.Sum
+    if case == "mismatch_op_sum":  # the compressor averages (every layer by its own collectives and a
+        # placeholder: only the placeholder can tell), the optimizer sums
+        opt_kw["op"] = hvd.Sum
     if case == "mismatch_bits":  # rank 1 codes fc3 at 4 bits
         kw["bits"]["fc3.weight"] = 4 if RANK == 1 else 2
     if case == "mismatch_process_set":  # the compressor on a set of one rank, the optimizer on all
