@@ -13,6 +13,8 @@ same virtual environment), e.g. the commit before the drop-in ran on Horovod's o
 exchanges sent no placeholders: its rows are labelled ``<row>@baseline``. Per row: the median
 over repeats of the cell's median step (the slower rank's), the range, the ratio to the first row
 of the list, and rank 0's mean wait per step. Writes results.json and STOCK_PATH.md into ``--out``.
+``--probe K`` also times K placeholders alone once per repeat (``benchmarks.placeholder_probe``:
+what they cost with nothing else in flight, an upper bound of their share of a step).
 """
 from __future__ import annotations
 
@@ -47,6 +49,21 @@ def run_cell(tree: Path, model: str, row: str, size: int, args, cell: Path) -> d
             "wait_s": head.get("breakdown", {}).get("wait"), "tx_per_step": head["tx_per_step"]}
 
 
+def run_probe(size: int, args, cell: Path) -> dict:
+    """The placeholders alone (``benchmarks.placeholder_probe``): the slower rank's median and p90."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HVD_GRADQ_VENV=str(Path(sys.executable).parent.parent))
+    if args.cycle_ms:
+        env["HOROVOD_CYCLE_TIME"] = str(args.cycle_ms)
+    cmd = [str(procs.ROOT / "launch" / "cluster.sh"), "run", "-np", str(size), sys.executable, "-m",
+           "benchmarks.placeholder_probe", "--count", str(args.probe), "--op", args.probe_op, "--out", str(cell)]
+    res = procs.run(cmd, timeout=args.cell_timeout, env=env, cwd=procs.ROOT)
+    if res.returncode != 0:
+        return {"error": res.output[-1500:]}
+    ranks = [json.loads((cell / f"rank{r}.json").read_text()) for r in range(size)]
+    return {"median_s": max(r["median_s"] for r in ranks), "p90_s": max(r["p90_s"] for r in ranks),
+            "bytes": ranks[0]["bytes"]}
+
+
 def summarize_rows(runs: list[dict]) -> list[dict]:
     """Per (N, row): the repeats' median steps, their median and range, and the ratio to the N's first row."""
     out = []
@@ -68,7 +85,8 @@ def summarize_rows(runs: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(summary: list[dict], args, out: Path, commit: str, baseline: str | None, seconds: float) -> None:
+def write_report(summary: list[dict], probes: list[dict], args, out: Path, commit: str, baseline: str | None,
+                 seconds: float) -> None:
     lines = ["# Stock path against the drop-in: step time (benchmarks.stock_path)", "",
              f"Commit {commit}" + (f"; baseline rows from {baseline}" if baseline else "") +
              f". {args.model} at {args.rate} per link, {args.repeats} repeats, rows interleaved in each repeat; "
@@ -83,6 +101,21 @@ def write_report(summary: list[dict], args, out: Path, commit: str, baseline: st
         wait = "" if r["wait_s"] is None else f"{r['wait_s']:.3f}"
         lines.append(f"| {r['size']} | {r['row']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | "
                      f"{r.get('ratio', float('nan')):.3f} | {wait} | {r['payload']} |")
+    for size in sorted({p["size"] for p in probes}):
+        ok = [p for p in probes if p["size"] == size and "error" not in p]
+        if not ok:
+            lines += ["", f"N = {size}: the placeholder probe failed."]
+            continue
+        med = statistics.median(p["median_s"] for p in ok)
+        steps = [r["median_s"] for r in summary if r["size"] == size and r["median_s"] and "@" not in r["row"]
+                 and r["row"].endswith("-stock")]
+        share = f" = {100 * med / min(steps):.2f}% of the fastest stock row's step" if steps else ""
+        lines += ["", f"N = {size}, the placeholders alone (`benchmarks.placeholder_probe`, {args.probe} x 64 B, "
+                      f"op {args.probe_op}, all submitted then waited for, nothing else in flight; {len(ok)} runs of "
+                      f"200): median {1e3 * med:.2f} ms (runs' medians {1e3 * min(p['median_s'] for p in ok):.2f}-"
+                      f"{1e3 * max(p['median_s'] for p in ok):.2f} ms, p90 up to "
+                      f"{1e3 * max(p['p90_s'] for p in ok):.2f} ms){share}. In a step they share Horovod's cycles "
+                      "with the other tensors, so this bounds their cost from above."]
     lines += ["", "N = 4 is four processes on this machine's two cores: it measures contention as much as the code.",
               ""]
     (out / "STOCK_PATH.md").write_text("\n".join(lines))
@@ -100,6 +133,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--cycle-ms", type=float, default=0, help="HOROVOD_CYCLE_TIME for every row (0: Horovod's)")
+    ap.add_argument("--probe", type=int, default=0,
+                    help="also time this many placeholders alone once per repeat (0: no probe)")
+    ap.add_argument("--probe-op", choices=("sum", "average"), default="average")
     ap.add_argument("--cell-timeout", type=float, default=600)
     ap.add_argument("--out", default="docs/results/stock_path")
     provenance.add_argument(ap)
@@ -117,8 +153,9 @@ def main(argv=None) -> None:
         trees += [(base, r, f"{r}@baseline") for r in args.baseline_rows.split(",") if r]
     sizes = [int(n) for n in args.np.split(",")]
     runs: list[dict] = []
+    probes: list[dict] = []
     started = time.perf_counter()
-    bar = Progress(len(sizes) * args.repeats * len(trees), "cells")
+    bar = Progress(len(sizes) * args.repeats * (len(trees) + bool(args.probe)), "cells")
     with held(say=bar.write):
         try:
             res = procs.run([str(CLUSTER), "up", "--nodes", str(max(sizes)), "--rate", args.rate], timeout=180)
@@ -133,14 +170,20 @@ def main(argv=None) -> None:
                                      **run_cell(tree, args.model, row, size, args, cell)})
                         bar.update()
                         (out / "results.json").write_text(json.dumps({"commit": commit, "baseline": baseline,
-                                                                      "args": vars(args), "runs": runs}, indent=1))
+                                                                      "args": vars(args), "runs": runs,
+                                                                      "probes": probes}, indent=1))
+                    if args.probe:
+                        bar.set_postfix(f"np{size} placeholders #{rep}")
+                        probes.append({"size": size, "repeat": rep,
+                                       **run_probe(size, args, out / "cells" / f"np{size}-probe-{rep}")})
+                        bar.update()
         finally:
             procs.run([str(CLUSTER), "down"], timeout=120)
     bar.close()
     summary = summarize_rows(runs)
     (out / "results.json").write_text(json.dumps({"commit": commit, "baseline": baseline, "args": vars(args),
-                                                  "runs": runs, "summary": summary}, indent=1))
-    write_report(summary, args, out, commit, baseline, time.perf_counter() - started)
+                                                  "runs": runs, "probes": probes, "summary": summary}, indent=1))
+    write_report(summary, probes, args, out, commit, baseline, time.perf_counter() - started)
     shutil.rmtree(out / "cells", ignore_errors=True)
     print((out / "STOCK_PATH.md").read_text())
 
