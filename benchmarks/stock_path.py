@@ -85,13 +85,33 @@ def summarize_rows(runs: list[dict]) -> list[dict]:
     return out
 
 
+def public(args, baseline: str | None) -> dict:
+    """The arguments as recorded, the baseline checkout by its commit, not its path."""
+    out = {k: v for k, v in vars(args).items() if k != "out"}
+    if baseline:
+        out["baseline"] = baseline
+    return out
+
+
+def command(args, baseline: str | None) -> str:
+    """The command line as a reader would type it, without this machine's paths."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("out", "allow_dirty")}
+    if baseline:
+        flags["baseline"] = f"<checkout of {baseline[:7]}>"
+    parts = ["python -m benchmarks.stock_path"]
+    for key, value in flags.items():
+        if value not in (None, "", 0, False) and not (key == "probe_op" and not args.probe):
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
 def write_report(summary: list[dict], probes: list[dict], args, out: Path, commit: str, baseline: str | None,
                  seconds: float) -> None:
     lines = ["# Stock path against the drop-in: step time (benchmarks.stock_path)", "",
              f"Commit {commit}" + (f"; baseline rows from {baseline}" if baseline else "") +
              f". {args.model} at {args.rate} per link, {args.repeats} repeats, rows interleaved in each repeat; "
              f"{args.warmup} warm-up and {args.steps} timed steps per cell; the cell's figure is the slower rank's "
-             f"median step. {seconds / 60:.0f} min. Command: `{' '.join(sys.argv)}`", "",
+             f"median step. {seconds / 60:.0f} min. Command: `{command(args, baseline)}`", "",
              "| N | row | median s/step | range over repeats | x first row | rank 0 wait s/step | bytes/step |",
              "|---|---|---|---|---|---|---|"]
     for r in summary:
@@ -101,6 +121,17 @@ def write_report(summary: list[dict], probes: list[dict], args, out: Path, commi
         wait = "" if r["wait_s"] is None else f"{r['wait_s']:.3f}"
         lines.append(f"| {r['size']} | {r['row']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | "
                      f"{r.get('ratio', float('nan')):.3f} | {wait} | {r['payload']} |")
+    pairs = []  # each repeat's ratio of a row to its drop-in (``x-stock``) or its current (``x@baseline``) twin
+    for r in summary:
+        twin = r["row"].removesuffix("-stock").split("@")[0]
+        other = next((o for o in summary if o["size"] == r["size"] and o["row"] == twin and o is not r), None)
+        if other and r["repeats"] == other["repeats"] == len(r["steps"]) and not r["failed"] and not other["failed"]:
+            ratios = [a / b for a, b in zip(r["steps"], other["steps"])]
+            pairs.append(f"| {r['size']} | {r['row']} / {twin} | {', '.join(f'{x:.3f}' for x in ratios)} | "
+                         f"{statistics.median(ratios):.3f} |")
+    if pairs:
+        lines += ["", "Paired by repeat (both cells in the same repeat, within a few minutes of each other):", "",
+                  "| N | rows | ratio per repeat | median |", "|---|---|---|---|", *pairs]
     for size in sorted({p["size"] for p in probes}):
         ok = [p for p in probes if p["size"] == size and "error" not in p]
         if not ok:
@@ -170,7 +201,7 @@ def main(argv=None) -> None:
                                      **run_cell(tree, args.model, row, size, args, cell)})
                         bar.update()
                         (out / "results.json").write_text(json.dumps({"commit": commit, "baseline": baseline,
-                                                                      "args": vars(args), "runs": runs,
+                                                                      "args": public(args, baseline), "runs": runs,
                                                                       "probes": probes}, indent=1))
                     if args.probe:
                         bar.set_postfix(f"np{size} placeholders #{rep}")
@@ -181,8 +212,9 @@ def main(argv=None) -> None:
             procs.run([str(CLUSTER), "down"], timeout=120)
     bar.close()
     summary = summarize_rows(runs)
-    (out / "results.json").write_text(json.dumps({"commit": commit, "baseline": baseline, "args": vars(args),
-                                                  "runs": runs, "probes": probes, "summary": summary}, indent=1))
+    (out / "results.json").write_text(json.dumps({"commit": commit, "baseline": baseline,
+                                                  "args": public(args, baseline), "runs": runs, "probes": probes,
+                                                  "summary": summary}, indent=1))
     write_report(summary, probes, args, out, commit, baseline, time.perf_counter() - started)
     shutil.rmtree(out / "cells", ignore_errors=True)
     print((out / "STOCK_PATH.md").read_text())
