@@ -32,18 +32,26 @@ from benchmarks.cluster import CLUSTER, held
 from workloads.progress import Progress
 
 
-def run_cell(tree: Path, model: str, row: str, size: int, args, cell: Path) -> dict:
+def launch(tree: Path, size: int, worker: list[str], args, cell: Path) -> list[dict] | str:
+    """``python -m <worker...> --out cell`` under horovodrun across the nodes from ``tree``: every
+    rank's JSON, or the end of the output where the job failed."""
     cell.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", HVD_GRADQ_VENV=str(Path(sys.executable).parent.parent))
     if args.cycle_ms:
         env["HOROVOD_CYCLE_TIME"] = str(args.cycle_ms)
-    cmd = [str(tree / "launch" / "cluster.sh"), "run", "-np", str(size), sys.executable, "-m", "benchmarks.step_worker",
-           "--model", model, "--compressor", row, "--warmup", str(args.warmup), "--steps", str(args.steps),
+    cmd = [str(tree / "launch" / "cluster.sh"), "run", "-np", str(size), sys.executable, "-m", *worker,
            "--out", str(cell)]
     res = procs.run(cmd, timeout=args.cell_timeout, env=env, cwd=tree)
     if res.returncode != 0:
-        return {"error": res.output[-1500:]}
-    ranks = [json.loads((cell / f"rank{r}.json").read_text()) for r in range(size)]
+        return res.output[-1500:]
+    return [json.loads((cell / f"rank{r}.json").read_text()) for r in range(size)]
+
+
+def run_cell(tree: Path, model: str, row: str, size: int, args, cell: Path) -> dict:
+    ranks = launch(tree, size, ["benchmarks.step_worker", "--model", model, "--compressor", row, "--warmup",
+                                str(args.warmup), "--steps", str(args.steps)], args, cell)
+    if isinstance(ranks, str):
+        return {"error": ranks}
     head = ranks[0]
     return {"median_step_s": max(r["median_step_s"] for r in ranks), "payload_per_step": head["payload_per_step"],
             "wait_s": head.get("breakdown", {}).get("wait"), "tx_per_step": head["tx_per_step"]}
@@ -51,17 +59,12 @@ def run_cell(tree: Path, model: str, row: str, size: int, args, cell: Path) -> d
 
 def run_probe(size: int, args, cell: Path) -> dict:
     """The placeholders alone (``benchmarks.placeholder_probe``): the slower rank's median and p90."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HVD_GRADQ_VENV=str(Path(sys.executable).parent.parent))
-    if args.cycle_ms:
-        env["HOROVOD_CYCLE_TIME"] = str(args.cycle_ms)
-    cmd = [str(procs.ROOT / "launch" / "cluster.sh"), "run", "-np", str(size), sys.executable, "-m",
-           "benchmarks.placeholder_probe", "--count", str(args.probe), "--op", args.probe_op, "--out", str(cell)]
-    res = procs.run(cmd, timeout=args.cell_timeout, env=env, cwd=procs.ROOT)
-    if res.returncode != 0:
-        return {"error": res.output[-1500:]}
-    ranks = [json.loads((cell / f"rank{r}.json").read_text()) for r in range(size)]
+    ranks = launch(procs.ROOT, size, ["benchmarks.placeholder_probe", "--count", str(args.probe), "--op",
+                                      args.probe_op], args, cell)
+    if isinstance(ranks, str):
+        return {"error": ranks}
     return {"median_s": max(r["median_s"] for r in ranks), "p90_s": max(r["p90_s"] for r in ranks),
-            "bytes": ranks[0]["bytes"]}
+            "bytes": ranks[0]["bytes"], "repeats": ranks[0]["repeats"]}
 
 
 def summarize_rows(runs: list[dict]) -> list[dict]:
@@ -95,7 +98,8 @@ def public(args, baseline: str | None) -> dict:
 
 def command(args, baseline: str | None) -> str:
     """The command line as a reader would type it, without this machine's paths."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("out", "allow_dirty")}
+    flags = public(args, baseline)
+    flags.pop("allow_dirty", None)
     if baseline:
         flags["baseline"] = f"<checkout of {baseline[:7]}>"
     parts = ["python -m benchmarks.stock_path"]
@@ -125,7 +129,7 @@ def write_report(summary: list[dict], probes: list[dict], args, out: Path, commi
     for r in summary:
         twin = r["row"].removesuffix("-stock").split("@")[0]
         other = next((o for o in summary if o["size"] == r["size"] and o["row"] == twin and o is not r), None)
-        if other and r["repeats"] == other["repeats"] == len(r["steps"]) and not r["failed"] and not other["failed"]:
+        if other and not r["failed"] and not other["failed"]:  # the same repeats, in order
             ratios = [a / b for a, b in zip(r["steps"], other["steps"])]
             pairs.append(f"| {r['size']} | {r['row']} / {twin} | {', '.join(f'{x:.3f}' for x in ratios)} | "
                          f"{statistics.median(ratios):.3f} |")
@@ -138,13 +142,14 @@ def write_report(summary: list[dict], probes: list[dict], args, out: Path, commi
             lines += ["", f"N = {size}: the placeholder probe failed."]
             continue
         med = statistics.median(p["median_s"] for p in ok)
-        steps = [r["median_s"] for r in summary if r["size"] == size and r["median_s"] and "@" not in r["row"]
-                 and r["row"].endswith("-stock")]
+        medians = [p["median_s"] for p in ok]
+        steps = [r["median_s"] for r in summary if r["size"] == size and r["median_s"] and r["row"].endswith("-stock")]
         share = f" = {100 * med / min(steps):.2f}% of the fastest stock row's step" if steps else ""
+        cycle = f"HOROVOD_CYCLE_TIME={args.cycle_ms:g} ms" if args.cycle_ms else "Horovod's default cycle"
         lines += ["", f"N = {size}, the placeholders alone (`benchmarks.placeholder_probe`, {args.probe} x 64 B, "
-                      f"op {args.probe_op}, all submitted then waited for, nothing else in flight; {len(ok)} runs of "
-                      f"200): median {1e3 * med:.2f} ms (runs' medians {1e3 * min(p['median_s'] for p in ok):.2f}-"
-                      f"{1e3 * max(p['median_s'] for p in ok):.2f} ms, p90 up to "
+                      f"op {args.probe_op}, all submitted then waited for, nothing else in flight, {cycle}; "
+                      f"{len(ok)} runs of {ok[0].get('repeats', 200)}): median {1e3 * med:.2f} ms (runs' medians "
+                      f"{1e3 * min(medians):.2f}-{1e3 * max(medians):.2f} ms, p90 up to "
                       f"{1e3 * max(p['p90_s'] for p in ok):.2f} ms){share}. In a step they share Horovod's cycles "
                       "with the other tensors, so this bounds their cost from above."]
     lines += ["", "N = 4 is four processes on this machine's two cores: it measures contention as much as the code.",
