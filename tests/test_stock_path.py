@@ -91,6 +91,18 @@ def test_settings_that_disagree_stop_every_rank_at_the_first_step(tmp_path, case
             assert res["error"] is not None, res
 
 
+def test_a_placeholder_digest_does_not_depend_on_when_a_first_round_completes(tmp_path):
+    """Rotated lanes with this step's scales change a layer's scales once its statistics are summed;
+    a placeholder built after that on one rank and before it on the other would stop the job with a
+    codebook mismatch. Rank 1 is made slow so its statistics complete inside compress()."""
+    run = horovodrun(WORKER, "--case", "late_statistics", "--out", tmp_path, np=2, mode="gloo", timeout=180)
+    a, b = results(tmp_path, "late_statistics", 2)
+    assert a["error"] is None and b["error"] is None, (a, b)
+    assert run.returncode == 0, run.output[-6000:]
+    assert "TwoAllreduces" in a["exchanges"], a["exchanges"]  # the two-round exchange was exercised
+    assert len(a["steps"]) == 4 and a["steps"] == b["steps"]
+
+
 def test_construction_errors_name_the_fix(tmp_path):
     run = horovodrun(WORKER, "--case", "errors", "--out", tmp_path, np=2, timeout=120)
     assert run.returncode == 0, run.output[-6000:]

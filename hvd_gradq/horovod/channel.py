@@ -3,10 +3,10 @@ codebook, fitted levels), and every rank's state to every rank (checkpoints).
 
 The codebook goes over MPI with mpi4py when Horovod runs on the MPI controller over the world
 communicator (``horovodrun --mpi``); under the Gloo controller, or for a process set other than
-the global one, it goes with Horovod's ``broadcast_object``. The per-step verdict is a one-element
-Horovod broadcast, so that every rank enters (or skips) the codebook broadcast at the same step
-by construction. Both are blocking; a failing rank makes them raise, not hang (Horovod shuts down,
-MPI aborts the job).
+the global one, it goes with Horovod's ``broadcast_object``. The per-step verdict is one small
+Horovod allreduce, so that every rank enters (or skips) the codebook broadcast at the same step
+by construction, and every rank learns from it whether all ranks are at the same step. Both are
+blocking; a failing rank makes them raise, not hang (Horovod shuts down, MPI aborts the job).
 """
 from __future__ import annotations
 
@@ -54,16 +54,27 @@ def root_rank(process_set) -> int:
     return 0 if not ranks else min(ranks)
 
 
-def broadcast_decision(fire: bool, step: int, process_set) -> bool:
-    """Rank 0's verdict (with the step, as a cross-check) to every rank of ``process_set``."""
-    t = torch.tensor([1 if fire else 0, step], dtype=torch.int64)
-    out = hvd.broadcast(t, root_rank=root_rank(process_set), name="hvd_gradq.trigger", process_set=process_set)
-    if int(out[1]) != step:
+def share_decision(fire: bool, step: int, process_set) -> bool:
+    """Rank 0's verdict to every rank of ``process_set``, with every rank's step as a cross-check.
+
+    One summed int64 allreduce: [fire and step on the root, 0 elsewhere; 1, step, step**2 on
+    every rank]. The steps agree iff k * sum(step**2) == sum(step)**2 (k ranks contributed;
+    equality in Cauchy-Schwarz), and every rank reads that from the same sum, so a rank that
+    stepped more or fewer times stops every rank at the same step. (A broadcast would tell only
+    the ranks that differ from the root, and the root would run on into a step the others never
+    join.) Ranks that called ``hvd.join()`` add zeros: they are not counted."""
+    root = process_set.rank() == 0
+    t = torch.tensor([int(fire) if root else 0, step if root else 0, int(root), 1, step, step * step],
+                     dtype=torch.int64)
+    fired, root_step, root_in, k, total, squares = hvd.allreduce(
+        t, op=hvd.Sum, name="hvd_gradq.trigger", process_set=process_set).tolist()
+    if k * squares != total * total:
+        there = f"{root_step} on the root" if root_in else "the root has joined"
         raise RuntimeError(
-            f"ranks are at different steps ({step} here, {int(out[1])} on the root): every rank must call "
-            "optimizer.step() (or synchronize()) the same number of times"
+            f"ranks are at different steps ({step} here, {there}, {total / k:g} on average over {k} ranks): "
+            "every rank must call optimizer.step() (or synchronize()) the same number of times"
         )
-    return bool(out[0])
+    return bool(fired) and bool(root_in)
 
 
 def broadcast_object(payload, process_set, root: int | None = None):
@@ -109,7 +120,7 @@ class HorovodChannel:
         return channel_name(self.process_set)
 
     def decide(self, fire: bool, step: int) -> bool:
-        return broadcast_decision(fire, step, self.process_set)
+        return share_decision(fire, step, self.process_set)
 
     def share(self, payload):
         return broadcast_object(payload, self.process_set)

@@ -253,13 +253,16 @@ class Compressor(CompressionResync, CompressionReport, _HorovodCompressor):
             engine.codebook[name].packed if plan.transport in (ALLREDUCE, FLOAT32) else True)
         ex = engine.launch(name, tensor, frozen=frozen, carry=self.op == SUM)
         self._launched[name] = ex
+        # The placeholder's digest is the codebook as launched, taken before any round advances:
+        # a layer whose first round (this step's statistics) completes in the loop below changes
+        # its scales, and whether it completes there depends on timing, not on the rank.
+        handed = (ex.payload, _Ticket(name, True, packed)) if ex.carried else \
+            (self._placeholder(name), _Ticket(name, False, packed))
         for other in self._launched.values():  # finished first rounds start their second now: overlap
             if other.waiting:
                 with suppress(Exception):  # an error is kept by the exchange and raised at its decompress
                     other.advance_if_ready()
-        if ex.carried:
-            return ex.payload, _Ticket(name, True, packed)
-        return self._placeholder(name), _Ticket(name, False, packed)
+        return handed
 
     def _placeholder(self, name: str) -> torch.Tensor:
         """The summed header Horovod reduces in place of a layer that travels by our collectives."""

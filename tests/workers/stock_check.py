@@ -14,12 +14,17 @@ Cases:
              in one process) and records its bits and parameter digests.
   mismatch_op / mismatch_op_sum / mismatch_bits / mismatch_process_set   settings that differ from the optimizer's or
              between ranks: every rank records the error of its first step.
+  late_statistics   rotated lanes with this step's scales, op Average (every layer by our collectives and a
+             placeholder): rank 1 starts each step 0.3 s after rank 0 and, before each of its
+             first-round polls, waits 50 ms, so on rank 1 (only) a layer's statistics complete
+             while compress() is still running. Both ranks record the parameters' digest per step.
   errors     construction errors, which must name the fix.
 """
 import argparse
 import copy
 import hashlib
 import json
+import time
 import traceback
 from pathlib import Path
 
@@ -225,6 +230,41 @@ def mismatch_case(case):
     write(case, result)
 
 
+def late_statistics_case():
+    if RANK == 1:  # a slow rank's compress(): each poll of a first round comes 50 ms late
+        from hvd_gradq.exchange.exchanges import TwoAllreduces
+
+        poll = TwoAllreduces.advance_if_ready
+
+        def late_poll(self):
+            time.sleep(0.05)
+            return poll(self)
+
+        TwoAllreduces.advance_if_ready = late_poll
+    model = MLP()
+    named = list(model.named_parameters())
+    comp = hvd_gradq.Compressor(named, codec="rotated", transport="allreduce", bits=dict(BITS), op=hvd.Average)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), named_parameters=named,
+                                   compression=comp, op=hvd.Average)
+    kinds: list[str] = []
+    steps, step, result = [], 0, {"rank": RANK, "error": None}
+    try:
+        for step in range(4):
+            if RANK == 1:
+                time.sleep(0.3)  # rank 0 has handed every layer over by now
+            xb, yb = batch(step)
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            kinds = sorted(set(kinds) | {type(ex).__name__ for ex in comp._launched.values()})
+            opt.step()
+            steps.append(digest(model.parameters()))
+    except Exception as e:  # recorded, then the job ends with it
+        result.update(error=type(e).__name__, message=str(e), step=step)
+    write("late_statistics", {**result, "steps": steps, "exchanges": kinds})
+    if result["error"]:
+        raise SystemExit(1)
+
+
 def errors_case():
     model = MLP()
     named = list(model.named_parameters())
@@ -258,5 +298,7 @@ elif args.case == "allocator":
     allocator_case()
 elif args.case == "errors":
     errors_case()
+elif args.case == "late_statistics":
+    late_statistics_case()
 else:
     mismatch_case(args.case)

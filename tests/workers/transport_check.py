@@ -20,7 +20,7 @@ Cases:
              two-phase transport; transport_mismatch / transport_mismatch_lanes   rank 0 gathers where
              the others reduce in two phases / sums lanes where the others gather: every rank must raise.
   step_mismatch   with an allocator, rank 1's step count runs one ahead after the first step: the
-             trigger verdict's step cross-check stops it, and the job ends on every rank.
+             trigger verdict's step cross-check stops every rank at the same step.
 """
 import argparse
 import copy
