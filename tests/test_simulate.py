@@ -285,6 +285,69 @@ def test_low_rank_layers_send_what_entered_minus_what_they_still_owe():
         assert float(owed.abs().max()) > 1e-3 * scale  # rank 3 of a 64 x 48 matrix: something is owed
 
 
+def test_a_rank_change_starts_from_the_subspace_found_so_far():
+    """A layer that moves from rank 4 to rank 2 (an allocation) keeps the leading part of its Q on
+    every rank (``carried_q``), not the fresh Q of its key; the allocator's view of rank 2 starts
+    from the same Q, and on a gradient that stays the same it is nearer the best rank-2
+    approximation than the fresh Q's."""
+    from hvd_gradq.bits.rotation import key_for
+    from hvd_gradq.codecs.lowrank import approximate, carried_q, initial_q
+
+    g = torch.Generator().manual_seed(6)
+    u, _ = torch.linalg.qr(torch.randn(64, 16, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(48, 16, generator=g))
+    target = (u * torch.tensor([8.0, 4.0] + [1.0] * 14)) @ v.t()  # every worker's gradient, every step
+    layer = torch.nn.Linear(48, 64, bias=False)
+    sim = hvd_gradq.SimulatedWorkers(torch.optim.SGD(layer.parameters(), lr=0.0), layer.named_parameters(), 2,
+                                     codec="lowrank", rank=4, min_elements=64)
+    for _ in range(3):
+        sim.zero_grad()
+        for _r in range(2):
+            sim.backward((layer.weight * target).sum())
+        sim.step()
+    before = [ex.lowrank["weight"].q.clone() for ex in sim.exchanges]
+    assert all(torch.equal(b, before[0]) for b in before)  # the summed Q: the same on every rank
+    fresh = initial_q(48, 2, key_for(0, "weight"))
+    best = (u[:, :2] * torch.tensor([8.0, 4.0])) @ v[:, :2].t()
+
+    def gap(approx):
+        return float(torch.linalg.norm(approx.reshape(64, 48) - best) / torch.linalg.norm(best))
+
+    view = sim.exchanges[0].quantizer()("weight", -2, target.reshape(-1))  # the allocator's rank-2 view
+    assert gap(view) < 0.2 * gap(approximate(target, fresh)), (gap(view), gap(approximate(target, fresh)))
+    for ex in sim.exchanges:
+        ex.replan({}, 1, {"weight": 2})
+    for ex in sim.exchanges:
+        coder = ex.lowrank["weight"]
+        assert coder.rank == 2 and not torch.equal(coder.q, fresh)
+        assert torch.equal(coder.q, carried_q(before[0], 2, fresh))
+    assert torch.equal(approximate(target, sim.exchanges[0].lowrank["weight"].q), view)
+
+
+def test_every_allocation_counts_the_layers_it_changed_and_their_rank_changes():
+    """``AllocationEvent.changed`` / ``rank_changes``: the layers whose (bits, rank) differ from the
+    step before the allocation, and of those the ones whose rank differs (to, from or between ranks),
+    as the plans show them."""
+    model, opt, kw, micro_batch = setup("mixed")
+    kw["trigger"] = hvd_gradq.Trigger("interval", interval=1)  # every step: the choices move
+    sim = hvd_gradq.SimulatedWorkers(opt, model.named_parameters(), 2, **kw)
+    codes = [{p.name: (p.bits, p.rank) for p in sim.layer_plans()}]
+    for step in range(5):
+        sim.zero_grad()
+        for r in range(2):
+            xb, yb = micro_batch(step, r, 2)
+            sim.backward(F.cross_entropy(model(xb), yb))
+        sim.step()
+        codes.append({p.name: (p.bits, p.rank) for p in sim.layer_plans()})
+    events = sim.allocation_events
+    assert [e.step for e in events] == [0, 1, 2, 3, 4]
+    for e, before, after in zip(events, codes, codes[1:]):
+        names = [n for n in after if n in e.bits or n in e.ranks]
+        assert e.changed == sum(before[n] != after[n] for n in names), (e.step, before, after)
+        assert e.rank_changes == sum(before[n][1] != after[n][1] for n in names), (e.step, before, after)
+    assert events[0].changed > 0 and events[0].rank_changes >= 1  # from 3 bits everywhere to a mix with a rank
+
+
 @pytest.mark.parametrize("codec,extra,auto_keeps", [
     ("qsgd", {}, False), ("nuqsgd", {}, False), ("terngrad", {"bits": 2}, False),
     ("rotated", {"rounding": "stochastic"}, False),

@@ -64,6 +64,8 @@ class AllocationEvent:
     backwards: int
     bits: dict[str, int] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)  # layers sent as low-rank factors
+    changed: int = 0  # layers whose code (bit width or rank) this allocation changed
+    rank_changes: int = 0  # of those, layers whose rank changed (to, from or between ranks)
 
 
 class Allocator:

@@ -98,6 +98,23 @@ def initial_q(cols: int, rank: int, key: int) -> torch.Tensor:
     return torch.randn(cols, rank, generator=g, dtype=torch.float32)
 
 
+def carried_q(q: torch.Tensor, rank: int, fresh: torch.Tensor) -> torch.Tensor:
+    """The warm start of a layer whose rank changes from ``q``'s (q_rows x r) to ``rank``:
+    fewer columns, the leading right singular subspace of ``q`` scaled by its singular values
+    (q V_rank: since the aggregate was P^ q^T with P^ orthonormal, it is the best rank-``rank``
+    part of the last aggregate's row space); more columns, all of ``q`` and the rest from
+    ``fresh`` (the layer's initial Q at ``rank``, q_rows x rank). Every rank holds the same summed
+    q, so every rank computes the same warm start. A ``q`` of another shape, or not finite,
+    gives ``fresh``."""
+    if q.dim() != 2 or q.shape[0] != fresh.shape[0] or fresh.shape[1] != rank or not bool(torch.isfinite(q).all()):
+        return fresh
+    old = q.shape[1]
+    if rank >= old:
+        return torch.cat([q.to(torch.float32), fresh[:, old:]], dim=1).contiguous()
+    _, _, vh = torch.linalg.svd(q.to(torch.float64), full_matrices=False)
+    return (q.to(torch.float64) @ vh[:rank].t()).to(torch.float32).contiguous()
+
+
 def orthonormalise(p: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning ``p`` (rows x r, r <= rows): the Q of a reduced QR
     decomposition (Householder; deterministic for the same input, so every rank gets the same)."""

@@ -24,7 +24,15 @@ from hvd_gradq.bits.rotation import key_for
 from hvd_gradq.codebook import Codebook
 from hvd_gradq.codecs import AdaptiveLevelCodec, Codec
 from hvd_gradq.codecs.levels import fit_level_groups
-from hvd_gradq.codecs.lowrank import LowRankCoder, approximate, factor_bits, factored_shape, initial_q, transposed
+from hvd_gradq.codecs.lowrank import (
+    LowRankCoder,
+    approximate,
+    carried_q,
+    factor_bits,
+    factored_shape,
+    initial_q,
+    transposed,
+)
 from hvd_gradq.codecs.shared_scale import abs_max
 from hvd_gradq.exchange.agreement import Agreement, describe
 from hvd_gradq.exchange.collectives import Collectives
@@ -150,8 +158,12 @@ class GradientExchange:
             if owed is not None:
                 self.residuals.carry[name] = owed
             old = self.codebook[name] if plan.transport == ALLREDUCE else None
+            before = self.lowrank.get(name)
             self.ranks[name] = rank
             self.plan_layer(name, b)
+            after = self.lowrank.get(name)
+            if before is not None and after is not None:  # a rank change: the subspace found so far stays
+                after.q = carried_q(before.q, after.rank, after.q)
             new = self.codebook[name]
             if old is not None and self.plans[name].transport == ALLREDUCE and new.codec == old.codec:
                 new.scale, new.block_rms = old.scale, old.block_rms  # no float32 recalibration step
@@ -314,8 +326,12 @@ class GradientExchange:
             return None
         coder = self.lowrank.get(name)
         flip = transposed(*shape, self.coding.factors)
-        q = coder.q if coder is not None and coder.rank == rank else \
-            initial_q(shape[0] if flip else shape[1], rank, key_for(self.coding.seed, name))
+        if coder is not None and coder.rank == rank:
+            q = coder.q
+        else:  # what the layer would start from at this rank: its Q carried over, as replan does
+            q = initial_q(shape[0] if flip else shape[1], rank, key_for(self.coding.seed, name))
+            if coder is not None:
+                q = carried_q(coder.q, rank, q)
         return approximate(g.reshape(shape).to(torch.float32), q, flip)
 
     def wire_bits(self, name: str, bits: int) -> float | None:

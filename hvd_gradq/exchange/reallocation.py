@@ -188,12 +188,16 @@ class Reallocator:
         else:
             payload = decide_bits(self.allocator, root, layers, step, lr) if self.is_root else None
         payload = self.channel.share(payload)
+        codes = {n: (root.plans[n].bits, root.plans[n].rank) for n in names}
         for ex in exchanges:
             apply_bits(payload, ex, step)
+        moved = [(codes[n], (root.plans[n].bits, root.plans[n].rank)) for n in names]
         seconds = time.perf_counter() - start
         self.seconds += seconds
         event = AllocationEvent(step, payload["version"], payload["summary"], seconds, payload["forwards"],
-                                payload["backwards"], dict(payload["bits"]), dict(payload.get("ranks", {})))
+                                payload["backwards"], dict(payload["bits"]), dict(payload.get("ranks", {})),
+                                changed=sum(a != b for a, b in moved),
+                                rank_changes=sum(a[1] != b[1] for a, b in moved))
         self.events.append(event)
         if self.is_root:
             _log.info("step %d: codebook v%d (%s) in %.3f s, %d forward passes, via %s", step, event.version,

@@ -7,9 +7,11 @@ from hypothesis import strategies as st
 from hvd_gradq.codecs.lowrank import (
     LowRankCoder,
     approximate,
+    carried_q,
     factor_bits,
     factor_numel,
     half_scale,
+    initial_q,
     matrix_shape,
     orthonormalise,
     worth_it,
@@ -179,3 +181,30 @@ def test_the_float16_scale_bounds_every_sum_and_is_shared():
         LowRankCoder("w", (6, 5), 2, key=0).load_state_dict(c.state_dict())
     with pytest.raises(ValueError, match="factors must be one of"):
         LowRankCoder("w", (6, 5), 2, key=0, factors="bfloat16")
+
+
+def test_a_rank_change_carries_the_leading_subspace_of_q():
+    """Fewer columns: q V_r, the leading right singular subspace scaled by its singular values, so the
+    last aggregate's best rank-r part is what the new rank starts from; more columns: q kept, the
+    rest fresh; a q of another shape or not finite: fresh."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(30, 4, generator=g) @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.2]))
+    fresh2, fresh6 = initial_q(30, 2, 9), initial_q(30, 6, 9)
+    small = carried_q(q, 2, fresh2)
+    assert small.shape == (30, 2) and small.dtype == torch.float32
+    s_all = torch.linalg.svdvals(q.double())
+    assert torch.allclose(torch.linalg.svdvals(small.double()), s_all[:2], rtol=1e-5)
+    # its columns span the top-2 left singular vectors of q: projecting q onto them keeps s1^2 + s2^2
+    basis = orthonormalise(small.double())
+    assert float((basis.t() @ q.double()).square().sum()) == pytest.approx(float(s_all[:2].square().sum()), rel=1e-6)
+    p_hat = orthonormalise(torch.randn(40, 4, generator=g))  # the aggregate P^ q^T: its best rank-2 part
+    agg = p_hat @ q.t()
+    best = torch.linalg.svdvals(agg.double())[2:].square().sum().sqrt()
+    via = approximate(agg, small).view(40, 30).double()
+    assert float(torch.linalg.norm(agg.double() - via)) == pytest.approx(float(best), rel=1e-4)
+    grown = carried_q(q, 6, fresh6)
+    assert torch.equal(grown[:, :4], q) and torch.equal(grown[:, 4:], fresh6[:, 4:])
+    assert torch.equal(carried_q(q, 2, initial_q(20, 2, 9)), initial_q(20, 2, 9))  # another shape
+    bad = q.clone()
+    bad[0, 0] = float("nan")
+    assert torch.equal(carried_q(bad, 2, fresh2), fresh2)
