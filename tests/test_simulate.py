@@ -348,6 +348,28 @@ def test_every_allocation_counts_the_layers_it_changed_and_their_rank_changes():
     assert events[0].changed > 0 and events[0].rank_changes >= 1  # from 3 bits everywhere to a mix with a rank
 
 
+def test_hysteresis_reaches_the_allocations_of_a_run():
+    """The mix (bits and ranks at 0.3 bits per element), an allocation every step: afresh, the
+    large matrix leaves its rank-1 factors at step 4; with ``Allocator(hysteresis=0.3)`` the engine
+    hands the allocator each layer's current option and the layer stays through step 5."""
+    def changes(hysteresis):
+        model, opt, kw, micro_batch = setup("mixed")
+        kw["allocator"] = hvd_gradq.Allocator(0.3, metric="mse", options=(0, 2, 4), ranks=(1, 2, 4), rate="wire",
+                                              probe=kw["allocator"].probe, hysteresis=hysteresis)
+        kw["trigger"] = hvd_gradq.Trigger("interval", interval=1)
+        sim = hvd_gradq.SimulatedWorkers(opt, model.named_parameters(), 2, **kw)
+        for step in range(6):
+            sim.zero_grad()
+            for r in range(2):
+                xb, yb = micro_batch(step, r, 2)
+                sim.backward(F.cross_entropy(model(xb), yb))
+            sim.step()
+        return [(e.changed, e.rank_changes) for e in sim.allocation_events[1:]]
+
+    assert changes(0.0) == [(0, 0), (0, 0), (0, 0), (2, 1), (0, 0)]
+    assert changes(0.3) == [(0, 0)] * 5
+
+
 @pytest.mark.parametrize("codec,extra,auto_keeps", [
     ("qsgd", {}, False), ("nuqsgd", {}, False), ("terngrad", {"bits": 2}, False),
     ("rotated", {"rounding": "stochastic"}, False),

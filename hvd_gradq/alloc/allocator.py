@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,14 +104,26 @@ class Allocator:
             split over the ranks (each evaluates every N-th cell on the probe batches of rank 0,
             which it receives) and the table is gathered on rank 0: the same table cell for cell,
             about 1/N of the forwards per rank. False: rank 0 evaluates all of it.
+        hysteresis: from the second allocation on, a layer keeps the option (bit width or rank)
+            it has unless another is better by more than this fraction of its current
+            distortion (its distortion there is lowered by ``hysteresis`` x its magnitude before
+            solving), so that layers whose options are nearly equal do not flap between them at
+            every allocation (a rank change restarts part of the subspace iteration; a width
+            change recalibrates). 0 (the default): every allocation decides afresh.
     """
 
     def __init__(self, budget: float, *, metric: str = "lad", solver: str = "lagrangian",
                  options: Sequence[int] = (2, 3, 4, 5, 6, 7, 8), rate: str = "paper", probe: LossProbe | None = None,
                  lr: float | None = None, eps: float = 1e-9, dp_units: int = 4000,
                  ampa: AMPASchedule | None = None, group: str = "layer", max_grad_norm: float | None = None,
-                 skip_share: float = 0.0, spread: bool = True, ranks: Sequence[int] = ()) -> None:
+                 skip_share: float = 0.0, spread: bool = True, ranks: Sequence[int] = (),
+                 hysteresis: float = 0.0) -> None:
         checks.number(budget, "budget (average bits per element)", low=0)
+        checks.number(hysteresis, "hysteresis (a fraction of a layer's current distortion)", low=0)
+        if hysteresis >= 1 or (hysteresis > 0 and (group != "layer" or solver == "ampa")):
+            raise ValueError(f"hysteresis must be in [0, 1) and is for group='layer' with a table solver, got "
+                             f"hysteresis={hysteresis!r}, group={group!r}, solver={solver!r}")
+        self.hysteresis = float(hysteresis)
         checks.number(skip_share, "skip_share (a fraction of the elements)", low=0)
         if skip_share >= 1 or (skip_share > 0 and (group != "layer" or solver == "ampa")):
             raise ValueError(f"skip_share must be in [0, 1) and is for group='layer' with a table solver, got "
@@ -183,11 +195,14 @@ class Allocator:
 
     def allocate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float,
                  wire_bits: Callable[[str, int], float] | None = None,
-                 factor_bits: Callable[[str, int], float | None] | None = None) -> tuple[Allocation, dict]:
+                 factor_bits: Callable[[str, int], float | None] | None = None,
+                 current: Mapping[str, int] | None = None) -> tuple[Allocation, dict]:
         """Bits per layer of ``params`` (name -> parameter). Returns the allocation and the cost
         (seconds, forward and backward passes). ``wire_bits(name, b)``: the bits a layer hands to
         the collectives at option b (``rate="wire"``); ``factor_bits(name, r)``: its rank-r factors'
-        bits in the dtypes they travel in (``rate="paper"``; default: float32)."""
+        bits in the dtypes they travel in (``rate="paper"``; default: float32). ``current``: each
+        layer's option now (a bit width, or -r for rank r), for ``hysteresis``; None at a first
+        allocation."""
         start = time.perf_counter()
         if self.solver == "ampa":
             grads, counts = distortion.probe_gradients(self.probe, params)
@@ -198,8 +213,8 @@ class Allocator:
             alloc = Allocation(bits=bits, choice=(), rate=rate, distortion=float("nan"), solver="ampa")
             return alloc, {"seconds": time.perf_counter() - start, **counts}
         ev = self.evaluate(params, quantize, lr=lr)
-        return self.decide(ev, params, wire_bits, factor_bits), {"seconds": time.perf_counter() - start,
-                                                                 **ev.counts}
+        return self.decide(ev, params, wire_bits, factor_bits, current), {"seconds": time.perf_counter() - start,
+                                                                          **ev.counts}
 
     def evaluate(self, params: dict[str, torch.Tensor], quantize: Quantize, *, lr: float, batches=None,
                  part: tuple[int, int] = (0, 1)) -> Evaluation:
@@ -235,8 +250,10 @@ class Allocator:
 
     def decide(self, ev: Evaluation, params: dict[str, torch.Tensor],
                wire_bits: Callable[[str, int], float] | None = None,
-               factor_bits: Callable[[str, int], float | None] | None = None) -> Allocation:
-        """The allocation from a (whole) ``evaluate`` table: the solving half of ``allocate``."""
+               factor_bits: Callable[[str, int], float | None] | None = None,
+               current: Mapping[str, int] | None = None) -> Allocation:
+        """The allocation from a (whole) ``evaluate`` table: the solving half of ``allocate``
+        (``current``: see ``allocate``)."""
         names, fixed, table = ev.names, ev.fixed, ev.table.copy()
         if np.isnan(table).any():
             raise ValueError("the distortion table has cells not evaluated: merge the parts of every rank first")
@@ -249,6 +266,12 @@ class Allocator:
         nb = len(self.options)
         table = np.where(bad, table[:, :nb].max(axis=1, keepdims=True) + 1.0, table)
         rates = np.where(bad, rates[:, :nb].max(axis=1, keepdims=True), rates)
+        if self.hysteresis and current:  # staying is worth hysteresis x the current distortion
+            for i, n in enumerate(names):
+                option = current.get(n)
+                if option in self.columns and not bad[i, self.columns.index(option)]:
+                    j = self.columns.index(option)
+                    table[i, j] -= self.hysteresis * abs(table[i, j])
         total = self.budget * sum(params[n].numel() for n in (*names, *fixed))
         fixed_bits: dict[str, int] = {}
         fixed_rate = 0.0

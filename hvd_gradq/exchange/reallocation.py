@@ -63,13 +63,14 @@ class LocalChannel:
 
 
 def decide_bits(allocator: Allocator, exchange: GradientExchange, params: Mapping[str, torch.Tensor], step: int,
-                lr: float) -> dict:
+                lr: float, current: Mapping[str, int] | None = None) -> dict:
     """The root's allocation at ``step`` as the payload every rank applies with ``apply_bits``:
     the new codebook version and bits per layer, or the error (so that no rank waits for a
-    decision that will not come)."""
+    decision that will not come). ``current``: the layers' options now (``Allocator.hysteresis``)."""
     try:
         alloc, cost = allocator.allocate(dict(params), exchange.quantizer(seed=step), lr=lr,
-                                         wire_bits=exchange.wire_bits, factor_bits=exchange.factor_bits)
+                                         wire_bits=exchange.wire_bits, factor_bits=exchange.factor_bits,
+                                         current=current)
     except Exception as e:  # every rank must leave the broadcast: send the error instead
         return _error(e)
     return _payload(exchange, step, alloc, cost)
@@ -101,7 +102,7 @@ def _compact(obj):
 
 
 def decide_bits_spread(allocator: Allocator, exchange: GradientExchange, params: Mapping[str, torch.Tensor],
-                       step: int, lr: float, channel: Channel) -> dict | None:
+                       step: int, lr: float, channel: Channel, current: Mapping[str, int] | None = None) -> dict | None:
     """``decide_bits`` with the exact LAD table split over the ranks (``Allocator.spread``); every
     rank calls it. Two gathers, the same on every rank whatever fails: the root's probe batches (or
     its error), then every rank's part of the table (or its error); then the root solves.
@@ -130,7 +131,7 @@ def decide_bits_spread(allocator: Allocator, exchange: GradientExchange, params:
         return {"error": "; ".join(f"rank {r}: {msg}" for r, msg in failed[:3])}
     try:
         ev = Evaluation.merge(parts)
-        alloc = allocator.decide(ev, dict(params), exchange.wire_bits, exchange.factor_bits)
+        alloc = allocator.decide(ev, dict(params), exchange.wire_bits, exchange.factor_bits, current)
     except Exception as e:
         return _error(e)
     return _payload(exchange, step, alloc, ev.counts)
@@ -183,12 +184,13 @@ class Reallocator:
             return None
         via = self.channel.name  # asked before the share: after it, a finished peer may end MPI
         layers = {n: params[n] for n in names}
-        if self.allocator.spreads and self.channel.ranks()[1] > 1:
-            payload = decide_bits_spread(self.allocator, root, layers, step, lr, self.channel)
-        else:
-            payload = decide_bits(self.allocator, root, layers, step, lr) if self.is_root else None
-        payload = self.channel.share(payload)
         codes = {n: (root.plans[n].bits, root.plans[n].rank) for n in names}
+        current = {n: -r if r else b for n, (b, r) in codes.items()} if self.events else None
+        if self.allocator.spreads and self.channel.ranks()[1] > 1:
+            payload = decide_bits_spread(self.allocator, root, layers, step, lr, self.channel, current)
+        else:
+            payload = decide_bits(self.allocator, root, layers, step, lr, current) if self.is_root else None
+        payload = self.channel.share(payload)
         for ex in exchanges:
             apply_bits(payload, ex, step)
         moved = [(codes[n], (root.plans[n].bits, root.plans[n].rank)) for n in names]

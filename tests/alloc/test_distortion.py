@@ -418,3 +418,30 @@ def test_rate_wire_prices_options_with_the_transports_bits_and_paper_with_b_time
         wired.allocate(params, quantize, lr=0.1)
     with pytest.raises(ValueError, match="rate"):
         Allocator(3.0, probe=probe, rate="bytes")
+
+
+@pytest.mark.parametrize("solver", ["lagrangian", "greedy", "mckp_dp"])
+def test_hysteresis_keeps_a_layer_whose_options_are_nearly_equal(solver):
+    """Two layers of the same size, budget 3 bits of (2, 4): one goes at 4 bits. Afresh, b's upgrade
+    gains more (0.95 against 0.9); with a at 4 now and hysteresis 0.1, staying is worth 10% of each
+    layer's current distortion, and a keeps its 4 bits. A first allocation (no ``current``) or
+    hysteresis 0 decides afresh."""
+    model = torch.nn.Linear(4, 2)
+    probe = LossProbe(model, F.mse_loss, [(torch.zeros(1, 4), torch.zeros(1, 2))])
+    params = {"a": torch.zeros(100), "b": torch.zeros(100)}
+    ev = Evaluation(("a", "b"), (), np.array([[1.0, 0.1], [1.05, 0.1]]), {"forwards": 0, "backwards": 0})
+    now = {"a": 4, "b": 2}
+    afresh = Allocator(3.0, metric="mse", solver=solver, options=(2, 4), probe=probe)
+    kept = Allocator(3.0, metric="mse", solver=solver, options=(2, 4), probe=probe, hysteresis=0.1)
+    assert afresh.decide(ev, params, current=now).bits == {"a": 2, "b": 4}
+    assert kept.decide(ev, params).bits == {"a": 2, "b": 4}  # a first allocation: nothing to keep
+    assert kept.decide(ev, params, current=now).bits == {"a": 4, "b": 2}
+    assert kept.decide(ev, params, current={"a": 2, "b": 4}).bits == {"a": 2, "b": 4}
+    # a gap wider than the hysteresis still moves the layer
+    wide = Evaluation(("a", "b"), (), np.array([[1.0, 0.1], [2.0, 0.1]]), {"forwards": 0, "backwards": 0})
+    assert kept.decide(wide, params, current=now).bits == {"a": 2, "b": 4}
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="hysteresis"):
+            Allocator(3.0, metric="mse", options=(2, 4), probe=probe, hysteresis=bad)
+    with pytest.raises(ValueError, match="hysteresis .* group='layer'"):
+        Allocator(3.0, metric="mse", options=(2, 4), probe=probe, hysteresis=0.1, group="type")
