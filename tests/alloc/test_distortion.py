@@ -443,5 +443,5 @@ def test_hysteresis_keeps_a_layer_whose_options_are_nearly_equal(solver):
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="hysteresis"):
             Allocator(3.0, metric="mse", options=(2, 4), probe=probe, hysteresis=bad)
-    with pytest.raises(ValueError, match="hysteresis .* group='layer'"):
+    with pytest.raises(ValueError, match=r"hysteresis .* group='layer'"):
         Allocator(3.0, metric="mse", options=(2, 4), probe=probe, hysteresis=0.1, group="type")
