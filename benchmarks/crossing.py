@@ -12,8 +12,9 @@ answer to the evaluation interval and lets noise pick the crossing. Here instead
 - ``bootstrap_interval``: a percentile bootstrap interval of a statistic of independent samples
   (the crossing steps of several seeds, the seconds per step of several repeats);
 - ``time_to_target``: steps to the target x seconds per step, from independent samples of each
-  (the steps from the one-process simulation, the seconds from the emulated cluster), with its
-  bootstrap interval; ``separated`` says whether two such intervals do not overlap.
+  (the steps from seeds, the seconds from repeats on the emulated cluster), with its bootstrap
+  interval (not ``benchmarks.time_to_quality.time_to_target``, the first evaluation at or below
+  the target); ``separated`` says whether two such intervals do not overlap.
 
 Pure Python (no torch): the benchmarks and their tests import it.
 """
@@ -82,6 +83,13 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def _interval(point: float, draws: list[float], level: float, samples: int) -> Interval:
+    """``point`` with the central ``level`` range of its bootstrap ``draws``."""
+    draws = sorted(draws)
+    tail = (1 - level) / 2
+    return Interval(point, _percentile(draws, tail), _percentile(draws, 1 - tail), level, samples)
+
+
 def _check(values: Sequence[float], what: str) -> list[float]:
     vals = [float(v) for v in values]
     if not vals:
@@ -106,9 +114,7 @@ def bootstrap_interval(values: Sequence[float], stat: Callable[[Sequence[float]]
         return Interval(point, point, point, level, 1)
     rng = random.Random(seed)
     n = len(vals)
-    draws = sorted(stat([vals[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return Interval(point, _percentile(draws, tail), _percentile(draws, 1 - tail), level, n)
+    return _interval(point, [stat([vals[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples)], level, n)
 
 
 def time_to_target(steps: Sequence[float], seconds_per_step: Sequence[float], level: float = 0.95,
@@ -121,10 +127,9 @@ def time_to_target(steps: Sequence[float], seconds_per_step: Sequence[float], le
     if len(s) == 1 and len(t) == 1:
         return Interval(point, point, point, level, 1)
     rng = random.Random(seed)
-    draws = sorted(statistics.fmean([s[rng.randrange(len(s))] for _ in s]) *
-                   statistics.fmean([t[rng.randrange(len(t))] for _ in t]) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return Interval(point, _percentile(draws, tail), _percentile(draws, 1 - tail), level, min(len(s), len(t)))
+    draws = [statistics.fmean([s[rng.randrange(len(s))] for _ in s]) *
+             statistics.fmean([t[rng.randrange(len(t))] for _ in t]) for _ in range(resamples)]
+    return _interval(point, draws, level, min(len(s), len(t)))
 
 
 def separated(a: Interval, b: Interval) -> bool:

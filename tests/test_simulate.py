@@ -14,16 +14,21 @@ from tests.hvdrun import WORKERS, horovodrun
 from tests.workers.sim_cases import STEPS, flat_grads, setup
 
 
+def backward_all(sim, model, micro_batch, step: int, size: int) -> None:
+    """One step's backward on every simulated worker, in rank order (its micro-batch of ``step``)."""
+    sim.zero_grad()
+    for r in range(size):
+        x, y = micro_batch(step, r, size)
+        sim.backward(F.cross_entropy(model(x), y))
+
+
 def simulate(case: str, size: int):
     torch.set_num_threads(1)  # as the workers: the same kernels, so the same float32 gradients
     model, base, kw, micro_batch = setup(case)
     sim = hvd_gradq.SimulatedWorkers(base, model.named_parameters(), size, **kw)
     aggregates = []
     for step in range(STEPS):
-        sim.zero_grad()
-        for r in range(size):
-            x, y = micro_batch(step, r, size)
-            sim.backward(F.cross_entropy(model(x), y))
+        backward_all(sim, model, micro_batch, step, size)
         sim.synchronize()
         aggregates.append(flat_grads(model).clone())
         sim.step()
@@ -92,10 +97,7 @@ def test_adaptive_levels_are_refit_on_rank_0_and_shared_by_every_rank():
     initial = levels_of(sim.exchanges[0])
     variance = []
     for step in range(3):
-        sim.zero_grad()
-        for r in range(3):
-            x, y = micro_batch(step, r, 3)
-            sim.backward(F.cross_entropy(model(x), y))
+        backward_all(sim, model, micro_batch, step, 3)
         sim.step()
         variance.append(sim.coding_variance())
     fitted = levels_of(sim.exchanges[0])
@@ -184,10 +186,7 @@ def train(case: str, size: int, steps: range, state=None):
         base.load_state_dict(state["optimizer"])
         sim.load_compression_state_dict(state["compression"])
     for step in steps:
-        sim.zero_grad()
-        for r in range(size):
-            x, y = micro_batch(step, r, size)
-            sim.backward(F.cross_entropy(model(x), y))
+        backward_all(sim, model, micro_batch, step, size)
         sim.step()
     saved = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(base.state_dict()),
              "compression": copy.deepcopy(sim.compression_state_dict())}
@@ -333,10 +332,7 @@ def test_every_allocation_counts_the_layers_it_changed_and_their_rank_changes():
     sim = hvd_gradq.SimulatedWorkers(opt, model.named_parameters(), 2, **kw)
     codes = [{p.name: (p.bits, p.rank) for p in sim.layer_plans()}]
     for step in range(5):
-        sim.zero_grad()
-        for r in range(2):
-            xb, yb = micro_batch(step, r, 2)
-            sim.backward(F.cross_entropy(model(xb), yb))
+        backward_all(sim, model, micro_batch, step, 2)
         sim.step()
         codes.append({p.name: (p.bits, p.rank) for p in sim.layer_plans()})
     events = sim.allocation_events
@@ -359,10 +355,7 @@ def test_hysteresis_reaches_the_allocations_of_a_run():
         kw["trigger"] = hvd_gradq.Trigger("interval", interval=1)
         sim = hvd_gradq.SimulatedWorkers(opt, model.named_parameters(), 2, **kw)
         for step in range(6):
-            sim.zero_grad()
-            for r in range(2):
-                xb, yb = micro_batch(step, r, 2)
-                sim.backward(F.cross_entropy(model(xb), yb))
+            backward_all(sim, model, micro_batch, step, 2)
             sim.step()
         return [(e.changed, e.rank_changes) for e in sim.allocation_events[1:]]
 
